@@ -1,0 +1,33 @@
+"""Build the Duckling model and count its parameters."""
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+
+
+def build_model(cfg: ModelConfig | None = None, seed: int | None = None):
+    """A freshly initialised ``GPT2LMHeadModel`` (tied embeddings unless the config says otherwise)."""
+    from transformers import GPT2LMHeadModel
+
+    cfg = cfg or ModelConfig()
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = GPT2LMHeadModel(cfg.to_gpt2_config())
+    tied = model.lm_head.weight is model.transformer.wte.weight
+    if tied != cfg.tie_word_embeddings:  # guard against a transformers default changing under us
+        raise RuntimeError(f"expected tie_word_embeddings={cfg.tie_word_embeddings}, got tied={tied}")
+    return model
+
+
+def count_parameters(model) -> int:
+    """Unique parameters (a tied W counts once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def embedding_matrices(model) -> dict[str, torch.nn.Parameter]:
+    """The matrices the recorder watches: ``wte`` (= W, tied), plus ``lm_head`` when untied."""
+    mats = {"wte": model.transformer.wte.weight}
+    if model.lm_head.weight is not model.transformer.wte.weight:
+        mats["lm_head"] = model.lm_head.weight
+    return mats

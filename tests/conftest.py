@@ -1,0 +1,22 @@
+"""Shared test set-up: offline tiktoken cache, the shared TinyStories text when present."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+_cache = SHARED / "tiktoken-cache"
+if not os.environ.get("TIKTOKEN_CACHE_DIR") and _cache.is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(_cache)
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
