@@ -1,0 +1,471 @@
+"""The W store: ``RecordingWriter`` appends steps crash-safely, ``Recording`` reads them lazily.
+
+The on-disk format is specified in ``docs/recording.md``. Everything here is numpy only: a
+recording can be read without torch. Snapshot N is W after N optimizer updates (0 = init).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DucklingError
+
+FORMAT_VERSION = 1
+FIELDS = ("norm", "update_norm", "grad_norm", "adam_v")  # per-row scalars, in file order
+SUBDIR = "recording"
+
+
+# --- bf16 as raw uint16 bits -------------------------------------------------------------------
+def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """Round float32 to bf16 (nearest even, like torch) and return the raw uint16 bits."""
+    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():  # keep NaN a NaN (the rounding could carry it into inf)
+        rounded[nan] = ((b[nan] >> 16) | 0x40).astype(np.uint16)
+    return rounded
+
+
+def bf16_bits_to_f32(u: np.ndarray) -> np.ndarray:
+    """Raw bf16 bits (uint16) -> float32, exactly."""
+    return (np.asarray(u, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+# --- sizes and the budget ----------------------------------------------------------------------
+def snapshot_parts(precision: str, n_rows: int, n_live: int) -> list[tuple[str, slice, type]]:
+    """How one snapshot of a (n_rows, d) matrix is split into files: [(ext, row slice, dtype)]."""
+    if precision == "bf16":
+        return [("u16", slice(0, n_rows), np.uint16)]
+    if precision == "float32":
+        return [("f32", slice(0, n_rows), np.float32)]
+    if precision == "mixed":  # live rows bf16, dead rows float32
+        return [("u16", slice(0, n_live), np.uint16), ("f32", slice(n_live, n_rows), np.float32)]
+    raise DucklingError(f"unknown recording precision {precision!r}: use 'bf16', 'float32' or 'mixed'.")
+
+
+def recorded_snapshot_steps(start: int, end: int, every: int) -> list[int]:
+    """Snapshot steps in (start, end]: multiples of ``every``, plus the last step ``end``."""
+    steps = list(range((start // every + 1) * every, end + 1, every))
+    if end > start and (not steps or steps[-1] != end):
+        steps.append(end)
+    return steps
+
+
+def recording_bytes(record_cfg, n_steps: int, shape=(8192, 128), n_live: int = 6144,
+                    n_matrices: int = 1, start_step: int = 0, every: int | None = None) -> int:
+    """Bytes a recording of steps ``start_step..n_steps`` adds to disk (step 0 included if start is 0)."""
+    n_rows, d = shape
+    every = every or record_cfg.every
+    n_snap = len(recorded_snapshot_steps(start_step, n_steps, every)) + (start_step == 0)
+    n_scalar = n_steps - start_step + (start_step == 0)
+    per_snap = sum((sl.stop - sl.start) * d * np.dtype(dt).itemsize
+                   for _, sl, dt in snapshot_parts(record_cfg.precision, n_rows, n_live))
+    per_scalar = n_matrices * len(FIELDS) * n_rows * 4 + d * 4 + 4 + 8  # rows + hidden + lr + step
+    probes = (n_scalar // record_cfg.probe_every + 1) * 12 if record_cfg.probe_every else 0
+    return n_snap * (n_matrices * per_snap + 8) + n_scalar * per_scalar + probes
+
+
+def _free_bytes(path: Path) -> int:
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def check_budget(run_dir, record_cfg, n_steps: int, shape=(8192, 128), n_live: int = 6144,
+                 n_matrices: int = 1, start_step: int = 0) -> int:
+    """Refuse (DucklingError) a recording that exceeds ``record_cfg.budget_gb`` or the free disk.
+
+    Returns the bytes needed. The error names the bytes and the smallest stride that fits.
+    """
+    args = dict(shape=shape, n_live=n_live, n_matrices=n_matrices, start_step=start_step)
+    need = recording_bytes(record_cfg, n_steps, **args)
+    budget = int(record_cfg.budget_gb * 1e9)
+    free = _free_bytes(run_dir)
+    limit = min(budget, free)
+    if need <= limit:
+        return need
+    what = f"the budget of {record_cfg.budget_gb:g} GB (RecordConfig.budget_gb / --budget-gb)" \
+        if budget <= free else f"the free disk space at {run_dir} ({free / 1e9:.2f} GB)"
+    fits = lambda k: recording_bytes(record_cfg, n_steps, every=k, **args) <= limit  # noqa: E731
+    lo, hi = record_cfg.every, max(n_steps, 1)  # smallest stride that fits (bytes fall as k grows)
+    stride = None
+    if fits(hi):
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+        stride = lo
+    hint = (f"record every {stride}th step (--record-every {stride}, RecordConfig.every) or train "
+            f"fewer steps" if stride else "train fewer steps (the per-step scalars alone do not fit)")
+    raise DucklingError(
+        f"recording {n_steps - start_step} steps at {record_cfg.precision} precision every "
+        f"{record_cfg.every} step(s) needs {need / 1e9:.2f} GB ({need} bytes), more than {what}. "
+        f"To fit, {hint}, use a smaller precision, or raise the budget / free disk space.")
+
+
+# --- writer ------------------------------------------------------------------------------------
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _rec_dir(run_dir) -> Path:
+    p = Path(run_dir)
+    return p if (p / "meta.json").exists() and p.name == SUBDIR else p / SUBDIR
+
+
+def _count(path: Path, record_bytes: int) -> int:
+    return path.stat().st_size // record_bytes if path.exists() else 0
+
+
+class _Layout:
+    """File names and record sizes shared by writer and reader (derived from meta.json)."""
+
+    def __init__(self, root: Path, meta: dict):
+        self.root, self.meta = root, meta
+        self.n_rows, self.d = meta["shape"]
+        self.matrices = list(meta["matrices"])
+        self.chunk = int(meta["chunk_steps"])
+        self.parts = snapshot_parts(meta["precision"], self.n_rows, int(meta["n_live"]))
+
+    def chunk_path(self, m: str, c: int, ext: str) -> Path:
+        return self.root / f"{m}.{c:05d}.{ext}"
+
+    def part_bytes(self, sl: slice, dt) -> int:
+        return (sl.stop - sl.start) * self.d * np.dtype(dt).itemsize
+
+    def scalar_files(self) -> list[tuple[Path, int]]:
+        """(path, record bytes) of every per-step file; scalar_steps.i64 is appended last."""
+        files = [(self.root / f"{m}.rows.f32", len(FIELDS) * self.n_rows * 4) for m in self.matrices]
+        return files + [(self.root / "hidden_mean.f32", self.d * 4), (self.root / "lr.f32", 4),
+                        (self.root / "scalar_steps.i64", 8)]
+
+    def counts(self) -> tuple[int, int]:
+        """(complete scalar steps, complete snapshots): a torn final record is ignored."""
+        n_scalar = min(_count(p, b) for p, b in self.scalar_files())
+        n_snap = _count(self.root / "snap_steps.i64", 8)
+        for m in self.matrices:
+            for ext, sl, dt in self.parts:
+                rb, c, total = self.part_bytes(sl, dt), 0, 0
+                while (p := self.chunk_path(m, c, ext)).exists():
+                    total += min(_count(p, rb), self.chunk)
+                    c += 1
+                n_snap = min(n_snap, total)
+        if n_scalar and n_snap:  # a snapshot counts only once its step's scalars are complete
+            last = np.fromfile(self.root / "scalar_steps.i64", np.int64, count=n_scalar)[-1]
+            snaps = np.fromfile(self.root / "snap_steps.i64", np.int64, count=n_snap)
+            n_snap = int(np.searchsorted(snaps, last, side="right"))
+        return n_scalar, (n_snap if n_scalar else 0)
+
+
+class RecordingWriter:
+    """Append-only writer of ``RUN_DIR/recording``. Not thread-safe: one writer thread at a time.
+
+    ``resume_step=None`` starts a new recording (refuses to overwrite one); ``resume_step=k`` opens
+    an existing recording, drops every record after step k (and any torn tail), and appends from k+1.
+    """
+
+    def __init__(self, run_dir, shape=(8192, 128), n_live: int = 6144, precision: str = "bf16",
+                 every: int = 1, chunk_steps: int = 256, matrices=("wte",), extra_meta=None,
+                 resume_step: int | None = None):
+        root = Path(run_dir) / SUBDIR
+        meta = {"format_version": FORMAT_VERSION, "matrices": list(matrices), "shape": list(shape),
+                "precision": precision, "every": int(every), "chunk_steps": int(chunk_steps),
+                "n_live": int(n_live), "n_dead": int(shape[0] - n_live), "fields": list(FIELDS),
+                "probe_columns": ["step", "dead_mass", "max_dead_prob"], **(extra_meta or {})}
+        snapshot_parts(precision, shape[0], n_live)  # validates precision
+        if every < 1 or chunk_steps < 1:
+            raise DucklingError(f"recording stride ({every}) and chunk_steps ({chunk_steps}) must be >= 1.")
+        try:
+            if resume_step is None:
+                if (root / "meta.json").exists():
+                    raise DucklingError(
+                        f"{root} already holds a recording. Resume the run (--resume) or choose a new "
+                        f"run folder; a recording is never overwritten.")
+                root.mkdir(parents=True, exist_ok=True)
+                meta["status"] = "recording"
+                _atomic_json(root / "meta.json", meta)
+                self.layout, self.n_scalar, self.n_snap = _Layout(root, meta), 0, 0
+            else:
+                self._open_existing(root, meta, resume_step)
+            self._fds: dict[str, int] = {}
+            self.last_step = self._last_scalar_step()
+        except PermissionError as e:
+            raise DucklingError(f"cannot write the recording in {root} ({e.strerror}). Choose a run "
+                                f"folder on a writable disk.") from e
+
+    # open / truncate -------------------------------------------------------------------------
+    def _open_existing(self, root: Path, meta: dict, k: int) -> None:
+        if not (root / "meta.json").exists():
+            raise DucklingError(f"cannot resume: {root} holds no recording. Start a new run instead.")
+        old = json.loads((root / "meta.json").read_text())
+        for key in ("format_version", "matrices", "shape", "precision", "every", "chunk_steps", "n_live"):
+            if old.get(key) != meta[key]:
+                raise DucklingError(
+                    f"cannot resume the recording in {root}: its {key} is {old.get(key)!r} but this run "
+                    f"asks for {meta[key]!r}. Resume with the run's original recording settings.")
+        lay = _Layout(root, old)
+        n_scalar, n_snap = lay.counts()
+        steps = np.fromfile(root / "scalar_steps.i64", np.int64, count=n_scalar) if n_scalar else []
+        if n_scalar == 0 or steps[-1] < k:
+            last = int(steps[-1]) if n_scalar else None
+            raise DucklingError(
+                f"cannot resume at step {k}: the recording in {root} ends at step {last}, so steps "
+                f"after it would be missing. Resume from a checkpoint at or before step {last}, or "
+                f"start a new run.")
+        n_scalar = int(np.searchsorted(steps, k, side="right"))
+        snaps = np.fromfile(root / "snap_steps.i64", np.int64, count=n_snap)
+        n_snap = int(np.searchsorted(snaps, k, side="right"))
+        for p, b in lay.scalar_files():
+            os.truncate(p, n_scalar * b)
+        os.truncate(root / "snap_steps.i64", n_snap * 8)
+        for m in lay.matrices:
+            for ext, sl, dt in lay.parts:
+                c = n_snap // lay.chunk
+                if n_snap % lay.chunk:
+                    os.truncate(lay.chunk_path(m, c, ext), (n_snap % lay.chunk) * lay.part_bytes(sl, dt))
+                    c += 1
+                while (p := lay.chunk_path(m, c, ext)).exists():
+                    p.unlink()
+                    c += 1
+        probe = root / "probe.f32"
+        if probe.exists():
+            pr = np.fromfile(probe, np.float32)[: _count(probe, 12) * 3].reshape(-1, 3)
+            os.truncate(probe, int((pr[:, 0] <= k).sum()) * 12)
+        old["status"] = "recording"
+        _atomic_json(root / "meta.json", old)
+        self.layout, self.n_scalar, self.n_snap = lay, n_scalar, n_snap
+
+    def _last_scalar_step(self) -> int:
+        if self.n_scalar == 0:
+            return -1
+        return int(np.fromfile(self.layout.root / "scalar_steps.i64", np.int64)[self.n_scalar - 1])
+
+    # appending --------------------------------------------------------------------------------
+    def _write(self, name: str, arr: np.ndarray) -> None:
+        fd = self._fds.get(name)
+        if fd is None:
+            fd = self._fds[name] = os.open(self.layout.root / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        view = memoryview(np.ascontiguousarray(arr)).cast("B")
+        try:
+            while view:  # os.write may write less than asked
+                view = view[os.write(fd, view):]
+        except OSError as e:
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise DucklingError(
+                f"{'the disk is full' if full else 'writing the recording failed'} while recording step "
+                f"{self.last_step + 1} ({e.strerror}); steps 0..{self.last_step} are kept and readable "
+                f"in {self.layout.root}. Free disk space (or record with a larger stride) and resume "
+                f"from the last checkpoint with --resume.") from e
+
+    def append_step(self, step: int, rows: dict, hidden_mean=None, lr: float = float("nan"),
+                    snapshot: dict | None = None) -> None:
+        """Append step ``step``: per-row scalars ``rows[m]`` (4, V) float32 for every matrix, the
+        mean hidden state (d,), the lr, and optionally the snapshot ``{m: W}``. W is a float32
+        (V, d) array (encoded here) or a dict ``{ext: array}`` already split per ``snapshot_parts``."""
+        lay = self.layout
+        if step != self.last_step + 1:
+            raise DucklingError(f"recording step {step} after step {self.last_step} would leave a gap "
+                                f"or a duplicate; steps must be appended in order.")
+        if snapshot is not None:  # snapshot first: scalar_steps.i64, written last, commits the step
+            c = self.n_snap // lay.chunk
+            for m in lay.matrices:
+                parts = snapshot[m]
+                for ext, sl, dt in lay.parts:
+                    arr = parts[ext] if isinstance(parts, dict) else parts[sl]
+                    if ext == "u16" and arr.dtype != np.uint16:
+                        arr = f32_to_bf16_bits(arr)
+                    self._write(lay.chunk_path(m, c, ext).name, arr.astype(dt, copy=False))
+            self._write("snap_steps.i64", np.array([step], np.int64))
+            self.n_snap += 1
+            if self.n_snap % lay.chunk == 0:  # chunk full: the next snapshot opens a new file
+                for name in [n for n in self._fds if n.split(".")[1:2] == [f"{c:05d}"]]:
+                    os.close(self._fds.pop(name))
+        for m in lay.matrices:
+            self._write(f"{m}.rows.f32", np.asarray(rows[m], np.float32).reshape(len(FIELDS), lay.n_rows))
+        hm = np.full(lay.d, np.nan, np.float32) if hidden_mean is None else hidden_mean
+        self._write("hidden_mean.f32", np.asarray(hm, np.float32).reshape(lay.d))
+        self._write("lr.f32", np.array([lr], np.float32))
+        self._write("scalar_steps.i64", np.array([step], np.int64))
+        self.n_scalar += 1
+        self.last_step = step
+
+    def append_probe(self, step: int, dead_mass: float, max_dead_prob: float) -> None:
+        self._write("probe.f32", np.array([step, dead_mass, max_dead_prob], np.float32))
+
+    def close(self, status: str = "complete") -> None:
+        """Close the files and record the final status in meta.json (counts stay in the files)."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+        meta = dict(self.layout.meta, status=status, last_step=self.last_step)
+        try:
+            _atomic_json(self.layout.root / "meta.json", meta)
+        except OSError:  # a full or read-only disk: the data files are what counts
+            pass
+
+
+# --- reader ------------------------------------------------------------------------------------
+class Recording:
+    """Lazy reader of ``RUN_DIR/recording``: nothing large is loaded until asked for.
+
+    ``steps``: recorded snapshot steps; ``snapshot(N)``: W after N updates (V, d) float32;
+    ``trajectory(ids, steps)``: (n_steps, n_ids, d) float32; ``rows(field)``: exact per-step
+    float32 scalars (n_scalar_steps, V) for field in norm/update_norm/grad_norm/adam_v.
+    """
+
+    def __init__(self, run_dir):
+        self.root = _rec_dir(run_dir)
+        self.run_dir = self.root.parent
+        if not (self.root / "meta.json").exists():
+            raise DucklingError(f"no recording at {self.root} (meta.json missing). Pass a run folder "
+                                f"that was trained with recording enabled.")
+        self.meta = json.loads((self.root / "meta.json").read_text())
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise DucklingError(f"{self.root} has recording format {self.meta.get('format_version')}; "
+                                f"this duckling reads format {FORMAT_VERSION}. Use a matching version.")
+        self._lay = _Layout(self.root, self.meta)
+        self.reload()
+
+    def reload(self) -> "Recording":
+        """Re-read the file sizes (a recording that is still being written grows)."""
+        n_scalar, n_snap = self._lay.counts()
+        self.scalar_steps = np.fromfile(self.root / "scalar_steps.i64", np.int64, count=n_scalar)
+        self.steps = np.fromfile(self.root / "snap_steps.i64", np.int64, count=n_snap) if n_snap \
+            else np.zeros(0, np.int64)
+        self._index = {int(s): i for i, s in enumerate(self.steps)}
+        return self
+
+    # shape facts
+    matrices = property(lambda self: self._lay.matrices)
+    shape = property(lambda self: (self._lay.n_rows, self._lay.d))
+    precision = property(lambda self: self.meta["precision"])
+    every = property(lambda self: self.meta["every"])
+    n_live = property(lambda self: self.meta["n_live"])
+    live_ids = property(lambda self: np.arange(self.meta["n_live"]))
+    dead_ids = property(lambda self: np.arange(self.meta["n_live"], self._lay.n_rows))
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __repr__(self) -> str:
+        last = int(self.steps[-1]) if len(self) else None
+        return (f"Recording({str(self.run_dir)!r}: {len(self)} snapshots up to step {last}, "
+                f"{self.precision}, every {self.every}, {self.bytes_on_disk / 1e6:.1f} MB)")
+
+    @property
+    def bytes_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.root.iterdir() if p.is_file())
+
+    # snapshots
+    def _positions(self, steps) -> np.ndarray:
+        if steps is None:
+            return np.arange(len(self.steps))
+        try:
+            return np.array([self._index[int(s)] for s in np.atleast_1d(steps)], dtype=np.int64)
+        except KeyError as e:
+            raise DucklingError(
+                f"step {e.args[0]} was not recorded (recorded: {len(self.steps)} snapshots, steps "
+                f"{self._span()}, every {self.every}). Pick steps from rec.steps.") from None
+
+    def _span(self) -> str:
+        return f"{self.steps[0]}..{self.steps[-1]}" if len(self.steps) else "none"
+
+    def _chunk(self, m: str, c: int, ext: str, sl: slice, dt) -> np.memmap:
+        lay = self._lay
+        n = min(lay.chunk, len(self.steps) - c * lay.chunk)
+        return np.memmap(lay.chunk_path(m, c, ext), dtype=dt, mode="r",
+                         shape=(n, sl.stop - sl.start, lay.d))
+
+    def trajectory(self, token_ids, steps=None, matrix: str = "wte") -> np.ndarray:
+        """Rows ``token_ids`` at the recorded ``steps`` (default all): (n_steps, n_ids, d) float32.
+
+        Reads only the requested rows, chunk by chunk through np.memmap."""
+        if matrix not in self.matrices:
+            raise DucklingError(f"matrix {matrix!r} was not recorded; this recording has {self.matrices}.")
+        ids = np.atleast_1d(np.asarray(token_ids, dtype=np.int64))
+        if ids.size and (ids.min() < 0 or ids.max() >= self._lay.n_rows):
+            raise DucklingError(f"token ids must lie in 0..{self._lay.n_rows - 1}.")
+        pos = self._positions(steps)
+        out = np.empty((len(pos), len(ids), self._lay.d), np.float32)
+        for c in np.unique(pos // self._lay.chunk):
+            sel = np.nonzero(pos // self._lay.chunk == c)[0]
+            local = pos[sel] - c * self._lay.chunk
+            for ext, sl, dt in self._lay.parts:
+                mine = np.nonzero((ids >= sl.start) & (ids < sl.stop))[0]
+                if not len(mine):
+                    continue
+                mm = self._chunk(matrix, int(c), ext, sl, dt)  # (k, rows, d) on disk
+                block = mm[local[:, None], (ids[mine] - sl.start)[None, :]]  # reads only these rows
+                out[sel[:, None], mine[None, :]] = bf16_bits_to_f32(block) if ext == "u16" else block
+        return out
+
+    def snapshot(self, step: int, matrix: str = "wte") -> np.ndarray:
+        """W after ``step`` optimizer updates (0 = initialisation): (V, d) float32."""
+        return self.trajectory(np.arange(self._lay.n_rows), [step], matrix)[0]
+
+    # per-step scalars (every step, whatever the stride)
+    def rows(self, field: str, matrix: str = "wte", steps=None) -> np.ndarray:
+        """Exact float32 per-row ``field`` (norm | update_norm | grad_norm | adam_v):
+        (n_steps, V), a memmap view; ``steps`` selects scalar steps (default all)."""
+        if field not in FIELDS:
+            raise DucklingError(f"unknown row field {field!r}; choose one of {FIELDS}.")
+        if matrix not in self.matrices:
+            raise DucklingError(f"matrix {matrix!r} was not recorded; this recording has {self.matrices}.")
+        n = len(self.scalar_steps)
+        if n == 0:
+            return np.zeros((0, self._lay.n_rows), np.float32)
+        mm = np.memmap(self.root / f"{matrix}.rows.f32", np.float32, "r", shape=(n, len(FIELDS), self._lay.n_rows))
+        view = mm[:, FIELDS.index(field), :]
+        return view if steps is None else view[self._scalar_positions(steps)]
+
+    def _scalar_positions(self, steps) -> np.ndarray:
+        s = np.atleast_1d(np.asarray(steps, np.int64))
+        pos = np.searchsorted(self.scalar_steps, s)
+        bad = (pos >= len(self.scalar_steps)) | (self.scalar_steps[np.minimum(pos, len(self.scalar_steps) - 1)] != s)
+        if bad.any():
+            raise DucklingError(f"step {s[bad][0]} has no scalars; recorded scalar steps are "
+                                f"{self.scalar_steps[0]}..{self.scalar_steps[-1]}.")
+        return pos
+
+    def _per_step(self, name: str, width: int) -> np.ndarray:
+        n = len(self.scalar_steps)
+        return np.fromfile(self.root / name, np.float32, count=n * width).reshape(n, width) if n \
+            else np.zeros((0, width), np.float32)
+
+    @property
+    def hidden_mean(self) -> np.ndarray:
+        """(n_scalar_steps, d) mean final hidden state (after ln_f) of the batch behind update N."""
+        return self._per_step("hidden_mean.f32", self._lay.d)
+
+    @property
+    def lr(self) -> np.ndarray:
+        """(n_scalar_steps,) learning rate used by update N (NaN at step 0)."""
+        return self._per_step("lr.f32", 1)[:, 0]
+
+    @property
+    def probe(self) -> np.ndarray:
+        """(n_probes, 3) float32: [step, total dead softmax mass, max dead prob] on the probe batch."""
+        p = self.root / "probe.f32"
+        if not p.exists():
+            return np.zeros((0, 3), np.float32)
+        pr = np.fromfile(p, np.float32, count=_count(p, 12) * 3).reshape(-1, 3)
+        last = self.scalar_steps[-1] if len(self.scalar_steps) else -1
+        return pr[pr[:, 0] <= last]
+
+    @property
+    def token_text(self) -> list[str] | None:
+        """Text of every compact id, from the run's token_mapping.json copy (None if absent)."""
+        path = self.run_dir / "token_mapping.json"
+        if not path.exists():
+            return None
+        from .vocab import CompactTokenizer
+
+        tok = CompactTokenizer.from_file(path)
+        return [tok.token_text(i) for i in range(self._lay.n_rows)]
