@@ -1,0 +1,346 @@
+"""Dead-token analyses over a recording: one call per question of research.md (1-8).
+
+Every function takes a ``Recording`` (``duckling.recording``) and returns a dict of numpy arrays.
+They read lazily: per-row scalars are gathered a chunk of steps at a time, snapshots one step at a
+time, and snapshot-based curves are evaluated at most at ``MAX_POINTS`` evenly spaced steps (a
+6-inch figure at 100 dpi has 600 pixels; pass ``steps=rec.steps`` for every recorded step).
+Shapes: T = scalar steps, S = evaluated snapshot steps, V = vocab, d = hidden size.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DucklingError
+
+MAX_POINTS = 256  # snapshot steps evaluated per curve by default
+CHUNK = 512  # scalar steps gathered per read (512 x 8192 float32 = 16 MB)
+QUANTILES = (10, 50, 90)  # bands drawn around medians
+
+
+# ---------------------------------------------------------------- helpers
+def thin(steps, n: int | None = MAX_POINTS) -> np.ndarray:
+    """At most ``n`` evenly spaced entries of ``steps``, always keeping the first and the last."""
+    steps = np.asarray(steps)
+    if n is None or len(steps) <= n:
+        return steps
+    return steps[np.unique(np.linspace(0, len(steps) - 1, n).round().astype(int))]
+
+
+def auroc(score, is_pos) -> float:
+    """Area under the ROC curve of ``score`` (higher = positive), from average ranks (ties count 1/2)."""
+    score, is_pos = np.asarray(score, np.float64), np.asarray(is_pos, bool)
+    n_pos, n_neg = int(is_pos.sum()), int((~is_pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(score, kind="mergesort")
+    _, first, counts = np.unique(score[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(score))
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)  # 1-based average rank per tie group
+    return float((ranks[is_pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def _unit(x, axis=-1):
+    n = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.where(n > 0, n, 1.0)
+
+
+def _cos(a, b) -> float:
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else float("nan")
+
+
+def _check(rec, matrix: str) -> None:
+    mats = rec.meta.get("matrices", ["wte"])
+    if matrix not in mats:
+        raise DucklingError(f"this recording holds matrices {mats}, not {matrix!r}; pass one of those "
+                            "(\"lm_head\" exists only in runs trained with untied embeddings).")
+
+
+def _scalar_index(rec, steps) -> np.ndarray:
+    """Positions of snapshot steps in ``rec.scalar_steps`` (scalars are kept every step)."""
+    idx = np.asarray(steps) - int(rec.scalar_steps[0])
+    if idx.min() < 0 or idx.max() >= len(rec.scalar_steps):
+        raise DucklingError("snapshot steps fall outside the recorded per-step scalars; the "
+                            "recording is inconsistent, re-record the run.")
+    return idx
+
+
+def _row_stats(rec, field: str, matrix: str, ids) -> dict:
+    """Mean and QUANTILES over ``ids`` of one per-row scalar, every step, a chunk at a time."""
+    rows = rec.rows(field, matrix=matrix)  # (T, V), lazy
+    mean, q = np.empty(len(rows), np.float32), np.empty((len(rows), len(QUANTILES)), np.float32)
+    for a in range(0, len(rows), CHUNK):
+        x = np.asarray(rows[a:a + CHUNK][:, ids], np.float32)  # (c, n_ids)
+        with np.errstate(all="ignore"):  # step 0 holds NaN for grad_norm / adam_v
+            mean[a:a + len(x)] = x.mean(1)
+            q[a:a + len(x)] = np.percentile(x, QUANTILES, axis=1).T
+    return {"mean": mean, "q": q}
+
+
+def token_labels(rec, ids) -> list[str]:
+    """Printable text of compact ids for plot labels (``#id`` when the run has no token mapping)."""
+    texts = rec.token_text  # (V,) list, or None; read once: it may parse token_mapping.json
+    return [repr(texts[int(i)])[1:-1] if texts is not None else f"#{int(i)}" for i in ids]
+
+
+def named_ids(rec, ids, k: int = 4) -> np.ndarray:
+    """``k`` ids spread over ``ids`` whose text is a readable word (for labelled curves)."""
+    ids = np.asarray(ids)
+    labels = token_labels(rec, ids)
+    good = [i for i, t in zip(ids, labels) if t.strip().isalpha()] or list(ids)
+    return np.asarray(good)[np.linspace(0, len(good) - 1, min(k, len(good))).round().astype(int)]
+
+
+def _names(rec, ids, k: int = 3) -> dict:
+    """Positions within ``ids`` and texts of ``k`` named rows, for labelled per-row curves."""
+    ids = np.asarray(ids)
+    sel = named_ids(rec, ids, k)
+    return {"named_pos": np.array([int(np.flatnonzero(ids == i)[0]) for i in sel]),
+            "named_labels": token_labels(rec, sel)}
+
+
+# ---------------------------------------------------------------- 1. norms vs null model
+def lr_from_config(train: dict, n_steps: int) -> np.ndarray:
+    """lr used by update N (index N, NaN at 0), rebuilt from TrainConfig as HF's scheduler computes it.
+
+    The scheduler steps after the optimizer, so update N uses lambda(N - 1)."""
+    base, warm, total = train["learning_rate"], train.get("warmup_steps", 0), train["max_steps"]
+    s = np.arange(n_steps, dtype=np.float64) - 1  # scheduler step seen by update N
+    kind = train.get("lr_scheduler_type", "linear")
+    progress = np.clip((s - warm) / max(1, total - warm), 0, 1)
+    if kind == "linear":
+        lam = np.maximum(0.0, (total - s) / max(1, total - warm))
+    elif kind == "cosine":
+        lam = 0.5 * (1 + np.cos(math.pi * progress))
+    elif kind in ("constant", "constant_with_warmup"):
+        lam = np.ones_like(s)
+    else:
+        raise DucklingError(f"cannot rebuild the lr schedule {kind!r} from config.json; record the run "
+                            "again (lr.f32 holds the actual lr) or use linear, cosine or constant.")
+    if kind != "constant":
+        lam = np.where(s < warm, s / max(1, warm), lam)
+    lr = base * lam
+    lr[0] = np.nan
+    return lr
+
+
+def run_config(rec) -> dict:
+    """The run's config.json (TrainConfig etc.), or {} when the recording stands alone."""
+    path = Path(getattr(rec, "run_dir", "")) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def decay_factor(lr, weight_decay: float) -> np.ndarray:
+    """prod_{s<=N} (1 - lr_s * wd): AdamW's decoupled shrink factor after N updates, (T,)."""
+    f = 1.0 - np.nan_to_num(np.asarray(lr, np.float64), nan=0.0) * weight_decay
+    f[0] = 1.0
+    return np.cumprod(f)
+
+
+def norms(rec, matrix: str = "wte", weight_decay: float | None = None) -> dict:
+    """Analysis 1: dead-row norms every step against pure decay ||w_0|| * prod(1 - lr_t * wd).
+
+    The lr is the recorded per-step lr (rebuilt from config.json if missing); ``weight_decay``
+    defaults to the run's TrainConfig. Live rows are summarised for contrast."""
+    _check(rec, matrix)
+    train = run_config(rec).get("train", {})
+    wd = weight_decay if weight_decay is not None else rec.meta.get("weight_decay", train.get("weight_decay"))
+    if wd is None:
+        raise DucklingError("no weight decay known for this recording: pass weight_decay= or keep "
+                            "config.json in the run folder.")
+    lr = np.asarray(rec.lr, np.float64) if rec.lr is not None else None
+    if lr is None or len(lr) < 2 or np.isnan(lr[1:]).all():
+        if not train:
+            raise DucklingError("the recording has no lr.f32 and the run folder no config.json; the "
+                                "null model needs the lr schedule.")
+        lr = lr_from_config(train, len(rec.scalar_steps))
+    decay = decay_factor(lr, wd)  # (T,)
+    rows = rec.rows("norm", matrix=matrix)
+    dead = np.concatenate([np.asarray(rows[a:a + CHUNK][:, rec.dead_ids], np.float32)
+                           for a in range(0, len(rows), CHUNK)])  # (T, n_dead)
+    null = dead[0][None, :] * decay[:, None]  # (T, n_dead) each row's own pure-decay curve
+    live = _row_stats(rec, "norm", matrix, rec.live_ids)
+    return {"steps": np.asarray(rec.scalar_steps), "lr": lr, "weight_decay": wd, "decay": decay,
+            "dead": dead, "dead_mean": dead.mean(1), "dead_q": np.percentile(dead, QUANTILES, axis=1).T,
+            "null_mean": null.mean(1), "ratio": dead.mean(1) / null.mean(1),
+            "live_mean": live["mean"], "live_q": live["q"], **_names(rec, rec.dead_ids)}
+
+
+# ---------------------------------------------------------------- 2. displacement
+def displacement(rec, matrix: str = "wte", steps=None) -> dict:
+    """Analysis 2: ||w_N - w_0|| per dead row (snapshots) and per-step update norms (exact scalars).
+
+    ``path`` is the cumulative update length; displacement / path = 1 means a straight-line move."""
+    _check(rec, matrix)
+    steps = thin(rec.steps) if steps is None else np.asarray(steps)
+    dead, live = rec.dead_ids, rec.live_ids
+    w0 = rec.snapshot(int(rec.steps[0]), matrix=matrix)  # (V, d)
+    dd = np.empty((len(steps), len(dead)), np.float32)
+    lq = np.empty((len(steps), len(QUANTILES)), np.float32)
+    for j, n in enumerate(steps):
+        dist = np.linalg.norm(rec.snapshot(int(n), matrix=matrix) - w0, axis=1)  # (V,)
+        dd[j], lq[j] = dist[dead], np.percentile(dist[live], QUANTILES)
+    upd_dead = _row_stats(rec, "update_norm", matrix, dead)
+    upd_live = _row_stats(rec, "update_norm", matrix, live)
+    path = np.cumsum(np.nan_to_num(upd_dead["mean"], nan=0.0))  # (T,) mean dead path length
+    return {"steps": steps, "dead": dd, "dead_mean": dd.mean(1), "live_q": lq,
+            "scalar_steps": np.asarray(rec.scalar_steps), "update_dead": upd_dead, "update_live": upd_live,
+            "dead_path_mean": path, **_names(rec, dead)}
+
+
+# ---------------------------------------------------------------- 3. drift direction
+def drift(rec, matrix: str = "wte", steps=None) -> dict:
+    """Analysis 3: direction of the mean dead-row displacement D_N = mean_i (w_iN - w_i0).
+
+    ``cos_hidden``: cosine(D_N, -hbar_N), hbar_N = mean final hidden state averaged over updates
+    1..N (the whole window so far: D_N integrates all of them). ``cos_live``: cosine(D_N, minus the
+    mean live row at N). ``proj``: each dead row's displacement projected on the unit D of the last
+    step, (S, n_dead)."""
+    _check(rec, matrix)
+    steps = thin(rec.steps) if steps is None else np.asarray(steps)
+    dead, live = rec.dead_ids, rec.live_ids
+    w0 = rec.snapshot(int(rec.steps[0]), matrix=matrix)[dead]  # (n_dead, d)
+    u = _unit(rec.snapshot(int(steps[-1]), matrix=matrix)[dead].mean(0) - w0.mean(0))  # (d,)
+    hm = np.nan_to_num(np.asarray(rec.hidden_mean, np.float64), nan=0.0)  # (T, d), row 0 is NaN
+    hbar = np.cumsum(hm, 0) / np.maximum(np.arange(len(hm)), 1)[:, None]  # running mean over 1..N
+    idx = _scalar_index(rec, steps)
+    D = np.empty((len(steps), w0.shape[1]), np.float32)
+    cos_h, cos_l = np.empty(len(steps)), np.empty(len(steps))
+    proj = np.empty((len(steps), len(dead)), np.float32)
+    for j, n in enumerate(steps):
+        W = rec.snapshot(int(n), matrix=matrix)
+        disp = W[dead] - w0  # (n_dead, d)
+        D[j] = disp.mean(0)
+        cos_h[j], cos_l[j] = _cos(D[j], -hbar[idx[j]]), _cos(D[j], -W[live].mean(0))
+        proj[j] = disp @ u
+    return {"steps": steps, "mean_displacement": D, "direction": u, "cos_hidden": cos_h,
+            "cos_live": cos_l, "proj": proj, **_names(rec, dead)}
+
+
+# ---------------------------------------------------------------- 4. collapse
+def mean_pairwise_cosine(X) -> float:
+    """Mean cosine over all pairs i != j of rows of X, in O(n d): (||sum u_i||^2 - n) / (n (n - 1))."""
+    U = _unit(np.asarray(X, np.float64))
+    n, s = len(U), U.sum(0)
+    return float((s @ s - n) / (n * (n - 1)))
+
+
+def collapse(rec, matrix: str = "wte", steps=None, n_pcs: int = 3) -> dict:
+    """Analysis 4: mean pairwise cosine among dead rows (live rows as control), the mean cosine to
+    the mean dead row (Magikarp's measure), and the fraction of dead-row variance on the top PCs."""
+    _check(rec, matrix)
+    steps = thin(rec.steps) if steps is None else np.asarray(steps)
+    dead, live = rec.dead_ids, rec.live_ids
+    out = {k: np.empty(len(steps)) for k in ("dead_cos", "live_cos", "dead_cos_to_mean")}
+    pcs = np.empty((len(steps), n_pcs))
+    for j, n in enumerate(steps):
+        W = rec.snapshot(int(n), matrix=matrix)
+        X = W[dead].astype(np.float64)  # (n_dead, d)
+        out["dead_cos"][j], out["live_cos"][j] = mean_pairwise_cosine(X), mean_pairwise_cosine(W[live])
+        out["dead_cos_to_mean"][j] = float((_unit(X) @ _unit(X.mean(0))).mean())
+        Xc = X - X.mean(0)
+        ev = np.linalg.eigvalsh(Xc.T @ Xc)[::-1]  # (d,) descending
+        pcs[j] = ev[:n_pcs] / ev.sum()
+    return {"steps": steps, **out, "pc_var": pcs}
+
+
+# ---------------------------------------------------------------- 5. trajectory maps
+def trajectory_map(rec, matrix: str = "wte", steps=None, n_fit_steps: int = 8, n_live: int = 512,
+                   n_named: int = 4, seed: int = 0) -> dict:
+    """Analysis 5: a 2-D PCA fitted on all dead rows plus ``n_live`` sampled live rows at
+    ``n_fit_steps`` steps spread over the recording; then tracks named rows and the group means."""
+    _check(rec, matrix)
+    steps = thin(rec.steps) if steps is None else np.asarray(steps)
+    rng = np.random.default_rng(seed)
+    dead = np.asarray(rec.dead_ids)
+    live = np.sort(rng.choice(rec.live_ids, min(n_live, len(rec.live_ids)), replace=False))
+    cloud = np.concatenate([dead, live])
+    fit = np.concatenate([rec.snapshot(int(n), matrix=matrix)[cloud] for n in thin(rec.steps, n_fit_steps)])
+    mu = fit.mean(0)
+    _, vecs = np.linalg.eigh(np.cov(fit - mu, rowvar=False))
+    axes = vecs[:, ::-1][:, :2]  # (d, 2) top two principal axes
+    named = np.concatenate([named_ids(rec, dead, n_named), named_ids(rec, live, n_named)])
+    track = np.empty((len(steps), len(named), 2), np.float32)
+    dmean, lmean = np.empty((len(steps), 2)), np.empty((len(steps), 2))
+    for j, n in enumerate(steps):
+        W = rec.snapshot(int(n), matrix=matrix)
+        track[j] = (W[named] - mu) @ axes
+        dmean[j], lmean[j] = (W[dead].mean(0) - mu) @ axes, (W[live].mean(0) - mu) @ axes
+    first = (rec.snapshot(int(steps[0]), matrix=matrix)[cloud] - mu) @ axes
+    last = (rec.snapshot(int(steps[-1]), matrix=matrix)[cloud] - mu) @ axes
+    var = np.var(fit @ axes, axis=0).sum() / np.var(fit, axis=0).sum()
+    return {"steps": steps, "named": named, "named_labels": token_labels(rec, named),
+            "named_dead": np.isin(named, dead), "track": track,
+            "dead_mean": dmean, "live_mean": lmean, "cloud_is_dead": np.isin(cloud, dead),
+            "cloud_first": first, "cloud_last": last, "explained": float(var)}
+
+
+# ---------------------------------------------------------------- 6. detectability
+SUPERVISED = ("cos_dead_mean", "cos_dead_mean_nopc1")
+
+
+def indicators(W, is_dead) -> dict:
+    """Magikarp-style scores for every row of W (V, d), higher = "looks dead".
+
+    norm: minus the row norm (dead rows expected small). cos_dead_mean / cos_dead_mean_nopc1:
+    cosine to the mean dead row, raw and after removing the first principal component; these
+    LEAK LABELS (the reference is the mean of the known dead rows), so their AUROC is an upper
+    bound, not a detector. Unsupervised: cos_all_mean (cosine to the mean of all rows) and pc1
+    (projection on the first PC) need no labels but have no known sign (see ``detectability``)."""
+    W = np.asarray(W, np.float64)
+    Wc = W - W.mean(0)
+    v1 = np.linalg.eigh(Wc.T @ Wc)[1][:, -1]  # (d,) first principal axis
+    Wr = Wc - np.outer(Wc @ v1, v1)  # centred, first PC removed
+    return {"norm": -np.linalg.norm(W, axis=1),
+            "cos_dead_mean": _unit(W) @ _unit(W[is_dead].mean(0)),
+            "cos_dead_mean_nopc1": _unit(Wr) @ _unit(Wr[is_dead].mean(0)),
+            "cos_all_mean": _unit(W) @ _unit(W.mean(0)),
+            "pc1": Wc @ v1}
+
+
+def detectability(rec, matrix: str = "wte", steps=None) -> dict:
+    """Analysis 6: AUROC of each indicator (dead = positive) at every evaluated step.
+
+    Signed indicators (norm and the supervised ones) report their AUROC as is (< 0.5 = the opposite
+    of the expected direction). The unsupervised ones have no sign a priori and report
+    max(A, 1 - A), i.e. their separability."""
+    _check(rec, matrix)
+    steps = thin(rec.steps) if steps is None else np.asarray(steps)
+    V = rec.meta.get("shape", [None])[0] or len(rec.live_ids) + len(rec.dead_ids)
+    is_dead = np.zeros(V, bool)
+    is_dead[rec.dead_ids] = True
+    out: dict[str, np.ndarray] = {}
+    for j, n in enumerate(steps):
+        for name, s in indicators(rec.snapshot(int(n), matrix=matrix), is_dead).items():
+            a = auroc(s, is_dead)
+            out.setdefault(name, np.empty(len(steps)))[j] = a if name in SUPERVISED or name == "norm" \
+                else max(a, 1 - a)
+    return {"steps": steps, "auroc": out, "supervised": SUPERVISED}
+
+
+# ---------------------------------------------------------------- 7. output mass
+def output_mass(rec) -> dict:
+    """Analysis 7: total and maximum softmax probability on dead tokens over the fixed probe batch.
+
+    ``uniform`` is the total dead mass of a uniform softmax (n_dead / V), roughly the value at init."""
+    p = np.asarray(rec.probe, np.float64).reshape(-1, 3)  # (n_probes, 3) [step, total, max]
+    n_dead = len(rec.dead_ids)
+    return {"steps": p[:, 0].astype(np.int64), "total": p[:, 1], "max": p[:, 2],
+            "uniform": n_dead / (n_dead + len(rec.live_ids))}
+
+
+# ---------------------------------------------------------------- 8. gradient channel
+def gradient_channel(rec, matrix: str = "wte") -> dict:
+    """Analysis 8: per-row gradient norms and Adam second moments (mean over the row of exp_avg_sq)
+    every step, dead vs live. sqrt(adam_v) near Adam's eps means updates shrink with the gradient."""
+    _check(rec, matrix)
+    eps = run_config(rec).get("train", {}).get("adam_epsilon")
+    out = {"steps": np.asarray(rec.scalar_steps), "adam_epsilon": eps}
+    for field in ("grad_norm", "adam_v"):
+        out[f"{field}_dead"] = _row_stats(rec, field, matrix, rec.dead_ids)
+        out[f"{field}_live"] = _row_stats(rec, field, matrix, rec.live_ids)
+    return out

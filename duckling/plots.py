@@ -1,0 +1,195 @@
+"""One matplotlib helper per analysis (``duckling.analysis``): each takes that analysis' dict and
+returns a ``Figure``; it never shows or saves. Dead rows are red, live rows blue, the null model
+black and dashed, in every figure. Built on ``matplotlib.figure.Figure`` (no pyplot state), so
+it works headless and in notebooks alike (a notebook displays a returned Figure)."""
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.figure import Figure
+
+DEAD, LIVE, NULL = "tab:red", "tab:blue", "black"
+NAMED = ("tab:orange", "tab:purple", "tab:brown", "tab:olive")  # individually named tokens
+FIGSIZE = (6, 4)
+
+
+def _fig(nrows: int = 1, ncols: int = 1, title: str = "", sharex: bool = True):
+    fig = Figure(figsize=FIGSIZE, layout="constrained")
+    axes = fig.subplots(nrows, ncols, sharex=sharex, squeeze=False).ravel()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+    return fig, axes
+
+
+def _band(ax, x, mean, q, color, label, median=False):
+    """Line (mean, or median when ``median``) with a 10-90% band; q is (T, 3) = 10/50/90 percentiles."""
+    ax.fill_between(x, q[:, 0], q[:, 2], color=color, alpha=0.2, lw=0)
+    ax.plot(x, q[:, 1] if median else mean, color=color, lw=1.2, label=label)
+
+
+def _named(ax, x, per_row, res, k=3):
+    """Thin curves of the named dead rows, labelled by their token text."""
+    for c, p, lab in zip(NAMED, res["named_pos"][:k], res["named_labels"][:k]):
+        ax.plot(x, per_row[:, p], color=c, lw=0.8, alpha=0.9, label=f"dead {lab!r}")
+
+
+def _suffix(matrix: str) -> str:
+    return "" if matrix == "wte" else f" [{matrix}]"
+
+
+def plot_norms(res, matrix: str = "wte") -> Figure:
+    """Analysis 1: dead-row norms vs pure weight decay (top) and their ratio to it (bottom)."""
+    fig, (ax, ax2) = _fig(2, 1, f"Row norms vs weight-decay null model{_suffix(matrix)}")
+    x = res["steps"]
+    _band(ax, x, res["live_mean"], res["live_q"], LIVE, "live (mean, 10-90%)")
+    _band(ax, x, res["dead_mean"], res["dead_q"], DEAD, "dead (mean, 10-90%)")
+    ax.plot(x, res["null_mean"], color=NULL, ls="--", lw=1, label="null: ||w0||·Π(1-lr·wd)")
+    _named(ax, x, res["dead"], res)
+    ax.set_ylabel("row L2 norm", fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
+    ax2.plot(x, res["ratio"], color=DEAD, lw=1.2, label="mean dead norm / null")
+    ax2.axhline(1.0, color=NULL, ls="--", lw=1)
+    ax2.set_ylabel("dead / null", fontsize=8)
+    ax2.set_xlabel("training step (updates)", fontsize=8)
+    ax2.legend(fontsize=6)
+    return fig
+
+
+def plot_displacement(res, matrix: str = "wte") -> Figure:
+    """Analysis 2: distance from init (top) and per-step update norm (bottom, log scale)."""
+    fig, (ax, ax2) = _fig(2, 1, f"Displacement from init and per-step update{_suffix(matrix)}")
+    x = res["steps"]
+    lq = res["live_q"]
+    ax.fill_between(x, lq[:, 0], lq[:, 2], color=LIVE, alpha=0.2, lw=0)
+    ax.plot(x, lq[:, 1], color=LIVE, lw=1.2, label="live (median, 10-90%)")
+    dq = np.percentile(res["dead"], (10, 50, 90), axis=1).T
+    _band(ax, x, res["dead_mean"], dq, DEAD, "dead (median, 10-90%)", median=True)
+    _named(ax, x, res["dead"], res)
+    s = res["scalar_steps"]
+    ax.plot(s, res["dead_path_mean"], color=DEAD, ls=":", lw=1, label="dead path length Σ||Δw||")
+    ax.set_ylabel("||w_N - w_0||", fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
+    for key, color, name in (("update_live", LIVE, "live"), ("update_dead", DEAD, "dead")):
+        u = res[key]
+        _band(ax2, s[1:], u["mean"][1:], u["q"][1:], color, f"{name} (median, 10-90%)", median=True)
+    ax2.set_yscale("log")
+    ax2.set_ylabel("||w_N - w_{N-1}||", fontsize=8)
+    ax2.set_xlabel("training step (updates)", fontsize=8)
+    ax2.legend(fontsize=6)
+    return fig
+
+
+def plot_drift(res, matrix: str = "wte") -> Figure:
+    """Analysis 3: alignment of the mean dead displacement (top), dead-row projections on it (bottom)."""
+    fig, (ax, ax2) = _fig(2, 1, f"Drift direction of dead rows{_suffix(matrix)}")
+    x = res["steps"]
+    ax.plot(x, res["cos_hidden"], color="tab:green", lw=1.2, label="cos(mean dead Δw, −mean hidden)")
+    ax.plot(x, res["cos_live"], color=LIVE, lw=1.2, label="cos(mean dead Δw, −mean live row)")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_ylabel("cosine", fontsize=8)
+    ax.legend(fontsize=6)
+    p = res["proj"]
+    q = np.percentile(p, (10, 50, 90), axis=1).T
+    _band(ax2, x, p.mean(1), q, DEAD, "dead rows (median, 10-90%)", median=True)
+    _named(ax2, x, p, res)
+    ax2.set_ylabel("(w_N - w_0)·u_final", fontsize=8)
+    ax2.set_xlabel("training step (updates)", fontsize=8)
+    ax2.legend(fontsize=6)
+    return fig
+
+
+def plot_collapse(res, matrix: str = "wte") -> Figure:
+    """Analysis 4: mean pairwise cosine (top) and variance on the top PCs of dead rows (bottom)."""
+    fig, (ax, ax2) = _fig(2, 1, f"Collapse of dead rows{_suffix(matrix)}")
+    x = res["steps"]
+    ax.plot(x, res["dead_cos"], color=DEAD, lw=1.2, label="dead: mean pairwise cosine")
+    ax.plot(x, res["dead_cos_to_mean"], color=DEAD, ls="--", lw=1, label="dead: mean cosine to mean dead row")
+    ax.plot(x, res["live_cos"], color=LIVE, lw=1.2, label="live: mean pairwise cosine")
+    ax.set_ylabel("cosine", fontsize=8)
+    ax.legend(fontsize=6)
+    for k in range(res["pc_var"].shape[1]):
+        ax2.plot(x, res["pc_var"][:, k], color=DEAD, alpha=1 - 0.3 * k, lw=1.2, ls=("-", "--", ":")[k % 3],
+                 label=f"PC{k + 1}")
+    ax2.set_ylabel("fraction of dead-row variance", fontsize=8)
+    ax2.set_xlabel("training step (updates)", fontsize=8)
+    ax2.legend(fontsize=6)
+    return fig
+
+
+def plot_trajectories(res, matrix: str = "wte") -> Figure:
+    """Analysis 5: 2-D PCA map: rows at the first (faint) and last step, group means and named tokens over time."""
+    fig, (ax,) = _fig(title=f"Trajectories in the top-2 PCA plane ({res['explained']:.0%} of variance)"
+                      f"{_suffix(matrix)}")
+    d = res["cloud_is_dead"]
+    for xy, a, when in ((res["cloud_first"], 0.08, "init"), (res["cloud_last"], 0.3, "final")):
+        ax.scatter(*xy[~d].T, s=2, color=LIVE, alpha=a, lw=0, label=f"live ({when}, sample)")
+        ax.scatter(*xy[d].T, s=2, color=DEAD, alpha=a, lw=0, label=f"dead ({when})")
+    ax.plot(*res["dead_mean"].T, color=DEAD, lw=2, label="mean dead row")
+    ax.plot(*res["live_mean"].T, color=LIVE, lw=2, label="mean live row")
+    for i, (lab, is_dead) in enumerate(zip(res["named_labels"], res["named_dead"])):
+        t = res["track"][:, i]
+        ax.plot(*t.T, color=DEAD if is_dead else LIVE, lw=0.6, alpha=0.8)
+        ax.annotate(lab, t[-1], fontsize=6, color=DEAD if is_dead else LIVE)
+    ax.set_xlabel("PC1 (embedding units)", fontsize=8)
+    ax.set_ylabel("PC2 (embedding units)", fontsize=8)
+    ax.legend(fontsize=5, ncol=2, markerscale=3)
+    return fig
+
+
+def plot_detectability(res, matrix: str = "wte") -> Figure:
+    """Analysis 6: AUROC of each dead-token indicator over steps (dashed = uses the dead labels)."""
+    fig, (ax,) = _fig(title=f"Detectability of dead rows{_suffix(matrix)}")
+    names = {"norm": "−row norm", "cos_dead_mean": "cos to mean dead row (leaks labels)",
+             "cos_dead_mean_nopc1": "same, PC1 removed (leaks labels)",
+             "cos_all_mean": "cos to mean row (unsupervised, |·|)", "pc1": "PC1 projection (unsupervised, |·|)"}
+    for (key, a), c in zip(res["auroc"].items(), ("black", "tab:red", "tab:orange", "tab:green", "tab:cyan")):
+        ax.plot(res["steps"], a, color=c, lw=1.2, ls="--" if key in res["supervised"] else "-",
+                label=names.get(key, key))
+    ax.axhline(0.5, color="grey", lw=0.5)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("AUROC (dead = positive)", fontsize=8)
+    ax.set_xlabel("training step (updates)", fontsize=8)
+    ax.legend(fontsize=6)
+    return fig
+
+
+def plot_output_mass(res) -> Figure:
+    """Analysis 7: total and maximum softmax probability on dead tokens, fixed probe batch."""
+    fig, (ax,) = _fig(title="Softmax mass on dead tokens (probe batch)")
+    ax.plot(res["steps"], res["total"], "o-", ms=3, color=DEAD, lw=1.2, label="total dead probability")
+    ax.plot(res["steps"], res["max"], "s--", ms=3, color=DEAD, lw=1, alpha=0.7, label="max single dead token")
+    ax.axhline(res["uniform"], color=NULL, ls="--", lw=1, label="uniform softmax: n_dead / V")
+    ax.set_yscale("log")
+    ax.set_ylabel("probability (mean over probe positions)", fontsize=8)
+    ax.set_xlabel("training step (updates)", fontsize=8)
+    ax.legend(fontsize=6)
+    return fig
+
+
+def plot_gradients(res, matrix: str = "wte") -> Figure:
+    """Analysis 8: per-row gradient norms (top) and sqrt of Adam's second moment (bottom), log scale."""
+    fig, (ax, ax2) = _fig(2, 1, f"Gradient channel{_suffix(matrix)}")
+    x = res["steps"][1:]  # step 0 has no gradient
+    for field, a, unit in (("grad_norm", ax, "||g|| per row"), ("adam_v", ax2, "sqrt(mean exp_avg_sq)")):
+        for who, color in (("live", LIVE), ("dead", DEAD)):
+            r = res[f"{field}_{who}"]
+            m, q = r["mean"][1:], r["q"][1:]
+            if field == "adam_v":
+                m, q = np.sqrt(m), np.sqrt(q)
+            if np.nanmax(q, initial=0) <= 0:  # e.g. untied input rows: exactly zero, invisible on log axes
+                a.text(0.02, 0.05 if who == "dead" else 0.15, f"{who}: exactly 0 at every step",
+                       color=color, transform=a.transAxes, fontsize=7)
+                continue
+            _band(a, x, m, q, color, f"{who} (median, 10-90%)", median=True)
+        if a.lines:
+            a.set_yscale("log")
+            a.legend(fontsize=6)
+        a.set_ylabel(unit, fontsize=8)
+    if res.get("adam_epsilon"):
+        ax2.axhline(res["adam_epsilon"], color=NULL, ls="--", lw=1, label="Adam eps")
+        ax2.legend(fontsize=6)
+    ax2.set_xlabel("training step (updates)", fontsize=8)
+    return fig

@@ -1,0 +1,111 @@
+"""``duckling report RUN_DIR``: every dead-token figure as PNG plus ``summary.json`` of headline numbers.
+
+Figures are named after the analysis (``norms.png``); an untied run gets the same set again for
+its output matrix with a ``_lm_head`` suffix, and summary keys follow the same rule.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import analysis as A
+from . import plots as P
+from .errors import DucklingError
+
+DPI = 100  # with plots.FIGSIZE (6 x 4 in): 600 x 400 px, ~50-100 kB per PNG
+
+
+def _num(x):
+    """JSON-safe float (NaN/inf -> None)."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _first_step(steps, values, threshold: float):
+    """First step at which ``values`` reaches ``threshold`` (None if never)."""
+    hit = np.flatnonzero(np.asarray(values) >= threshold)
+    return int(steps[hit[0]]) if len(hit) else None
+
+
+def report(run_dir, out=None, max_points: int = A.MAX_POINTS) -> dict:
+    """Write every figure into ``out`` (default RUN_DIR/report) and return the summary dict.
+
+    Snapshot-based curves are evaluated at ``max_points`` evenly spaced recorded steps (always
+    including the first and last); per-step scalars use every step."""
+    from .recording import Recording
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "recording").is_dir():
+        raise DucklingError(f"{run_dir} has no recording/ folder: pass the folder given to "
+                            "`duckling train --run`, from a run trained with recording enabled.")
+    rec = Recording(run_dir)
+    if len(rec.steps) < 2:
+        raise DucklingError(f"the recording in {run_dir} holds {len(rec.steps)} snapshot(s); the report "
+                            "needs at least two (step 0 and a later one): train for more steps.")
+    out = Path(out) if out is not None else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    steps = A.thin(rec.steps, max_points)
+    S: dict = {"run": str(run_dir), "last_snapshot_step": int(rec.steps[-1]),
+               "last_scalar_step": int(rec.scalar_steps[-1]), "n_snapshots": len(rec.steps),
+               "n_points": len(steps), "matrices": list(rec.meta.get("matrices", ["wte"])),
+               "drift_reference": "cos_hidden: -(mean final hidden state averaged over updates 1..N); "
+                                  "cos_live: -(mean live row at step N)",
+               "figures": []}
+
+    def put(name, fig, sfx=""):
+        fig.savefig(out / f"{name}{sfx}.png", dpi=DPI)
+        S["figures"].append(f"{name}{sfx}.png")
+
+    for m in S["matrices"]:
+        sfx = "" if m == "wte" else f"_{m}"
+
+        n = A.norms(rec, m)
+        put("norms", P.plot_norms(n, m), sfx)
+        d = A.displacement(rec, m, steps)
+        put("displacement", P.plot_displacement(d, m), sfx)
+        dr = A.drift(rec, m, steps)
+        put("drift", P.plot_drift(dr, m), sfx)
+        c = A.collapse(rec, m, steps)
+        put("collapse", P.plot_collapse(c, m), sfx)
+        put("trajectories", P.plot_trajectories(A.trajectory_map(rec, m, steps), m), sfx)
+        det = A.detectability(rec, m, steps)
+        put("detectability", P.plot_detectability(det, m), sfx)
+        put("gradients", P.plot_gradients(A.gradient_channel(rec, m), m), sfx)
+        S.update({f"{k}{sfx}": v for k, v in {
+            "dead_norm_over_null": _num(n["ratio"][-1]),
+            "dead_norm_mean": _num(n["dead_mean"][-1]),
+            "live_norm_mean": _num(n["live_mean"][-1]),
+            "dead_displacement_mean": _num(d["dead_mean"][-1]),
+            "dead_mean_pairwise_cosine": _num(c["dead_cos"][-1]),
+            "live_mean_pairwise_cosine": _num(c["live_cos"][-1]),
+            "dead_cos_to_mean_dead": _num(c["dead_cos_to_mean"][-1]),
+            "dead_pc1_variance_fraction": _num(c["pc_var"][-1, 0]),
+            "drift_cosine_to_neg_mean_hidden": _num(dr["cos_hidden"][-1]),
+            "drift_cosine_to_neg_mean_live": _num(dr["cos_live"][-1]),
+            **{f"detect_auroc_{k}": _num(v[-1]) for k, v in det["auroc"].items()},
+            "detect_norm_first_step_auroc_0.9": _first_step(det["steps"], det["auroc"]["norm"], 0.9),
+        }.items()})
+    probe = A.output_mass(rec)
+    if len(probe["steps"]):
+        put("output_mass", P.plot_output_mass(probe))
+        S.update(dead_output_mass=_num(probe["total"][-1]), dead_output_max_prob=_num(probe["max"][-1]),
+                 dead_output_mass_step=int(probe["steps"][-1]))
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(S, indent=2) + "\n")
+    os.replace(tmp, out / "summary.json")
+    return S
+
+
+def cli_report(args) -> int:
+    """`duckling report RUN [--out DIR]`."""
+    S = report(args.run, args.out)
+    out = Path(args.out) if args.out else Path(args.run) / "report"
+    print(f"wrote {len(S['figures'])} figures and summary.json to {out}")
+    for k in ("dead_norm_over_null", "dead_mean_pairwise_cosine", "drift_cosine_to_neg_mean_hidden",
+              "drift_cosine_to_neg_mean_live", "detect_auroc_norm"):
+        print(f"  {k}: {S.get(k)}")
+    return 0

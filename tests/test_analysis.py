@@ -1,0 +1,179 @@
+"""Analyses on synthetic recordings whose answers are known by construction."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from duckling import analysis as A
+from duckling.errors import DucklingError
+from duckling.recording import Recording, RecordingWriter
+
+V, N_LIVE, D = 64, 48, 8  # 48 live rows, 16 dead rows of size 8
+WD = 0.1  # large, so decay is visible over a few steps
+
+
+def write(run_dir, W, lr, hidden=None, matrices=("wte",), precision="float32", every=1, grad=None,
+          probe=True, train=None):
+    """Record trajectories W[m] (T+1, V, d) as the recorder would: scalars every step, snapshots every k."""
+    T = len(lr) - 1
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = {"train": {"learning_rate": 1e-2, "weight_decay": WD, "max_steps": T, "warmup_steps": 0,
+                     "lr_scheduler_type": "linear", "adam_epsilon": 1e-8, **(train or {})}}
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    W = W if isinstance(W, dict) else {"wte": W}
+    w = RecordingWriter(run_dir, shape=(V, D), n_live=N_LIVE, precision=precision, every=every,
+                        chunk_steps=7, matrices=matrices)
+    rng = np.random.default_rng(1)
+    for t in range(T + 1):
+        rows = {}
+        for m in matrices:
+            upd = np.linalg.norm(W[m][t] - W[m][t - 1], axis=1) if t else np.zeros(V)
+            g = np.full(V, np.nan) if t == 0 else (grad if grad is not None else rng.random(V) + 0.1)
+            rows[m] = np.stack([np.linalg.norm(W[m][t], axis=1), upd, g, g ** 2 * 1e-3])
+        snap = {m: W[m][t].astype(np.float32) for m in matrices} if t % every == 0 else None
+        hm = None if hidden is None or t == 0 else hidden[t]
+        w.append_step(t, rows, hidden_mean=hm, lr=lr[t], snapshot=snap)
+        if probe and t % 5 == 0:
+            w.append_probe(t, 0.25 * 0.9 ** t, 0.01 * 0.9 ** t)
+    w.close()
+    return Recording(run_dir)
+
+
+def linear_lr(T, base=1e-2):
+    lr = base * np.maximum(0, (T - (np.arange(T + 1) - 1)) / T)
+    lr[0] = np.nan
+    return lr
+
+
+def decayed(T, lr, seed=0):
+    """Pure AdamW decay of a GPT-2-like init: w_t = w_{t-1} (1 - lr_t wd)."""
+    W = np.empty((T + 1, V, D))
+    W[0] = np.random.default_rng(seed).normal(0, 0.02, (V, D))
+    for t in range(1, T + 1):
+        W[t] = W[t - 1] * (1 - lr[t] * WD)
+    return W
+
+
+def test_pure_decay_matches_null_model(tmp_path):
+    T = 30
+    lr = linear_lr(T)
+    rec = write(tmp_path / "run", decayed(T, lr), lr)
+    n = A.norms(rec)
+    np.testing.assert_allclose(n["ratio"], 1.0, rtol=1e-5)
+    np.testing.assert_allclose(n["null_mean"][-1], n["dead"][0].mean() * np.prod(1 - lr[1:] * WD), rtol=1e-6)
+    # lr.f32 missing (NaN): the schedule rebuilt from config.json gives the same null model
+    rec2 = write(tmp_path / "run2", decayed(T, lr), np.full(T + 1, np.nan))
+    np.testing.assert_allclose(A.norms(rec2)["ratio"], 1.0, rtol=1e-5)
+
+
+def test_lr_from_config_matches_hf_scheduler():
+    torch = pytest.importorskip("torch")
+    from transformers import get_scheduler
+
+    for kind, warm in (("linear", 0), ("linear", 5), ("cosine", 3), ("constant", 0)):
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.AdamW([p], lr=1e-3)
+        sched = get_scheduler(kind, opt, num_warmup_steps=warm, num_training_steps=20)
+        used = [np.nan]
+        for _ in range(20):  # lr used by update N = what the optimizer holds at its N-th step
+            used.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        cfg = {"learning_rate": 1e-3, "warmup_steps": warm, "max_steps": 20, "lr_scheduler_type": kind}
+        np.testing.assert_allclose(A.lr_from_config(cfg, 21), used, rtol=1e-9, err_msg=kind)
+
+
+def planted(T=40, seed=0, common=True):
+    """Dead rows move along one direction u (or random walks if not ``common``); hidden mean = -u."""
+    rng = np.random.default_rng(seed)
+    u = A._unit(rng.normal(size=D))
+    W = np.empty((T + 1, V, D))
+    W[0] = rng.normal(0, 0.02, (V, D))
+    for t in range(1, T + 1):
+        step = 0.01 * u if common else rng.normal(0, 0.01, (V - N_LIVE, D))
+        W[t] = W[t - 1] + rng.normal(0, 1e-3, (V, D))
+        W[t, N_LIVE:] += step
+    hidden = -u + rng.normal(0, 0.3, (T + 1, D))
+    return W, hidden, u
+
+
+def test_planted_drift_direction_is_recovered(tmp_path):
+    W, hidden, u = planted()
+    rec = write(tmp_path / "run", W, linear_lr(40), hidden=hidden, every=3)  # stride: steps 0, 3, ..., 39
+    d = A.drift(rec)
+    assert list(d["steps"]) == list(range(0, 40, 3))
+    assert A._cos(d["direction"], u) > 0.99
+    assert d["cos_hidden"][-1] > 0.95  # displacement points along -(mean hidden)
+    assert np.all(np.diff(d["proj"].mean(1)) > 0)  # every dead row keeps moving along it
+    c = A.collapse(rec)
+    assert c["dead_cos"][-1] > 0.9 and c["pc_var"][-1, 0] < 0.5  # collapsed, residual isotropic
+    assert abs(c["live_cos"][-1]) < 0.1
+
+
+def test_random_walk_control_does_not_collapse(tmp_path):
+    W, hidden, _ = planted(common=False)
+    c = A.collapse(write(tmp_path / "run", W, linear_lr(40), hidden=hidden))
+    assert abs(c["dead_cos"][-1]) < 0.1
+
+
+def test_mean_pairwise_cosine_matches_brute_force():
+    X = np.random.default_rng(0).normal(size=(50, 8)) + 0.5
+    U = X / np.linalg.norm(X, axis=1, keepdims=True)
+    C = U @ U.T
+    brute = (C.sum() - np.trace(C)) / (50 * 49)
+    assert A.mean_pairwise_cosine(X) == pytest.approx(brute, rel=1e-10)
+
+
+def test_auroc_ranks():
+    rng = np.random.default_rng(0)
+    s, y = rng.integers(0, 5, 200).astype(float), rng.random(200) < 0.3  # many ties
+    pos, neg = s[y], s[~y]
+    brute = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
+    assert A.auroc(s, y) == pytest.approx(brute)
+    assert A.auroc(np.r_[np.zeros(5), np.ones(3)], np.r_[np.zeros(5), np.ones(3)] > 0) == 1.0
+    assert A.auroc(np.ones(8), np.arange(8) > 4) == 0.5
+
+
+def test_separated_groups_give_auroc_one(tmp_path):
+    T = 12
+    lr = linear_lr(T)
+    W = decayed(T, lr)
+    W[:, N_LIVE:] *= 0.1  # dead rows: 10x smaller norm, and pointing one way
+    W[:, N_LIVE:] += np.r_[1.0, np.zeros(D - 1)] * 0.01
+    det = A.detectability(write(tmp_path / "run", W, lr))
+    assert det["auroc"]["norm"][-1] == 1.0
+    assert det["auroc"]["cos_dead_mean"][-1] == 1.0
+    assert min(det["auroc"]["pc1"][-1], det["auroc"]["cos_all_mean"][-1]) >= 0.5
+
+
+def test_report_tied_and_untied(tmp_path):
+    from duckling.report import report
+
+    W, hidden, _ = planted(T=20)
+    lr = linear_lr(20)
+    S = report(write(tmp_path / "tied", W, lr, hidden=hidden, precision="bf16").run_dir)
+    out = tmp_path / "tied" / "report"
+    assert json.loads((out / "summary.json").read_text()) == S
+    for k in ("dead_norm_over_null", "dead_mean_pairwise_cosine", "drift_cosine_to_neg_mean_hidden",
+              "drift_cosine_to_neg_mean_live", "detect_auroc_norm", "dead_output_mass"):
+        assert isinstance(S[k], float), k
+    assert S["drift_cosine_to_neg_mean_hidden"] > 0.9
+    assert {p.name for p in out.glob("*.png")} == set(S["figures"]) and len(S["figures"]) == 8
+    # untied: the input matrix only decays, lm_head carries the planted drift
+    rec = write(tmp_path / "untied", {"wte": decayed(20, lr), "lm_head": W}, lr, hidden=hidden,
+                matrices=("wte", "lm_head"), grad=np.zeros(V))
+    S2 = report(rec.run_dir, out=tmp_path / "elsewhere")
+    assert "norms_lm_head.png" in S2["figures"] and len(S2["figures"]) == 15
+    assert S2["dead_norm_over_null"] == pytest.approx(1.0, rel=1e-5)
+    assert S2["drift_cosine_to_neg_mean_hidden_lm_head"] > 0.9
+    with pytest.raises(DucklingError):
+        A.norms(write(tmp_path / "t2", W, lr), matrix="lm_head")
+
+
+def test_report_cli_errors_clearly(tmp_path, capsys):
+    from duckling.cli import main
+
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no recording" in capsys.readouterr().err
