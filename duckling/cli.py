@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="text file or folder of .txt files (default: $DUCKLING_DATA, else the hub)")
     s.add_argument("--out", default="token_mapping.json")
     s.add_argument("--max-stories", type=int, default=None, help="use only the first N stories")
+    s.add_argument("--name", default=None, help="corpus name recorded in the mapping's provenance")
+    s.add_argument("--num-proc", type=int, default=None, help="worker processes (default: all cores)")
 
     s = sub.add_parser("build", help="tokenize and pack a corpus into tokenized_dataset/")
     s.add_argument("--data", help="text file or folder of .txt files (default: $DUCKLING_DATA, else the hub)")
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="train", help="hub split (ignored for local files)")
     s.add_argument("--max-stories", type=int, default=None, help="use only the first N stories")
     s.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
+    s.add_argument("--num-proc", type=int, default=None, help="worker processes (default: all cores)")
 
     s = sub.add_parser("train", help="train a Duckling and record W at every step")
     s.add_argument("--dataset", default="tokenized_dataset")

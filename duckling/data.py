@@ -1,0 +1,241 @@
+"""TinyStories text -> GPT-2 token counts, and -> ``tokenized_dataset/`` (512-token rows of compact ids).
+
+Sources: the hub's ``roneneldan/TinyStories`` by default; a local ``.txt`` file or folder of them
+(stories separated by ``<|endoftext|>`` lines) via an argument or ``$DUCKLING_DATA``; or any
+iterable of story strings (notebooks). Text streams through a pool of worker processes in ~1 MB
+batches (at most 2 batches per worker in flight), so memory stays bounded for a 2 GB corpus.
+"""
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from . import config
+from .errors import DucklingError
+from .vocab import GPT2_EOT, N_GPT2, CompactTokenizer, get_encoding
+
+EOT_TEXT = "<|endoftext|>"
+BUILD_FILE = "duckling_build.json"  # fingerprint + stats, next to HF's own files in the dataset dir
+BUILD_FORMAT = 1
+BATCH_CHARS = 1 << 20  # text per worker task: big enough to amortise IPC, small enough to bound memory
+MAX_STORY_CHARS = 64 << 20  # a "story" this long means the file has no <|endoftext|> separators
+
+
+@dataclass
+class Source:
+    """Where stories come from: ``files`` (local .txt), ``hub`` (name + split) or ``stories`` (an iterable)."""
+
+    kind: str
+    files: list[Path] = field(default_factory=list)
+    name: str = config.HUB_DATASET
+    split: str = "train"
+    stories: Iterable[str] | None = None
+
+    def identity(self) -> dict | None:
+        """What decides whether a build is up to date; None = unknown (an iterable), always rebuild."""
+        if self.kind == "files":
+            return {"files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in self.files]}
+        if self.kind == "hub":
+            return {"hub": self.name, "split": self.split}
+        return None
+
+
+def resolve_source(data=None, split: str = "train") -> Source:
+    """``data``: a path, an iterable of stories, or None ($DUCKLING_DATA, else the hub)."""
+    if data is None:
+        data = os.environ.get("DUCKLING_DATA") or None
+    if data is None:
+        return Source("hub", split=split)
+    if not isinstance(data, (str, os.PathLike)):
+        return Source("stories", stories=data)
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise DucklingError(
+            f"Data path {str(path)!r} does not exist. Pass a .txt file or a folder of .txt files (stories "
+            "separated by <|endoftext|> lines) with --data or $DUCKLING_DATA, or leave both unset to use "
+            f"the hub's {config.HUB_DATASET}.")
+    if path.is_file():
+        return Source("files", files=[path])
+    files = sorted(p for p in path.glob("*.txt") if p.is_file())
+    if not files:
+        subs = sorted({p.parent.name for p in path.glob("*/*.txt")})
+        hint = f" Its subfolders {subs} hold .txt files: pass one of them." if subs else ""
+        raise DucklingError(
+            f"Folder {str(path)!r} has no .txt files.{hint} A corpus is a .txt file or a folder of .txt files "
+            "with stories separated by <|endoftext|> lines.")
+    return Source("files", files=files)
+
+
+def describe_source(source: Source) -> str:
+    if source.kind == "files":
+        return ", ".join(str(f) for f in source.files[:3]) + (f" (+{len(source.files) - 3} files)" if len(source.files) > 3 else "")
+    if source.kind == "hub":
+        return f"hub:{source.name} split={source.split}"
+    return "an iterable of stories"
+
+
+def _read_file(path: Path, pbar=None) -> Iterator[str]:
+    """Stream one file's stories (text between <|endoftext|> markers), 1 MB at a time."""
+    decoder = codecs.getincrementaldecoder("utf-8")()  # strict: non-UTF-8 text fails loudly
+    buf, pos = "", 0
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(BATCH_CHARS)
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                raise DucklingError(
+                    f"{str(path)!r} is not UTF-8 text (byte {pos + e.start}: {e.reason}). Convert it, e.g. "
+                    "`iconv -f latin1 -t utf-8 IN > OUT`, or move it out of the corpus folder.") from e
+            pos += len(chunk)
+            if pbar is not None:
+                pbar.update(len(chunk))
+            *parts, buf = (buf + text).split(EOT_TEXT)
+            yield from parts
+            if len(buf) > MAX_STORY_CHARS:
+                raise DucklingError(
+                    f"{str(path)!r} has over {MAX_STORY_CHARS >> 20}M characters without an {EOT_TEXT} "
+                    f"line. Separate stories with a line holding exactly {EOT_TEXT}.")
+            if not chunk:
+                break
+    yield buf
+
+
+def _hub_stories(source: Source, pbar=None) -> Iterator[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source.name, split=source.split)
+    except Exception as e:  # offline, DNS, 404, offline-mode flags: all mean "use local files"
+        raise DucklingError(
+            f"Could not load {source.name!r} (split {source.split!r}) from the Hugging Face hub "
+            f"({type(e).__name__}: {str(e)[:200]}). Without internet, pass local text instead: --data PATH "
+            "(or DUCKLING_DATA=PATH), a .txt file or folder of .txt files with stories separated by "
+            f"{EOT_TEXT} lines, e.g. ../shared/data/tinystories/train.") from e
+    if pbar is not None:
+        pbar.reset(total=len(ds))
+        pbar.unit = " stories"
+    for batch in ds.iter(batch_size=1000):
+        if pbar is not None:
+            pbar.update(len(batch["text"]))
+        yield from batch["text"]
+
+
+def iter_stories(source: Source, max_stories: int | None = None, stats: dict | None = None,
+                 pbar=None) -> Iterator[str]:
+    """Stripped, non-empty stories. ``stats`` gets n_stories, n_chars and a sha256 of the text."""
+    if source.kind == "files":
+        raw = (s for f in source.files for s in _read_file(f, pbar))
+    elif source.kind == "hub":
+        raw = _hub_stories(source, pbar)
+    else:
+        raw = iter(source.stories)
+    h, n, chars = hashlib.sha256(), 0, 0
+    for s in raw:
+        s = s.strip()
+        if not s:
+            continue
+        if max_stories is not None and n >= max_stories:
+            break
+        h.update(s.encode())
+        h.update(b"\0")
+        n, chars = n + 1, chars + len(s)
+        if pbar is not None and source.kind == "stories":
+            pbar.update(len(s))
+        yield s
+    if stats is not None:
+        stats.update(n_stories=n, n_chars=chars, sha256=h.hexdigest())
+    if n == 0:
+        raise DucklingError(
+            f"The corpus {describe_source(source)} holds no stories (it is empty or only separators). "
+            f"Pass text files with stories separated by {EOT_TEXT} lines.")
+
+
+# --- parallel encoding ---------------------------------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _init_worker(base: str, lut: np.ndarray | None) -> None:
+    _WORKER["enc"], _WORKER["lut"] = get_encoding(base), lut
+
+
+def _encode_batch(stories: list[str]) -> np.ndarray:
+    """GPT-2 ids of each story followed by <|endoftext|>; compact uint16 ids if the worker has a lut."""
+    enc, lut = _WORKER["enc"], _WORKER["lut"]
+    ids = enc.encode_ordinary_batch(stories, num_threads=1)  # one process per core already
+    n = sum(map(len, ids)) + len(ids)
+    out = np.fromiter((t for seq in ids for t in (*seq, GPT2_EOT)), dtype=np.uint32, count=n)
+    return out if lut is None else lut[out]
+
+
+def _batches(stories: Iterable[str], chars: int = BATCH_CHARS) -> Iterator[list[str]]:
+    batch, size = [], 0
+    for s in stories:
+        batch.append(s)
+        size += len(s)
+        if size >= chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def encode_stream(stories: Iterable[str], lut: np.ndarray | None = None, num_proc: int | None = None,
+                  base: str = config.BASE_ENCODING) -> Iterator[np.ndarray]:
+    """Yield, in order, one token array per ~1 MB batch of stories (EOT after each story)."""
+    num_proc = num_proc or os.cpu_count() or 1
+    if num_proc <= 1:
+        _init_worker(base, lut)
+        yield from map(_encode_batch, _batches(stories))
+        return
+    # spawn: safe with the threads tqdm/tiktoken start, and the same on Linux and macOS
+    with mp.get_context("spawn").Pool(num_proc, _init_worker, (base, lut)) as pool:
+        pending: deque = deque()
+        for batch in _batches(stories):
+            pending.append(pool.apply_async(_encode_batch, (batch,)))
+            if len(pending) >= 2 * num_proc:  # bounded: never read far ahead of the workers
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def count_tokens(stories, num_proc: int | None = None, progress: bool = False,
+                 max_stories: int | None = None, stats: dict | None = None) -> np.ndarray:
+    """Occurrences of every GPT-2 id (length 50257) over a corpus; counts[50256] = number of stories.
+
+    ``stories``: a path, None (the default source), a Source, or an iterable of story strings.
+    """
+    source = stories if isinstance(stories, Source) else resolve_source(stories)
+    counts = np.zeros(N_GPT2, dtype=np.int64)
+    with _progress(progress, source) as pbar:
+        for ids in encode_stream(iter_stories(source, max_stories, stats, pbar), None, num_proc):
+            counts += np.bincount(ids, minlength=N_GPT2)
+    return counts
+
+
+class _NoBar:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def _progress(enabled: bool, source: Source):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    total = sum(f.stat().st_size for f in source.files) if source.kind == "files" else None
+    return tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", smoothing=0.1)
