@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--untied", action="store_true", help="untied input/output embeddings (control)")
     s.add_argument("--eval-dataset", default=None, help="tokenized validation set for eval loss")
     s.add_argument("--budget-gb", type=float, default=None)
+    s.add_argument("--train-precision", choices=["auto", "bf16", "fp32"], default=None,
+                   help="training precision: auto = bf16 mixed where the device has native bf16")
+    s.add_argument("--compile", action="store_true", help="torch.compile the model")
+    s.add_argument("--mapping", default=None, help="token mapping (default token_mapping.json)")
 
     s = sub.add_parser("generate", help="generate text from a trained run")
     s.add_argument("--run", required=True)

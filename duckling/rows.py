@@ -1,0 +1,104 @@
+"""Training rows: packed token rows as zero-copy numpy views, their collation, and the check
+that no dead id can ever reach a training batch."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import DucklingConfig
+from .errors import DucklingError
+
+
+class PackedRows(torch.utils.data.Dataset):
+    """Equal-length token rows as numpy views (zero-copy over a memory-mapped Arrow table).
+
+    ``chunks`` is a list of (n_i, T) integer arrays; a batch of indices is gathered without going
+    through python lists.
+    """
+
+    def __init__(self, chunks: list[np.ndarray]):
+        self.chunks = [c for c in chunks if len(c)]
+        if not self.chunks:
+            raise DucklingError("The dataset has no rows. Build it with `duckling build` first.")
+        lengths = {c.shape[1] for c in self.chunks}
+        if len(lengths) != 1:
+            raise DucklingError(f"Dataset rows must all have the same length, got {sorted(lengths)}. "
+                                "Pack the corpus with `duckling build` (every row is seq_len tokens).")
+        self.seq_len = lengths.pop()
+        self.starts = np.cumsum([0] + [len(c) for c in self.chunks])  # (n_chunks + 1,)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        c = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.chunks[c][i - self.starts[c]]
+
+    def __getitems__(self, idx: list[int]) -> list[np.ndarray]:
+        return [self[i] for i in idx]
+
+    def max_id(self) -> int:
+        return max(int(c.max()) for c in self.chunks)  # vectorised scan, ~1 GB/s from page cache
+
+
+def collate(rows: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    """(B, T) int64 input ids; labels are the same tensor (the model shifts them)."""
+    x = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T)
+    return {"input_ids": x, "labels": x}
+
+
+def _arrow_rows(ds) -> list[np.ndarray]:
+    """The ``input_ids`` column of a ``datasets.Dataset`` as (n, T) numpy views, one per Arrow chunk."""
+    import pyarrow as pa
+
+    if "input_ids" not in ds.column_names:
+        raise DucklingError(f"The dataset has no 'input_ids' column (columns: {ds.column_names}).")
+    if getattr(ds, "_indices", None) is not None:  # a .select()/.shuffle() view: materialise it
+        ds = ds.flatten_indices()
+    out = []
+    for chunk in ds.data.column("input_ids").chunks:
+        if isinstance(chunk, pa.FixedSizeListArray):
+            width = chunk.type.list_size
+        else:
+            lens = np.diff(chunk.offsets.to_numpy())
+            width = int(lens[0]) if len(lens) else 0
+            if len(lens) and (lens != width).any():
+                raise DucklingError("Dataset rows must all have the same length; pack the corpus with "
+                                    "`duckling build`.")
+        out.append(chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, width))
+    return out
+
+
+def as_rows(dataset, tokenizer=None) -> PackedRows:
+    """A tokenized dataset folder, a ``datasets.Dataset``, a (N, T) array, or ``PackedRows``."""
+    if isinstance(dataset, PackedRows):
+        return dataset
+    if isinstance(dataset, (str, Path)):
+        dataset = _load_dataset_dir(Path(dataset), tokenizer)
+    if isinstance(dataset, torch.Tensor):
+        dataset = dataset.numpy()
+    if isinstance(dataset, np.ndarray):
+        return PackedRows([dataset.reshape(-1, dataset.shape[-1])])
+    return PackedRows(_arrow_rows(dataset))
+
+
+def _load_dataset_dir(path: Path, tokenizer):
+    """Load ``tokenized_dataset/`` through data.py, which refuses one built with another mapping."""
+    from .data import load_dataset_dir
+
+    return load_dataset_dir(path, tokenizer, fmt=None)
+
+
+def check_rows(rows: PackedRows, cfg: DucklingConfig, n_live: int) -> None:
+    """Every id must be live, and rows must fit the context: a dead id must never be trained on."""
+    top = rows.max_id()
+    if top >= n_live:
+        raise DucklingError(
+            f"The dataset contains id {top}, but ids >= {n_live} are dead and must never occur in "
+            "training data. It was built with another mapping or is corrupt: rebuild it with "
+            "`duckling build --force`.")
+    if rows.seq_len > cfg.model.n_positions:
+        raise DucklingError(f"Dataset rows have {rows.seq_len} tokens but the model's context is "
+                            f"{cfg.model.n_positions}: rebuild with seq_len <= n_positions.")
