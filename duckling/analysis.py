@@ -17,6 +17,7 @@ import numpy as np
 from .errors import DucklingError
 
 MAX_POINTS = 256  # snapshot steps evaluated per curve by default
+QPOINTS = 512  # steps at which per-row quantile bands are computed (means use every step)
 CHUNK = 512  # scalar steps gathered per read (512 x 8192 float32 = 16 MB)
 QUANTILES = (10, 50, 90)  # bands drawn around medians
 
@@ -32,19 +33,26 @@ def thin(steps, n: int | None = MAX_POINTS) -> np.ndarray:
 
 def auroc(score, is_pos) -> float:
     """Area under the ROC curve of ``score`` (higher = positive), from average ranks (ties count 1/2)."""
-    score, is_pos = np.asarray(score, np.float64), np.asarray(is_pos, bool)
+    score, is_pos = np.asarray(score), np.asarray(is_pos, bool)
     n_pos, n_neg = int(is_pos.sum()), int((~is_pos).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(score, kind="mergesort")
-    _, first, counts = np.unique(score[order], return_index=True, return_counts=True)
-    ranks = np.empty(len(score))
+    order = np.argsort(score)
+    s = score[order]
+    first = np.r_[0, np.flatnonzero(s[1:] != s[:-1]) + 1]  # start of each group of tied scores
+    counts = np.diff(np.r_[first, len(s)])
+    ranks = np.empty(len(s))
     ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)  # 1-based average rank per tie group
     return float((ranks[is_pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def _unit(x, axis=-1):
-    n = np.linalg.norm(x, axis=axis, keepdims=True)
+def _norms(X) -> np.ndarray:
+    """Row norms of a 2-D array (einsum: several times faster than np.linalg.norm here)."""
+    return np.sqrt(np.einsum("ij,ij->i", X, X))
+
+
+def _unit(x):
+    n = _norms(x)[:, None] if x.ndim == 2 else np.linalg.norm(x)
     return x / np.where(n > 0, n, 1.0)
 
 
@@ -69,16 +77,32 @@ def _scalar_index(rec, steps) -> np.ndarray:
     return idx
 
 
-def _row_stats(rec, field: str, matrix: str, ids) -> dict:
-    """Mean and QUANTILES over ``ids`` of one per-row scalar, every step, a chunk at a time."""
-    rows = rec.rows(field, matrix=matrix)  # (T, V), lazy
-    mean, q = np.empty(len(rows), np.float32), np.empty((len(rows), len(QUANTILES)), np.float32)
-    for a in range(0, len(rows), CHUNK):
-        x = np.asarray(rows[a:a + CHUNK][:, ids], np.float32)  # (c, n_ids)
-        with np.errstate(all="ignore"):  # step 0 holds NaN for grad_norm / adam_v
-            mean[a:a + len(x)] = x.mean(1)
-            q[a:a + len(x)] = np.percentile(x, QUANTILES, axis=1).T
-    return {"mean": mean, "q": q}
+def _stats(steps, X, q_rows=None) -> dict:
+    """Per-step mean over the columns of X (S, n) and QUANTILES at ``q_rows`` (default every row)."""
+    q_rows = np.arange(len(X)) if q_rows is None else q_rows
+    with np.errstate(all="ignore"):  # step 0 holds NaN for grad_norm / adam_v
+        q = np.percentile(X[q_rows], QUANTILES, axis=1).T.astype(np.float32)
+        return {"steps": np.asarray(steps), "mean": X.mean(1), "q_steps": np.asarray(steps)[q_rows], "q": q}
+
+
+def _row_stats(rec, field: str, matrix: str) -> dict:
+    """{"dead", "live"}: ``_stats`` of one per-row scalar, means every step, quantiles at QPOINTS steps.
+
+    Reads the (T, V) field a chunk of steps at a time, plus the quantile steps once."""
+    rows = rec.rows(field, matrix=matrix)  # (T, V) memmap view
+    T, groups = len(rows), {"dead": rec.dead_ids, "live": rec.live_ids}
+    qi = thin(np.arange(T), QPOINTS)
+    mean = {k: np.empty(T, np.float32) for k in groups}
+    for a in range(0, T, CHUNK):
+        x = np.asarray(rows[a:a + CHUNK], np.float32)  # (c, V)
+        for k, ids in groups.items():
+            mean[k][a:a + len(x)] = x[:, ids].mean(1)
+    xq = np.asarray(rows[qi], np.float32)  # (Tq, V)
+    out = {}
+    for k, ids in groups.items():
+        out[k] = _stats(rec.scalar_steps[qi], xq[:, ids])
+        out[k].update(steps=np.asarray(rec.scalar_steps), mean=mean[k])
+    return out
 
 
 def token_labels(rec, ids) -> list[str]:
@@ -145,51 +169,48 @@ def norms(rec, matrix: str = "wte", weight_decay: float | None = None) -> dict:
     """Analysis 1: dead-row norms every step against pure decay ||w_0|| * prod(1 - lr_t * wd).
 
     The lr is the recorded per-step lr (rebuilt from config.json if missing); ``weight_decay``
-    defaults to the run's TrainConfig. Live rows are summarised for contrast."""
+    defaults to the run's TrainConfig. Live rows are summarised for contrast. ``dead``/``live``
+    are ``_stats`` dicts (mean every step, 10/50/90% bands at up to QPOINTS steps)."""
     _check(rec, matrix)
     train = run_config(rec).get("train", {})
     wd = weight_decay if weight_decay is not None else rec.meta.get("weight_decay", train.get("weight_decay"))
     if wd is None:
         raise DucklingError("no weight decay known for this recording: pass weight_decay= or keep "
                             "config.json in the run folder.")
-    lr = np.asarray(rec.lr, np.float64) if rec.lr is not None else None
-    if lr is None or len(lr) < 2 or np.isnan(lr[1:]).all():
+    lr = np.asarray(rec.lr, np.float64)
+    if len(lr) < 2 or np.isnan(lr[1:]).all():
         if not train:
             raise DucklingError("the recording has no lr.f32 and the run folder no config.json; the "
                                 "null model needs the lr schedule.")
         lr = lr_from_config(train, len(rec.scalar_steps))
     decay = decay_factor(lr, wd)  # (T,)
-    rows = rec.rows("norm", matrix=matrix)
+    rows = rec.rows("norm", matrix=matrix)  # (T, V) memmap view
     dead = np.concatenate([np.asarray(rows[a:a + CHUNK][:, rec.dead_ids], np.float32)
-                           for a in range(0, len(rows), CHUNK)])  # (T, n_dead)
-    null = dead[0][None, :] * decay[:, None]  # (T, n_dead) each row's own pure-decay curve
-    live = _row_stats(rec, "norm", matrix, rec.live_ids)
-    return {"steps": np.asarray(rec.scalar_steps), "lr": lr, "weight_decay": wd, "decay": decay,
-            "dead": dead, "dead_mean": dead.mean(1), "dead_q": np.percentile(dead, QUANTILES, axis=1).T,
-            "null_mean": null.mean(1), "ratio": dead.mean(1) / null.mean(1),
-            "live_mean": live["mean"], "live_q": live["q"], **_names(rec, rec.dead_ids)}
+                           for a in range(0, len(rows), CHUNK)])  # (T, n_dead), exact float32
+    null_mean = dead[0].mean(dtype=np.float64) * decay  # (T,) = mean over rows of each row's null
+    steps = np.asarray(rec.scalar_steps)
+    return {"steps": steps, "lr": lr, "weight_decay": wd, "decay": decay, "per_dead": dead,
+            "dead": _stats(steps, dead, thin(np.arange(len(dead)), QPOINTS)),
+            "live": _row_stats(rec, "norm", matrix)["live"], "null_mean": null_mean,
+            "ratio": dead.mean(1, dtype=np.float64) / null_mean, **_names(rec, rec.dead_ids)}
 
 
 # ---------------------------------------------------------------- 2. displacement
 def displacement(rec, matrix: str = "wte", steps=None) -> dict:
-    """Analysis 2: ||w_N - w_0|| per dead row (snapshots) and per-step update norms (exact scalars).
-
-    ``path`` is the cumulative update length; displacement / path = 1 means a straight-line move."""
+    """Analysis 2: ||w_N - w_0|| per row (snapshots: ``per_dead`` and dead/live stats) and the
+    per-step update norms (exact scalars, every step). ``dead_path_mean`` is the mean dead row's
+    cumulative update length: displacement / path = 1 means a straight-line move."""
     _check(rec, matrix)
     steps = thin(rec.steps) if steps is None else np.asarray(steps)
     dead, live = rec.dead_ids, rec.live_ids
     w0 = rec.snapshot(int(rec.steps[0]), matrix=matrix)  # (V, d)
-    dd = np.empty((len(steps), len(dead)), np.float32)
-    lq = np.empty((len(steps), len(QUANTILES)), np.float32)
+    dist = np.empty((len(steps), len(w0)), np.float32)  # (S, V)
     for j, n in enumerate(steps):
-        dist = np.linalg.norm(rec.snapshot(int(n), matrix=matrix) - w0, axis=1)  # (V,)
-        dd[j], lq[j] = dist[dead], np.percentile(dist[live], QUANTILES)
-    upd_dead = _row_stats(rec, "update_norm", matrix, dead)
-    upd_live = _row_stats(rec, "update_norm", matrix, live)
-    path = np.cumsum(np.nan_to_num(upd_dead["mean"], nan=0.0))  # (T,) mean dead path length
-    return {"steps": steps, "dead": dd, "dead_mean": dd.mean(1), "live_q": lq,
-            "scalar_steps": np.asarray(rec.scalar_steps), "update_dead": upd_dead, "update_live": upd_live,
-            "dead_path_mean": path, **_names(rec, dead)}
+        dist[j] = _norms(rec.snapshot(int(n), matrix=matrix) - w0)
+    upd = _row_stats(rec, "update_norm", matrix)
+    return {"steps": steps, "per_dead": dist[:, dead], "dead": _stats(steps, dist[:, dead]),
+            "live": _stats(steps, dist[:, live]), "update": upd,
+            "dead_path_mean": np.cumsum(np.nan_to_num(upd["dead"]["mean"], nan=0.0)), **_names(rec, dead)}
 
 
 # ---------------------------------------------------------------- 3. drift direction
@@ -218,14 +239,14 @@ def drift(rec, matrix: str = "wte", steps=None) -> dict:
         cos_h[j], cos_l[j] = _cos(D[j], -hbar[idx[j]]), _cos(D[j], -W[live].mean(0))
         proj[j] = disp @ u
     return {"steps": steps, "mean_displacement": D, "direction": u, "cos_hidden": cos_h,
-            "cos_live": cos_l, "proj": proj, **_names(rec, dead)}
+            "cos_live": cos_l, "proj": proj, "proj_stats": _stats(steps, proj), **_names(rec, dead)}
 
 
 # ---------------------------------------------------------------- 4. collapse
 def mean_pairwise_cosine(X) -> float:
     """Mean cosine over all pairs i != j of rows of X, in O(n d): (||sum u_i||^2 - n) / (n (n - 1))."""
-    U = _unit(np.asarray(X, np.float64))
-    n, s = len(U), U.sum(0)
+    U = _unit(np.asarray(X))
+    n, s = len(U), U.sum(0, dtype=np.float64)
     return float((s @ s - n) / (n * (n - 1)))
 
 
@@ -239,11 +260,11 @@ def collapse(rec, matrix: str = "wte", steps=None, n_pcs: int = 3) -> dict:
     pcs = np.empty((len(steps), n_pcs))
     for j, n in enumerate(steps):
         W = rec.snapshot(int(n), matrix=matrix)
-        X = W[dead].astype(np.float64)  # (n_dead, d)
+        X = W[dead]  # (n_dead, d)
         out["dead_cos"][j], out["live_cos"][j] = mean_pairwise_cosine(X), mean_pairwise_cosine(W[live])
-        out["dead_cos_to_mean"][j] = float((_unit(X) @ _unit(X.mean(0))).mean())
+        out["dead_cos_to_mean"][j] = float((_unit(X) @ _unit(X.mean(0, dtype=np.float64))).mean())
         Xc = X - X.mean(0)
-        ev = np.linalg.eigvalsh(Xc.T @ Xc)[::-1]  # (d,) descending
+        ev = np.linalg.eigvalsh((Xc.T @ Xc).astype(np.float64))[::-1]  # (d,) descending
         pcs[j] = ev[:n_pcs] / ev.sum()
     return {"steps": steps, **out, "pc_var": pcs}
 
@@ -291,15 +312,21 @@ def indicators(W, is_dead) -> dict:
     LEAK LABELS (the reference is the mean of the known dead rows), so their AUROC is an upper
     bound, not a detector. Unsupervised: cos_all_mean (cosine to the mean of all rows) and pc1
     (projection on the first PC) need no labels but have no known sign (see ``detectability``)."""
-    W = np.asarray(W, np.float64)
-    Wc = W - W.mean(0)
-    v1 = np.linalg.eigh(Wc.T @ Wc)[1][:, -1]  # (d,) first principal axis
-    Wr = Wc - np.outer(Wc @ v1, v1)  # centred, first PC removed
-    return {"norm": -np.linalg.norm(W, axis=1),
-            "cos_dead_mean": _unit(W) @ _unit(W[is_dead].mean(0)),
-            "cos_dead_mean_nopc1": _unit(Wr) @ _unit(Wr[is_dead].mean(0)),
-            "cos_all_mean": _unit(W) @ _unit(W.mean(0)),
-            "pc1": Wc @ v1}
+    W = np.asarray(W, np.float32)  # (V, d)
+    U = W / np.maximum(_norms(W), 1e-30)[:, None]  # unit rows
+    mean = W.mean(0, dtype=np.float64).astype(np.float32)
+    Wc = W - mean  # centred
+    v1 = np.linalg.eigh((Wc.T @ Wc).astype(np.float64))[1][:, -1].astype(np.float32)  # (d,) first PC
+    p1 = Wc @ v1  # (V,)
+    # rows with the first PC removed, Wr = Wc - p1 v1^T, without materialising Wr: ||Wr_i||^2 =
+    # ||Wc_i||^2 - p1_i^2 and Wr_i . m = Wc_i . m - p1_i (v1 . m)
+    m = Wc[is_dead].mean(0) - p1[is_dead].mean() * v1  # mean dead row of Wr
+    nr = np.sqrt(np.maximum(np.einsum("ij,ij->i", Wc, Wc) - p1 * p1, 1e-30))
+    return {"norm": -_norms(W),
+            "cos_dead_mean": U @ _unit(W[is_dead].mean(0)),
+            "cos_dead_mean_nopc1": (Wc @ m - p1 * (v1 @ m)) / (nr * max(np.linalg.norm(m), 1e-30)),
+            "cos_all_mean": U @ _unit(mean),
+            "pc1": p1}
 
 
 def detectability(rec, matrix: str = "wte", steps=None) -> dict:
@@ -341,6 +368,5 @@ def gradient_channel(rec, matrix: str = "wte") -> dict:
     eps = run_config(rec).get("train", {}).get("adam_epsilon")
     out = {"steps": np.asarray(rec.scalar_steps), "adam_epsilon": eps}
     for field in ("grad_norm", "adam_v"):
-        out[f"{field}_dead"] = _row_stats(rec, field, matrix, rec.dead_ids)
-        out[f"{field}_live"] = _row_stats(rec, field, matrix, rec.live_ids)
+        out[field] = _row_stats(rec, field, matrix)  # {"dead", "live"}: stats dicts
     return out

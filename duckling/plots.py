@@ -23,10 +23,15 @@ def _fig(nrows: int = 1, ncols: int = 1, title: str = "", sharex: bool = True):
     return fig, axes
 
 
-def _band(ax, x, mean, q, color, label, median=False):
-    """Line (mean, or median when ``median``) with a 10-90% band; q is (T, 3) = 10/50/90 percentiles."""
-    ax.fill_between(x, q[:, 0], q[:, 2], color=color, alpha=0.2, lw=0)
-    ax.plot(x, q[:, 1] if median else mean, color=color, lw=1.2, label=label)
+def _band(ax, st, color, label, median=False, f=None):
+    """Mean (or median) line and 10-90% band of an ``analysis._stats`` dict; ``f`` maps the values."""
+    f = f or (lambda v: v)
+    q = f(st["q"])
+    ax.fill_between(st["q_steps"], q[:, 0], q[:, 2], color=color, alpha=0.2, lw=0)
+    if median:
+        ax.plot(st["q_steps"], q[:, 1], color=color, lw=1.2, label=f"{label} (median, 10-90%)")
+    else:
+        ax.plot(st["steps"], f(st["mean"]), color=color, lw=1.2, label=f"{label} (mean, 10-90%)")
 
 
 def _named(ax, x, per_row, res, k=3):
@@ -43,10 +48,10 @@ def plot_norms(res, matrix: str = "wte") -> Figure:
     """Analysis 1: dead-row norms vs pure weight decay (top) and their ratio to it (bottom)."""
     fig, (ax, ax2) = _fig(2, 1, f"Row norms vs weight-decay null model{_suffix(matrix)}")
     x = res["steps"]
-    _band(ax, x, res["live_mean"], res["live_q"], LIVE, "live (mean, 10-90%)")
-    _band(ax, x, res["dead_mean"], res["dead_q"], DEAD, "dead (mean, 10-90%)")
+    _band(ax, res["live"], LIVE, "live")
+    _band(ax, res["dead"], DEAD, "dead")
     ax.plot(x, res["null_mean"], color=NULL, ls="--", lw=1, label="null: ||w0||·Π(1-lr·wd)")
-    _named(ax, x, res["dead"], res)
+    _named(ax, x, res["per_dead"], res)
     ax.set_ylabel("row L2 norm", fontsize=8)
     ax.legend(fontsize=6, ncol=2)
     ax2.plot(x, res["ratio"], color=DEAD, lw=1.2, label="mean dead norm / null")
@@ -60,20 +65,15 @@ def plot_norms(res, matrix: str = "wte") -> Figure:
 def plot_displacement(res, matrix: str = "wte") -> Figure:
     """Analysis 2: distance from init (top) and per-step update norm (bottom, log scale)."""
     fig, (ax, ax2) = _fig(2, 1, f"Displacement from init and per-step update{_suffix(matrix)}")
-    x = res["steps"]
-    lq = res["live_q"]
-    ax.fill_between(x, lq[:, 0], lq[:, 2], color=LIVE, alpha=0.2, lw=0)
-    ax.plot(x, lq[:, 1], color=LIVE, lw=1.2, label="live (median, 10-90%)")
-    dq = np.percentile(res["dead"], (10, 50, 90), axis=1).T
-    _band(ax, x, res["dead_mean"], dq, DEAD, "dead (median, 10-90%)", median=True)
-    _named(ax, x, res["dead"], res)
-    s = res["scalar_steps"]
-    ax.plot(s, res["dead_path_mean"], color=DEAD, ls=":", lw=1, label="dead path length Σ||Δw||")
+    _band(ax, res["live"], LIVE, "live", median=True)
+    _band(ax, res["dead"], DEAD, "dead", median=True)
+    _named(ax, res["steps"], res["per_dead"], res)
+    ax.plot(res["update"]["dead"]["steps"], res["dead_path_mean"], color=DEAD, ls=":", lw=1,
+            label="dead: mean path length Σ||Δw||")
     ax.set_ylabel("||w_N - w_0||", fontsize=8)
     ax.legend(fontsize=6, ncol=2)
-    for key, color, name in (("update_live", LIVE, "live"), ("update_dead", DEAD, "dead")):
-        u = res[key]
-        _band(ax2, s[1:], u["mean"][1:], u["q"][1:], color, f"{name} (median, 10-90%)", median=True)
+    for who, color in (("live", LIVE), ("dead", DEAD)):
+        _band(ax2, res["update"][who], color, who, median=True)
     ax2.set_yscale("log")
     ax2.set_ylabel("||w_N - w_{N-1}||", fontsize=8)
     ax2.set_xlabel("training step (updates)", fontsize=8)
@@ -91,10 +91,8 @@ def plot_drift(res, matrix: str = "wte") -> Figure:
     ax.set_ylim(-1.05, 1.05)
     ax.set_ylabel("cosine", fontsize=8)
     ax.legend(fontsize=6)
-    p = res["proj"]
-    q = np.percentile(p, (10, 50, 90), axis=1).T
-    _band(ax2, x, p.mean(1), q, DEAD, "dead rows (median, 10-90%)", median=True)
-    _named(ax2, x, p, res)
+    _band(ax2, res["proj_stats"], DEAD, "dead rows", median=True)
+    _named(ax2, x, res["proj"], res)
     ax2.set_ylabel("(w_N - w_0)·u_final", fontsize=8)
     ax2.set_xlabel("training step (updates)", fontsize=8)
     ax2.legend(fontsize=6)
@@ -172,18 +170,14 @@ def plot_output_mass(res) -> Figure:
 def plot_gradients(res, matrix: str = "wte") -> Figure:
     """Analysis 8: per-row gradient norms (top) and sqrt of Adam's second moment (bottom), log scale."""
     fig, (ax, ax2) = _fig(2, 1, f"Gradient channel{_suffix(matrix)}")
-    x = res["steps"][1:]  # step 0 has no gradient
     for field, a, unit in (("grad_norm", ax, "||g|| per row"), ("adam_v", ax2, "sqrt(mean exp_avg_sq)")):
         for who, color in (("live", LIVE), ("dead", DEAD)):
-            r = res[f"{field}_{who}"]
-            m, q = r["mean"][1:], r["q"][1:]
-            if field == "adam_v":
-                m, q = np.sqrt(m), np.sqrt(q)
-            if np.nanmax(q, initial=0) <= 0:  # e.g. untied input rows: exactly zero, invisible on log axes
+            st = res[field][who]  # step 0 holds NaN: no gradient yet
+            if np.nanmax(st["q"], initial=0) <= 0:  # e.g. untied input rows: exactly zero, invisible on log axes
                 a.text(0.02, 0.05 if who == "dead" else 0.15, f"{who}: exactly 0 at every step",
                        color=color, transform=a.transAxes, fontsize=7)
                 continue
-            _band(a, x, m, q, color, f"{who} (median, 10-90%)", median=True)
+            _band(a, st, color, who, median=True, f=np.sqrt if field == "adam_v" else None)
         if a.lines:
             a.set_yscale("log")
             a.legend(fontsize=6)

@@ -62,7 +62,7 @@ def test_pure_decay_matches_null_model(tmp_path):
     rec = write(tmp_path / "run", decayed(T, lr), lr)
     n = A.norms(rec)
     np.testing.assert_allclose(n["ratio"], 1.0, rtol=1e-5)
-    np.testing.assert_allclose(n["null_mean"][-1], n["dead"][0].mean() * np.prod(1 - lr[1:] * WD), rtol=1e-6)
+    np.testing.assert_allclose(n["null_mean"][-1], n["per_dead"][0].mean() * np.prod(1 - lr[1:] * WD), rtol=1e-6)
     # lr.f32 missing (NaN): the schedule rebuilt from config.json gives the same null model
     rec2 = write(tmp_path / "run2", decayed(T, lr), np.full(T + 1, np.nan))
     np.testing.assert_allclose(A.norms(rec2)["ratio"], 1.0, rtol=1e-5)
@@ -177,3 +177,15 @@ def test_report_cli_errors_clearly(tmp_path, capsys):
 
     assert main(["report", str(tmp_path)]) == 2
     assert "no recording" in capsys.readouterr().err
+
+
+def test_indicator_without_first_pc_matches_direct_formula():
+    rng = np.random.default_rng(0)
+    W = rng.normal(size=(300, 8)).astype(np.float32)
+    dead = np.arange(300) >= 240
+    W[dead] += 0.5
+    Wc = W - W.mean(0)
+    v1 = np.linalg.eigh(Wc.T @ Wc)[1][:, -1]
+    Wr = Wc - np.outer(Wc @ v1, v1)
+    ref = A._unit(Wr) @ A._unit(Wr[dead].mean(0))
+    np.testing.assert_allclose(A.indicators(W, dead)["cos_dead_mean_nopc1"], ref, atol=1e-5)
