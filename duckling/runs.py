@@ -6,6 +6,7 @@ final/ (save_pretrained + trainer_state.json), recording/ (docs/recording.md).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import time
@@ -105,3 +106,46 @@ def prepare_run_dir(run_dir: Path, cfg: DucklingConfig, tok, resume: bool, info:
 def update_run_info(run_dir: Path, **kw) -> None:
     path = run_dir / "run_info.json"
     _write_json(path, {**json.loads(path.read_text()), **kw})
+
+
+@contextlib.contextmanager
+def quiet_hf():
+    """Silence transformers' per-file progress bars (weights loading, shard writing) for a moment."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def load_run(run_dir, checkpoint: str | None = None):
+    """(model, tokenizer, cfg) of a run: its final model, else its last checkpoint (or ``checkpoint``).
+
+    The model is on CPU in eval mode; the tokenizer is the run's own copy of the mapping (None if
+    the run was trained without one).
+    """
+    from transformers import GPT2LMHeadModel
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise DucklingError(f"{str(run_dir)!r} is not a Duckling run folder (no config.json). Train one with "
+                            "`duckling train --run DIR`.")
+    cfg = DucklingConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    src = run_dir / checkpoint if checkpoint else run_dir / "final"
+    if not checkpoint and not (src / "model.safetensors").is_file():
+        src = last_checkpoint(run_dir)
+    if src is None or not src.is_dir():
+        raise DucklingError(f"{str(run_dir)!r} holds no trained model yet (no final/ and no checkpoint). "
+                            "Train it further or pick another run.")
+    with quiet_hf():
+        model = GPT2LMHeadModel.from_pretrained(str(src)).eval()
+    tok = None
+    if (run_dir / "token_mapping.json").is_file():
+        from .vocab import CompactTokenizer
+
+        tok = CompactTokenizer.from_file(run_dir / "token_mapping.json")
+    return model, tok, cfg

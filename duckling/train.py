@@ -26,7 +26,8 @@ import torch
 from .config import DucklingConfig, N_LIVE
 from .errors import DucklingError
 from .rows import as_rows, check_rows, collate
-from .runs import prepare_run_dir, update_run_info
+from .generate import generate  # noqa: F401  (the notebooks' API: train, load_run, generate)
+from .runs import load_run, prepare_run_dir, quiet_hf, update_run_info  # noqa: F401
 
 
 # ---------------------------------------------------------------- device and precision
@@ -122,6 +123,12 @@ def _trainer_classes():
             if self._flops_per_token is None:
                 self._flops_per_token = 6 * self.model.num_parameters(exclude_embeddings=True)
             return self._flops_per_token * inputs["input_ids"].numel()
+
+        def _issue_warnings_after_load(self, load_result):
+            # A tied lm_head.weight is not stored in checkpoints (it *is* wte); transformers 5 warns anyway.
+            tied = self.model.lm_head.weight is self.model.transformer.wte.weight
+            missing = [k for k in load_result.missing_keys if not (tied and k == "lm_head.weight")]
+            super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     class Progress(ProgressCallback):
         """The Trainer's bar, with the last logged losses as its postfix instead of printed dicts."""
@@ -259,7 +266,7 @@ def train(cfg: DucklingConfig | None = None, dataset=None, run_dir=None, *, eval
     tokenizer: a CompactTokenizer or mapping path (default cfg.data.mapping_path when present).
     model: train this model instead of a fresh ``build_model(cfg.model)`` (notebook 03).
     """
-    from transformers import PrinterCallback, ProgressCallback
+    from transformers import PrinterCallback, ProgressCallback, TrainerState
 
     from .model import build_model
 
@@ -310,9 +317,15 @@ def train(cfg: DucklingConfig | None = None, dataset=None, run_dir=None, *, eval
     trainer.remove_callback(PrinterCallback)  # logs are in log_history, never printed per step
     if progress:
         trainer.add_callback(Progress())
+    done = ckpt is not None and _ckpt_step(ckpt) >= cfg.train.max_steps
     try:
-        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-        if eval_rows is not None and not cfg.train.eval_steps:
+        if done:  # the Trainer would run one extra step here; a finished run only needs its final/
+            trainer._load_from_checkpoint(str(ckpt))
+            trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
+        else:
+            with quiet_hf():  # no per-checkpoint "Writing model shards" bars
+                trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        if eval_rows is not None and not cfg.train.eval_steps and not done:
             trainer.evaluate()
     finally:  # also on an exception or Ctrl-C: the recording keeps every complete step
         for cb in extra:
@@ -322,13 +335,18 @@ def train(cfg: DucklingConfig | None = None, dataset=None, run_dir=None, *, eval
 
     model = trainer.model
     if run_dir is not None:
-        trainer.save_model(str(run_dir / "final"))
+        with quiet_hf():
+            trainer.save_model(str(run_dir / "final"))
         trainer.state.save_to_json(str(run_dir / "final" / "trainer_state.json"))
         update_run_info(run_dir, finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
                         global_step=trainer.state.global_step, steps_per_s=timer.steps_per_s)
     return TrainResult(model=model, cfg=cfg, run_dir=run_dir, log_history=list(trainer.state.log_history),
                        steps_per_s=timer.steps_per_s, global_step=trainer.state.global_step,
                        device=device, precision=precision)
+
+
+def _ckpt_step(ckpt: Path) -> int:
+    return json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
 
 
 # ---------------------------------------------------------------- CLI
@@ -367,6 +385,6 @@ def cli_train(args) -> int:
 
 
 def cli_generate(args) -> int:
-    from .generate import cli_generate as run
+    from .generate import cli_generate as run_cli
 
-    return run(args)
+    return run_cli(args)
