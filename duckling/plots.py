@@ -23,15 +23,18 @@ def _fig(nrows: int = 1, ncols: int = 1, title: str = "", sharex: bool = True):
     return fig, axes
 
 
-def _band(ax, st, color, label, median=False, f=None):
-    """Mean (or median) line and 10-90% band of an ``analysis._stats`` dict; ``f`` maps the values."""
+def _band(ax, st, color, label, median=False, f=None, skip0=False):
+    """Mean (or median) line and 10-90% band of an ``analysis._stats`` dict; ``f`` maps the values;
+    ``skip0`` drops step 0 (no update or gradient yet: 0 or NaN, meaningless on a log axis)."""
     f = f or (lambda v: v)
-    q = f(st["q"])
-    ax.fill_between(st["q_steps"], q[:, 0], q[:, 2], color=color, alpha=0.2, lw=0)
+    qs, q, s, m = st["q_steps"], f(st["q"]), st["steps"], f(st["mean"])
+    if skip0:
+        q, qs, m, s = q[qs > 0], qs[qs > 0], m[s > 0], s[s > 0]
+    ax.fill_between(qs, q[:, 0], q[:, 2], color=color, alpha=0.2, lw=0)
     if median:
-        ax.plot(st["q_steps"], q[:, 1], color=color, lw=1.2, label=f"{label} (median, 10-90%)")
+        ax.plot(qs, q[:, 1], color=color, lw=1.2, label=f"{label} (median, 10-90%)")
     else:
-        ax.plot(st["steps"], f(st["mean"]), color=color, lw=1.2, label=f"{label} (mean, 10-90%)")
+        ax.plot(s, m, color=color, lw=1.2, label=f"{label} (mean, 10-90%)")
 
 
 def _named(ax, x, per_row, res, k=3):
@@ -73,7 +76,7 @@ def plot_displacement(res, matrix: str = "wte") -> Figure:
     ax.set_ylabel("||w_N - w_0||", fontsize=8)
     ax.legend(fontsize=6, ncol=2)
     for who, color in (("live", LIVE), ("dead", DEAD)):
-        _band(ax2, res["update"][who], color, who, median=True)
+        _band(ax2, res["update"][who], color, who, median=True, skip0=True)
     ax2.set_yscale("log")
     ax2.set_ylabel("||w_N - w_{N-1}||", fontsize=8)
     ax2.set_xlabel("training step (updates)", fontsize=8)
@@ -111,7 +114,10 @@ def plot_collapse(res, matrix: str = "wte") -> Figure:
     for k in range(res["pc_var"].shape[1]):
         ax2.plot(x, res["pc_var"][:, k], color=DEAD, alpha=1 - 0.3 * k, lw=1.2, ls=("-", "--", ":")[k % 3],
                  label=f"PC{k + 1}")
-    ax2.set_ylabel("fraction of dead-row variance", fontsize=8)
+    n, d = res["n_dead"], res["d"]
+    ax2.axhline((1 + (d / n) ** 0.5) ** 2 / d, color=NULL, ls="--", lw=1,
+                label="top PC of isotropic noise (Marchenko-Pastur edge)")
+    ax2.set_ylabel("fraction of centred\ndead-row variance", fontsize=8)
     ax2.set_xlabel("training step (updates)", fontsize=8)
     ax2.legend(fontsize=6)
     return fig
@@ -120,7 +126,7 @@ def plot_collapse(res, matrix: str = "wte") -> Figure:
 def plot_trajectories(res, matrix: str = "wte") -> Figure:
     """Analysis 5: 2-D PCA map: rows at the first (faint) and last step, group means and named tokens over time."""
     fig, (ax,) = _fig(title=f"Trajectories in the top-2 PCA plane ({res['explained']:.0%} of variance)"
-                      f"{_suffix(matrix)}")
+                      f"{_suffix(matrix)}\nnamed tokens: path from init to the dot (final step)")
     d = res["cloud_is_dead"]
     for xy, a, when in ((res["cloud_first"], 0.08, "init"), (res["cloud_last"], 0.3, "final")):
         ax.scatter(*xy[~d].T, s=2, color=LIVE, alpha=a, lw=0, label=f"live ({when}, sample)")
@@ -130,6 +136,7 @@ def plot_trajectories(res, matrix: str = "wte") -> Figure:
     for i, (lab, is_dead) in enumerate(zip(res["named_labels"], res["named_dead"])):
         t = res["track"][:, i]
         ax.plot(*t.T, color=DEAD if is_dead else LIVE, lw=0.6, alpha=0.8)
+        ax.plot(*t[-1], "o", ms=2.5, color=DEAD if is_dead else LIVE)
         ax.annotate(lab, t[-1], fontsize=6, color=DEAD if is_dead else LIVE)
     ax.set_xlabel("PC1 (embedding units)", fontsize=8)
     ax.set_ylabel("PC2 (embedding units)", fontsize=8)
@@ -157,11 +164,13 @@ def plot_detectability(res, matrix: str = "wte") -> Figure:
 def plot_output_mass(res) -> Figure:
     """Analysis 7: total and maximum softmax probability on dead tokens, fixed probe batch."""
     fig, (ax,) = _fig(title="Softmax mass on dead tokens (probe batch)")
-    ax.plot(res["steps"], res["total"], "o-", ms=3, color=DEAD, lw=1.2, label="total dead probability")
-    ax.plot(res["steps"], res["max"], "s--", ms=3, color=DEAD, lw=1, alpha=0.7, label="max single dead token")
+    ax.plot(res["steps"], res["total"], "o-", ms=3, color=DEAD, lw=1.2,
+            label="total dead probability (mean over positions)")
+    ax.plot(res["steps"], res["max"], "s--", ms=3, color=DEAD, lw=1, alpha=0.7,
+            label="max over positions and dead tokens")
     ax.axhline(res["uniform"], color=NULL, ls="--", lw=1, label="uniform softmax: n_dead / V")
     ax.set_yscale("log")
-    ax.set_ylabel("probability (mean over probe positions)", fontsize=8)
+    ax.set_ylabel("softmax probability", fontsize=8)
     ax.set_xlabel("training step (updates)", fontsize=8)
     ax.legend(fontsize=6)
     return fig
@@ -177,7 +186,7 @@ def plot_gradients(res, matrix: str = "wte") -> Figure:
                 a.text(0.02, 0.05 if who == "dead" else 0.15, f"{who}: exactly 0 at every step",
                        color=color, transform=a.transAxes, fontsize=7)
                 continue
-            _band(a, st, color, who, median=True, f=np.sqrt if field == "adam_v" else None)
+            _band(a, st, color, who, median=True, f=np.sqrt if field == "adam_v" else None, skip0=True)
         if a.lines:
             a.set_yscale("log")
             a.legend(fontsize=6)

@@ -94,7 +94,8 @@ def report(run_dir, out=None, max_points: int = A.MAX_POINTS) -> dict:
             "drift_cosine_to_neg_mean_hidden": _num(dr["cos_hidden"][-1]),
             "drift_cosine_to_neg_mean_live": _num(dr["cos_live"][-1]),
             **{f"detect_auroc_{k}": _num(v[-1]) for k, v in det["auroc"].items()},
-            "detect_norm_first_step_auroc_0.9": _first_step(det["steps"], det["auroc"]["norm"], 0.9),
+            "detect_first_step_separable_0.9": {  # first step with max(AUROC, 1 - AUROC) >= 0.9
+                k: _first_step(det["steps"], np.maximum(v, 1 - v), 0.9) for k, v in det["auroc"].items()},
         }.items()})
     probe = A.output_mass(rec)
     if len(probe["steps"]):
