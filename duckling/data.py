@@ -2,18 +2,19 @@
 
 Sources: the hub's ``roneneldan/TinyStories`` by default; a local ``.txt`` file or folder of them
 (stories separated by ``<|endoftext|>`` lines) via an argument or ``$DUCKLING_DATA``; or any
-iterable of story strings (notebooks). Text streams through a pool of worker processes in ~1 MB
-batches (at most 2 batches per worker in flight), so memory stays bounded for a 2 GB corpus.
+iterable of story strings (notebooks). Text streams in ~1 MB batches through a pool of encoder
+threads, one per core (tiktoken releases the GIL), with at most 2 batches per thread in flight, so
+memory stays bounded for a 2 GB corpus.
 """
 from __future__ import annotations
 
 import codecs
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import shutil
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -163,20 +164,12 @@ def iter_stories(source: Source, max_stories: int | None = None, stats: dict | N
 
 # --- parallel encoding ---------------------------------------------------------------------------
 
-_WORKER: dict = {}
-
-
-def _init_worker(base: str, lut: np.ndarray | None) -> None:
-    _WORKER["enc"], _WORKER["lut"] = get_encoding(base), lut
-
-
-def _encode_batch(stories: list[str]) -> np.ndarray:
-    """GPT-2 ids of each story followed by <|endoftext|>; compact uint16 ids if the worker has a lut."""
-    enc, lut = _WORKER["enc"], _WORKER["lut"]
-    ids = enc.encode_ordinary_batch(stories, num_threads=1)  # one process per core already
-    n = sum(map(len, ids)) + len(ids)
-    out = np.fromiter((t for seq in ids for t in (*seq, GPT2_EOT)), dtype=np.uint32, count=n)
-    return out if lut is None else lut[out]
+def _story_ids(enc, story: str) -> np.ndarray:
+    """GPT-2 ids of one story as uint32, straight from tiktoken's buffer (no Python int list)."""
+    try:
+        return enc.encode_to_numpy(story, disallowed_special=())  # = encode_ordinary, GIL released
+    except (AttributeError, UnicodeEncodeError):  # tiktoken < 0.8, or lone surrogates
+        return np.asarray(enc.encode_ordinary(story), dtype=np.uint32)
 
 
 def _batches(stories: Iterable[str], chars: int = BATCH_CHARS) -> Iterator[list[str]]:
@@ -193,21 +186,31 @@ def _batches(stories: Iterable[str], chars: int = BATCH_CHARS) -> Iterator[list[
 
 def encode_stream(stories: Iterable[str], lut: np.ndarray | None = None, num_proc: int | None = None,
                   base: str = config.BASE_ENCODING) -> Iterator[np.ndarray]:
-    """Yield, in order, one token array per ~1 MB batch of stories (EOT after each story)."""
+    """Yield, in order, one token array per ~1 MB batch of stories, each story followed by EOT.
+
+    GPT-2 ids (uint32), or compact ids (uint16) when ``lut`` is given. ``num_proc`` encoder threads
+    (default: all cores) run in parallel because tiktoken releases the GIL while it encodes; at most
+    2 batches per thread are in flight, so memory stays bounded whatever the corpus size.
+    """
+    enc = get_encoding(base)
+    eot = np.array([GPT2_EOT], dtype=np.uint32)
+
+    def encode(batch: list[str]) -> np.ndarray:
+        ids = np.concatenate([a for s in batch for a in (_story_ids(enc, s), eot)])  # (n_tokens,)
+        return ids if lut is None else lut[ids]
+
     num_proc = num_proc or os.cpu_count() or 1
     if num_proc <= 1:
-        _init_worker(base, lut)
-        yield from map(_encode_batch, _batches(stories))
+        yield from map(encode, _batches(stories))
         return
-    # spawn: safe with the threads tqdm/tiktoken start, and the same on Linux and macOS
-    with mp.get_context("spawn").Pool(num_proc, _init_worker, (base, lut)) as pool:
+    with ThreadPoolExecutor(num_proc) as pool:
         pending: deque = deque()
         for batch in _batches(stories):
-            pending.append(pool.apply_async(_encode_batch, (batch,)))
-            if len(pending) >= 2 * num_proc:  # bounded: never read far ahead of the workers
-                yield pending.popleft().get()
+            pending.append(pool.submit(encode, batch))
+            if len(pending) >= 2 * num_proc:  # never read far ahead of the encoders
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
 
 
 def count_tokens(stories, num_proc: int | None = None, progress: bool = False,
@@ -304,6 +307,19 @@ def _write_rows(source: Source, tok: CompactTokenizer, arrow_path: Path, seq_len
     return n_rows
 
 
+def _save_quietly(ds, path: Path) -> None:
+    """save_to_disk without its own progress bar (ours already covered the build)."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        ds.save_to_disk(str(path))
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
 def build_dataset(data=None, tokenizer=None, out=None, seq_len: int | None = None, split: str = "train",
                   max_stories: int | None = None, num_proc: int | None = None, force: bool = False,
                   progress: bool = True) -> dict:
@@ -345,7 +361,7 @@ def build_dataset(data=None, tokenizer=None, out=None, seq_len: int | None = Non
             raise DucklingError(
                 f"The corpus is too small: {stats.get('n_stories', 0)} stories do not fill one {seq_len}-token row. "
                 "Pass more text.")
-        Dataset.from_file(str(tmp / "work" / "rows.arrow")).save_to_disk(str(tmp / "ds"))
+        _save_quietly(Dataset.from_file(str(tmp / "work" / "rows.arrow")), tmp / "ds")
         checked = check_no_dead(load_from_disk(str(tmp / "ds")), tok.n_live, seq_len)  # on the files as written
         record = {"format_version": BUILD_FORMAT, "fingerprint": fingerprint, "mapping_hash": tok.hash,
                   "source": describe_source(source), "seq_len": seq_len, "max_stories": max_stories,

@@ -69,7 +69,7 @@ def test_build_packs_stories_exactly(tok, stories, corpus, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "ds"]  # no temp dirs left
 
 
-def test_worker_pool_matches_serial(tok, corpus, tmp_path):
+def test_encoder_threads_match_serial(tok, corpus, tmp_path):
     a = build_dataset(corpus, tok, tmp_path / "a", seq_len=SEQ, num_proc=1, progress=False)
     b = build_dataset(corpus, tok, tmp_path / "b", seq_len=SEQ, num_proc=2, progress=False)
     assert a["n_rows"] == b["n_rows"]
