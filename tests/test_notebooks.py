@@ -1,0 +1,234 @@
+"""The notebooks: their helper module (``duckling.notebook``) and every notebook run end to end.
+
+Each notebook runs under papermill with tiny injected parameters (1 layer, 64-token context, a few
+steps, ~60 stories), from ``notebooks/`` as jupyter lab would, writing only under tmp_path; the
+tests then check what it produced. One tiny dataset is built once and shared.
+"""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from duckling import notebook as nb
+from duckling.config import N_LIVE, DucklingConfig
+from duckling.errors import DucklingError
+
+T = 64  # context of every tiny notebook run
+TINY = {"CONTEXT": T, "MODEL": {"n_layer": 1}}
+WORDS = ("the a little dog cat girl boy park ball tree happy sad big red saw played ran jumped said "
+         "friend mom sun day was and with to her his they went home").split()
+
+
+# ---------------------------------------------------------------- shared tiny data
+def _stories(repo_root, n: int, skip: int = 0) -> list[str]:
+    """Real TinyStories when the shared text is beside the repo, generated ones on a fresh clone."""
+    from duckling.data import iter_stories, resolve_source
+
+    train = repo_root.parent / "shared/data/tinystories/train"
+    if train.is_dir() and any(train.glob("*.txt")):
+        return list(iter_stories(resolve_source(train), max_stories=skip + n))[skip:]
+    rng = random.Random(skip)
+    return [f"Once upon a time, {' '.join(rng.choices(WORDS, k=rng.randint(30, 80)))}. \"Wow!\" said "
+            f"{rng.choice(['Lily', 'Tom', 'Sue'])}." for _ in range(n)]
+
+
+def _write(path, stories):
+    path.write_text("".join(f"{s}\n<|endoftext|>\n" for s in stories), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory, repo_root):
+    """A 60-story corpus, 20 held-out stories and their 64-token dataset (built once)."""
+    try:
+        tok = nb.load_tokenizer(repo_root / "token_mapping.json")
+    except DucklingError as e:  # no offline tiktoken cache on this machine
+        pytest.skip(str(e))
+    d = tmp_path_factory.mktemp("tiny")
+    train = _write(d / "train.txt", _stories(repo_root, 60))
+    valid = _write(d / "valid.txt", _stories(repo_root, 20, skip=60))
+    tok, dataset = nb.prepare_data(train, seq_len=T, dataset_dir=d / "dataset")
+    return {"dir": d, "DATA": str(train), "VALID_DATA": str(valid), "DATASET_DIR": str(dataset), "tok": tok}
+
+
+def run_notebook(repo_root, tmp_path, name: str, **params) -> dict:
+    """Execute notebooks/<name>.ipynb with ``params`` from notebooks/ (as jupyter lab does)."""
+    pm = pytest.importorskip("papermill")
+    out = tmp_path / f"{name}.out.ipynb"
+    pm.execute_notebook(str(repo_root / "notebooks" / f"{name}.ipynb"), str(out), parameters=params,
+                        cwd=str(repo_root / "notebooks"), kernel_name="python3", progress_bar=False)
+    executed = json.loads(out.read_text())
+    text = outputs_text(executed)  # committed outputs must name no folder of the machine they ran on
+    assert str(repo_root) not in text and "site-packages" not in text, text[:2000]
+    return executed
+
+
+def outputs_text(executed: dict) -> str:
+    return "".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
+                   for c in executed["cells"] if c["cell_type"] == "code" for o in c.get("outputs", []))
+
+
+def n_images(executed: dict) -> int:
+    return sum("image/png" in o.get("data", {}) for c in executed["cells"] if c["cell_type"] == "code"
+               for o in c.get("outputs", []))
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Kernels use one torch thread: tiny models gain nothing from more, and on a busy 2-core
+    machine (CI, or the tests beside other work) spinning threads made steps ~20x slower."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+# ---------------------------------------------------------------- helper module
+def test_paths_resolve_from_notebooks_root_and_copies(repo_root, tmp_path, monkeypatch):
+    (repo_root / "notebooks").is_dir() or pytest.skip("no notebooks/ folder")
+    for cwd in (repo_root, repo_root / "notebooks", repo_root / "duckling"):  # a copy of 07 anywhere in the repo
+        monkeypatch.chdir(cwd)
+        assert nb.repo_root() == repo_root
+        p = nb.path(None, "tokenized_dataset")
+        assert not p.is_absolute() and (cwd / p).resolve() == repo_root / "tokenized_dataset"
+        assert (cwd / nb.path("token_mapping.json")).resolve() == repo_root / "token_mapping.json"
+    monkeypatch.chdir(repo_root / "notebooks")
+    assert nb.path("../pyproject.toml") == nb.path("../pyproject.toml")  # exists from cwd: kept as written
+    assert str(nb.path("../pyproject.toml")) == "../pyproject.toml"
+    assert nb.path(tmp_path) == tmp_path and nb.path(None) is None
+    run = nb.new_run_dir("exp")
+    assert run.parent.resolve() == repo_root / "runs" and run.name.startswith("exp-") and not run.exists()
+
+
+def test_make_config_overrides_and_errors():
+    cfg = nb.make_config(model={"n_layer": 4, "n_head": None}, train={"weight_decay": 0.1}, record={"every": 5},
+                         context=128, steps=7)
+    base = DucklingConfig()
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_positions, cfg.data.seq_len) == (4, base.model.n_head, 128, 128)
+    assert (cfg.train.max_steps, cfg.train.weight_decay, cfg.record.every) == (7, 0.1, 5)
+    assert nb.make_config() == base and nb.overrides(base) == {}
+    assert nb.overrides(cfg) == {"model.n_layer": 4, "model.n_positions": 128, "data.seq_len": 128,
+                                 "train.max_steps": 7, "train.weight_decay": 0.1, "record.every": 5}
+    with pytest.raises(DucklingError, match="learning_rate"):
+        nb.make_config(train={"learning_rat": 1e-3})
+    with pytest.raises(DucklingError, match="seq_len"):
+        nb.make_config(data={"seq_len": 1024})
+
+
+def test_text_rows_pack_like_the_dataset(tiny):
+    from duckling.data import load_dataset_dir
+
+    rows = nb.text_rows(tiny["DATA"], tiny["tok"], seq_len=T)
+    built = load_dataset_dir(tiny["DATASET_DIR"], tiny["tok"], fmt="numpy")[:]["input_ids"]  # (N, T)
+    assert rows.dtype == np.uint16 and rows.shape == built.shape and np.array_equal(rows, built)
+    assert nb.text_rows(tiny["DATA"], tiny["tok"], seq_len=T, max_rows=3).shape == (3, T)
+    assert nb.text_rows(None, tiny["tok"]) is None
+
+
+def test_smooth_table_and_json(tmp_path):
+    assert np.allclose(nb.smooth([1, 3, 5, 7], 2), [1, 2, 4, 6])
+    t = nb.Table([{"a": 1, "b": 0.123456}, {"a": 2000, "c": float("nan")}])
+    assert repr(t).splitlines()[0].split() == ["a", "b", "c"] and "2,000" in repr(t) and "<td>nan</td>" in t._repr_html_()
+    f = nb.save_json(tmp_path / "x" / "r.json", {"v": np.float32(1.5), "n": float("nan"), "a": np.arange(2), 3: tmp_path})
+    assert json.loads(f.read_text()) == {"v": 1.5, "n": None, "a": [0, 1], "3": tmp_path.as_posix()}
+    fig = nb.plot_curves({"x": ([1, 2], [3, 4])}, hline=(1, "ref"))
+    assert len(fig.axes[0].lines) == 2
+
+
+def test_time_budget_stops_training(tiny):
+    from duckling.train import train
+
+    cfg = nb.make_config(model={"n_layer": 1}, context=T, steps=10_000)
+    clock = nb.time_budget(1.0)
+    r = train(cfg, tiny["DATASET_DIR"], tokenizer=tiny["tok"], callbacks=[clock], progress=False)
+    assert 1 < r.global_step < 10_000 and clock.steps == list(range(1, r.global_step + 1))
+    assert 1.0 <= clock.times[-1] < 20 and clock.steps_per_s > 0
+    assert np.all(np.diff(clock.seconds_at(clock.steps)) >= 0)
+
+
+# ---------------------------------------------------------------- the notebooks
+def test_01_token_frequency(repo_root, tmp_path, tiny):
+    res = tmp_path / "01.json"
+    out = run_notebook(repo_root, tmp_path, "01_token_frequency", DATA=tiny["DATA"],
+                       VALID_DATA=tiny["VALID_DATA"], RESULTS=str(res))
+    r = json.loads(res.read_text())
+    assert r["n_stories"] == 60 and r["n_tokens"] > 60 * 20
+    need = [r["min_vocab"][k] for k in sorted(r["min_vocab"], key=float)]
+    assert need == sorted(need) and 1 <= need[0] and need[-1] <= r["distinct_tokens"]
+    assert r["live_coverage"]["this corpus"] > 0.95 and 0.5 < r["live_coverage"]["held-out text"] <= 1
+    assert n_images(out) == 1
+
+
+def test_02_build_tokenizer_and_dataset(repo_root, tmp_path, tiny):
+    from duckling.data import check_no_dead, load_dataset_dir
+
+    mapping, ds_dir = tmp_path / "mapping.json", tmp_path / "ds"
+    out = run_notebook(repo_root, tmp_path, "02_build_tokenizer_and_dataset", DATA=tiny["DATA"],
+                       MAPPING_OUT=str(mapping), DATASET_DIR=str(ds_dir), CONTEXT=T, N_EXAMPLES=2)
+    built = nb.load_tokenizer(mapping)  # validates the file
+    assert built.provenance["n_stories"] == 60 and built.hash != tiny["tok"].hash
+    ds = load_dataset_dir(ds_dir, tiny["tok"], fmt=None)  # built with the committed mapping
+    assert check_no_dead(ds, N_LIVE, T)["n_rows"] == len(ds) > 10
+    assert "exact round trip: True" in outputs_text(out) and n_images(out) == 1
+
+
+def test_03_bf16_check(repo_root, tmp_path, tiny):
+    res = tmp_path / "03.json"
+    out = run_notebook(repo_root, tmp_path, "03_bf16_check", DATA=tiny["DATA"], DATASET_DIR=tiny["DATASET_DIR"],
+                       STEPS=6, TRAIN={"logging_steps": 2}, RESULTS=str(res), **TINY)
+    r = json.loads(res.read_text())
+    for run in ("mixed", "bf16_model"):
+        assert r[run]["steps"] == [2, 4, 6] and all(2 < x < 10 for x in r[run]["loss"]) and r[run]["steps_per_s"] > 0
+    assert r["mixed"]["loss"] != r["bf16_model"]["loss"]
+    assert "refused: " in outputs_text(out) and n_images(out) == 1
+
+
+def test_04_layer_sweep(repo_root, tmp_path, tiny):
+    res = tmp_path / "04.json"
+    run_notebook(repo_root, tmp_path, "04_layer_sweep", DATA=tiny["DATA"], DATASET_DIR=tiny["DATASET_DIR"],
+                 VALID_DATA=tiny["VALID_DATA"], EVAL_ROWS=8, LAYERS=[1, 2], STEPS=6, TRAIN={"logging_steps": 2},
+                 RESULTS=str(res), CONTEXT=T)
+    rows = json.loads(res.read_text())["table"]
+    assert [row["layers"] for row in rows] == [1, 2] and rows[0]["speed vs first"] == 1
+    assert rows[1]["parameters"] > rows[0]["parameters"]
+    assert all(2 < row["loss"] < 10 and 2 < row["eval loss"] < 10 and row["steps/s"] > 0 for row in rows)
+
+
+def test_05_batch_sweep(repo_root, tmp_path, tiny):
+    res = tmp_path / "05.json"
+    run_notebook(repo_root, tmp_path, "05_batch_sweep", DATA=tiny["DATA"], DATASET_DIR=tiny["DATASET_DIR"],
+                 BATCH_SIZES=[1, 4], SECONDS=1.0, MAX_STEPS=40, RESULTS=str(res), **TINY)
+    r = json.loads(res.read_text())
+    assert [row["batch"] for row in r["table"]] == [1, 4]
+    for row in r["table"]:
+        assert 1 <= row["steps"] <= 40 and row["tokens seen"] == row["steps"] * row["batch"] * T
+        assert row["tokens/s"] == pytest.approx(row["steps/s"] * row["batch"] * T) and 2 < row["loss (last 10%)"] < 10
+        curve = r["curves"][str(row["batch"])]
+        assert curve["steps"] == list(range(1, row["steps"] + 1)) and curve["seconds"] == sorted(curve["seconds"])
+
+
+def test_06_long_run(repo_root, tmp_path, tiny):
+    run = tmp_path / "run06"
+    run_notebook(repo_root, tmp_path, "06_long_run", DATA=tiny["DATA"], DATASET_DIR=tiny["DATASET_DIR"],
+                 VALID_DATA=tiny["VALID_DATA"], EVAL_ROWS=8, STEPS=6, TRAIN={"logging_steps": 2},
+                 RUN_DIR=str(run), PROMPTS=["Once upon a time"], MAX_NEW_TOKENS=8, PROGRESS=False, **TINY)
+    r = json.loads((run / "results.json").read_text())
+    assert r["steps"] == 6 and r["loss"]["steps"] == [2, 4, 6] and len(r["eval_loss"]["loss"]) >= 1
+    assert (run / "final" / "model.safetensors").is_file() and not (run / "recording").exists()
+    g = r["generations"][0]
+    assert g["prompt"] == "Once upon a time" and g["greedy"] and g["sampled"]
+
+
+def test_07_experiment_template(repo_root, tmp_path, tiny):
+    run = tmp_path / "run07"
+    out = run_notebook(repo_root, tmp_path, "07_experiment_template", DATA=tiny["DATA"],
+                       DATASET_DIR=tiny["DATASET_DIR"], RUN_DIR=str(run), STEPS=6, POINTS=4, PROGRESS=False, **TINY)
+    from duckling.recording import Recording
+
+    rec = Recording(run)
+    assert rec.steps.tolist() == list(range(7)) and len(rec.dead_ids) == 2048
+    summary = json.loads((run / "report" / "summary.json").read_text())
+    assert summary["last_snapshot_step"] == 6 and 0.5 < summary["dead_norm_over_null"] < 2
+    assert 0 <= summary["detect_auroc_norm"] <= 1 and -1 <= summary["dead_mean_pairwise_cosine"] <= 1
+    assert all((run / "report" / f).is_file() for f in summary["figures"]) and len(summary["figures"]) >= 7
+    assert n_images(out) == 4  # norms, trajectories, collapse, detectability inline
