@@ -9,6 +9,7 @@ memory stays bounded for a 2 GB corpus.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import json
 import os
@@ -227,17 +228,10 @@ def count_tokens(stories, num_proc: int | None = None, progress: bool = False,
     return counts
 
 
-class _NoBar:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
 def _progress(enabled: bool, source: Source):
+    """A tqdm bar over bytes read (files) or stories (hub), or a context that yields None."""
     if not enabled:
-        return _NoBar()
+        return contextlib.nullcontext()
     from tqdm.auto import tqdm
 
     total = sum(f.stat().st_size for f in source.files) if source.kind == "files" else None
@@ -369,9 +363,14 @@ def build_dataset(data=None, tokenizer=None, out=None, seq_len: int | None = Non
                   "unk_fraction": checked["n_unk"] / checked["n_tokens"], "dropped_tokens": stats["dropped_tokens"],
                   "dead_check": "passed"}
         (tmp / "ds" / BUILD_FILE).write_text(json.dumps(record, indent=2))
-        if out.exists():  # replace an older Duckling dataset: move it aside first, then swap
+        if out.exists():  # replace an older Duckling dataset: move it aside, swap, and put it back on failure
             os.replace(out, tmp / "old")
-        os.replace(tmp / "ds", out)
+        try:
+            os.replace(tmp / "ds", out)
+        except OSError:
+            if (tmp / "old").exists():
+                os.replace(tmp / "old", out)
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {out}: {record['n_rows']:,} rows x {seq_len} tokens from {record['n_stories']:,} stories, "

@@ -192,6 +192,7 @@ class CompactTokenizer:
         head = json.dumps(d, indent=2, ensure_ascii=False)[:-2]  # drop the closing "\n}"
         body = ",\n".join("    " + json.dumps(t, ensure_ascii=False) for t in tokens)
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
             tmp.write_text(f'{head},\n  "tokens": [\n{body}\n  ]\n}}\n', encoding="utf-8")
