@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-layer", type=int, default=None)
     s.add_argument("--untied", action="store_true", help="untied input/output embeddings (control)")
     s.add_argument("--eval-dataset", default=None, help="tokenized validation set for eval loss")
+    s.add_argument("--eval-steps", type=int, default=None,
+                   help="evaluate every N steps (default: once, at the end, when --eval-dataset is given)")
     s.add_argument("--budget-gb", type=float, default=None)
     s.add_argument("--train-precision", choices=["auto", "bf16", "fp32"], default=None,
                    help="training precision: auto = bf16 mixed where the device has native bf16")

@@ -361,7 +361,7 @@ def cli_train(args) -> int:
                              ("lr", t, "learning_rate"), ("device", t, "device"),
                              ("train_precision", t, "precision"), ("n_layer", m, "n_layer"),
                              ("record_every", r, "every"), ("precision", r, "precision"),
-                             ("budget_gb", r, "budget_gb")]:
+                             ("budget_gb", r, "budget_gb"), ("eval_steps", t, "eval_steps")]:
         if getattr(args, flag, None) is not None:
             group[key] = getattr(args, flag)
     if getattr(args, "compile", False):
