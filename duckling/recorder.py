@@ -41,12 +41,14 @@ class _SyncSink:
 
 
 def _append(writer: RecordingWriter, step: int, lr: float, host: dict, snapshot: bool) -> None:
-    """host: {"rows/<m>": (4, V), "hidden": (d,), "snap/<m>/<ext>": array} as numpy."""
-    mats = writer.layout.matrices
+    """host: {"scalars": (n_matrices * 4 * V + d,) float32, "snap/<m>/<ext>": array} as numpy."""
+    lay, mats = writer.layout, writer.layout.matrices
+    n = len(mats) * 4 * lay.n_rows
+    rows = host["scalars"][:n].reshape(len(mats), 4, lay.n_rows)  # (n_matrices, 4, V)
     snap = None
     if snapshot:
-        snap = {m: {ext: host[f"snap/{m}/{ext}"].view(dt) for ext, _, dt in writer.layout.parts} for m in mats}
-    writer.append_step(step, {m: host[f"rows/{m}"] for m in mats}, host["hidden"], lr, snap)
+        snap = {m: {ext: host[f"snap/{m}/{ext}"].view(dt) for ext, _, dt in lay.parts} for m in mats}
+    writer.append_step(step, dict(zip(mats, rows)), host["scalars"][n:], lr, snap)
 
 
 class _AsyncSink:
@@ -55,6 +57,7 @@ class _AsyncSink:
 
     def __init__(self, writer: RecordingWriter, n_buffers: int, cuda: bool):
         self.writer, self.n_buffers, self.error, self.cuda = writer, max(1, n_buffers), None, cuda
+        self.reported = False
         self.free: queue.Queue = queue.Queue()
         self.work: queue.Queue = queue.Queue()
         self.n_made = 0
@@ -64,11 +67,16 @@ class _AsyncSink:
     def _buffers(self, tensors: dict) -> dict:
         if self.free.empty() and self.n_made < self.n_buffers:  # grow the pool lazily up to its size
             self.n_made += 1
-            return {k: torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda) for k, t in tensors.items()}
-        return self.free.get()  # blocks: training waits for the writer, never drops a step
+            buf = {}
+        else:
+            buf = self.free.get()  # blocks: training waits for the writer, never drops a step
+        for k, t in tensors.items():  # snapshot buffers appear at the first snapshot step
+            if k not in buf:
+                buf[k] = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
+        return buf
 
     def submit(self, step: int, lr: float, tensors: dict, snapshot: bool) -> None:
-        self.raise_error()
+        self.raise_error(again=True)
         buf = self._buffers(tensors)
         for k, t in tensors.items():
             buf[k].copy_(t, non_blocking=self.cuda)
@@ -92,13 +100,15 @@ class _AsyncSink:
                 self.work.task_done()
         self.work.task_done()
 
-    def raise_error(self) -> None:
-        if self.error is not None:
-            err, self.error = self.error, None
-            if isinstance(err, DucklingError):
-                raise err
-            raise DucklingError(f"the recording writer failed: {err!r}. Steps written so far are kept; "
-                                f"fix the cause and resume from the last checkpoint.") from err
+    def raise_error(self, again: bool = False) -> None:
+        """Raise the writer thread's failure (sticky: no later step is written; close() reports it
+        only if nobody has yet)."""
+        if self.error is not None and (again or not self.reported):
+            self.reported = True
+            if isinstance(self.error, DucklingError):
+                raise self.error
+            raise DucklingError(f"the recording writer failed: {self.error!r}. Steps written so far are "
+                                f"kept; fix the cause and resume from the last checkpoint.") from self.error
 
     def drain(self) -> None:
         self.work.join()
@@ -116,6 +126,8 @@ class WRecorder(TrainerCallback):
     Trainer resumes at global_step > 0, in which case the recording is truncated to that step and
     continued). Call ``close()`` in a ``finally`` block: the Trainer does not call callbacks on errors.
     """
+
+    default_async: bool | None = None  # writer thread when async_write is None: None = on CUDA only
 
     def __init__(self, run_dir, record_cfg: RecordConfig | None = None, n_live: int = N_LIVE,
                  probe_ids: torch.Tensor | None = None, extra_meta: dict | None = None,
@@ -148,17 +160,23 @@ class WRecorder(TrainerCallback):
             resume_step=start if start > 0 else None)
         self.parts = snapshot_parts(self.cfg.precision, V, self.n_live)
         cuda = w.device.type == "cuda"
-        use_thread = cuda if self.async_write is None else self.async_write
+        use_thread = next(x for x in (self.async_write, self.default_async, cuda) if x is not None)
         self.sink = _AsyncSink(self.writer, self.cfg.queue_size, cuda) if use_thread else _SyncSink(self.writer)
+        # Preallocated device buffers: the per-step math allocates nothing and launches few kernels.
+        dev, n_m = w.device, len(self.mats)
         self.prev = {m: p.detach().float().clone() for m, p in self.mats.items()}  # W_{N-1}, float32
-        self.grad = {m: torch.full((V,), float("nan"), device=w.device) for m in self.mats}
+        self.delta = torch.empty(V, d, device=dev)  # W_N - W_{N-1}
+        self.scalars = torch.full((n_m * 4 * V + d,), float("nan"), device=dev)  # every float32 of a step
+        self.rows = self.scalars[: n_m * 4 * V].view(n_m, 4, V)  # [matrix, norm|update|grad|adam_v, row]
+        self.hidden = self.scalars[n_m * 4 * V:]  # (d,) mean ln_f output of the step's batch
+        self.bits = {m: torch.empty(sl.stop - sl.start, d, dtype=torch.bfloat16, device=dev)
+                     for m in self.mats for ext, sl, _ in self.parts if ext == "u16"}
         self.lr = float("nan")
-        self.hidden_sum = torch.zeros(d, device=w.device)
+        self.hidden_sum = torch.zeros(d, device=dev)
         self.hidden_n = 0
         self._hook = model.transformer.ln_f.register_forward_hook(self._on_ln_f)
         if start == 0:
-            nan = torch.full((V,), float("nan"), device=w.device)
-            self._record(0, zero_update=True, adam={m: nan for m in self.mats})
+            self._record(0)
 
     def _on_ln_f(self, module, inputs, output):
         if module.training:  # training forwards only (not eval, not the probe)
@@ -167,11 +185,12 @@ class WRecorder(TrainerCallback):
 
     # --- per step -------------------------------------------------------------------------------
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        for m, p in self.mats.items():
+        # the async copy of the previous step's buffers is stream-ordered before these writes
+        for i, p in enumerate(self.mats.values()):
             if p.grad is None:
-                self.grad[m].fill_(float("nan"))
+                self.rows[i, 2].fill_(float("nan"))
             else:
-                torch.linalg.vector_norm(p.grad.detach().float(), dim=1, out=self.grad[m])  # (V,)
+                torch.linalg.vector_norm(p.grad.detach().float(), dim=1, out=self.rows[i, 2])  # (V,)
         w = self.mats["wte"]
         self.lr = next((g["lr"] for g in self.optimizer.param_groups if any(q is w for q in g["params"])),
                        float("nan"))
@@ -181,32 +200,33 @@ class WRecorder(TrainerCallback):
         if control.should_save or control.should_training_stop:  # a checkpoint must be covered
             self.sink.drain()
 
-    def _adam_v(self, p: torch.Tensor) -> torch.Tensor:
-        st = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
-        v = st.get("exp_avg_sq")
-        if v is None or v.shape != p.shape:
-            return torch.full((p.shape[0],), float("nan"), device=p.device)
-        return v.float().mean(dim=1)  # (V,)
-
     @torch.no_grad()
-    def _record(self, step: int, zero_update: bool = False, adam: dict | None = None, last: bool = False):
+    def _record(self, step: int, last: bool = False) -> None:
         snapshot = step % self.cfg.every == 0 or last
-        tensors = {}
-        for m, p in self.mats.items():
-            w = p.detach().float()  # (V, d); no copy for float32 parameters
-            norm = torch.linalg.vector_norm(w, dim=1)
-            upd = torch.zeros_like(norm) if zero_update else torch.linalg.vector_norm(w - self.prev[m], dim=1)
+        tensors = {"scalars": self.scalars}
+        for i, (m, p) in enumerate(self.mats.items()):
+            w, r = p.detach().float(), self.rows[i]  # (V, d): no copy for float32 parameters; (4, V)
+            torch.linalg.vector_norm(w, dim=1, out=r[0])
+            if step == 0 or self.optimizer is None:  # initialisation: no update, gradient or Adam state yet
+                r[1].zero_(), r[2].fill_(float("nan")), r[3].fill_(float("nan"))
+            else:
+                torch.linalg.vector_norm(torch.sub(w, self.prev[m], out=self.delta), dim=1, out=r[1])
+                v = self.optimizer.state.get(p, {}).get("exp_avg_sq")
+                if v is not None and v.shape == p.shape:
+                    torch.mean(v.float(), dim=1, out=r[3])
+                else:
+                    r[3].fill_(float("nan"))
             self.prev[m].copy_(w)
-            a = adam[m] if adam else self._adam_v(p)
-            tensors[f"rows/{m}"] = torch.stack([norm, upd, self.grad[m], a])  # (4, V)
             if snapshot:
                 for ext, sl, _ in self.parts:
-                    x = w[sl]
-                    # a float32 part may alias live W: the sync sink writes it now, the async copy is
-                    # stream-ordered before the next optimizer step
-                    tensors[f"snap/{m}/{ext}"] = x.to(torch.bfloat16).view(torch.int16) if ext == "u16" else x
-        tensors["hidden"] = self.hidden_sum / self.hidden_n if self.hidden_n else \
-            torch.full_like(self.hidden_sum, float("nan"))
+                    if ext == "u16":  # round to bf16 on the device: half the bytes to copy
+                        tensors[f"snap/{m}/{ext}"] = self.bits[m].copy_(w[sl]).view(torch.int16)
+                    else:  # may alias live W: the sync sink writes it now, the async copy is
+                        tensors[f"snap/{m}/{ext}"] = w[sl]  # stream-ordered before the next update
+        if self.hidden_n:
+            torch.div(self.hidden_sum, self.hidden_n, out=self.hidden)
+        else:
+            self.hidden.fill_(float("nan"))
         self.sink.submit(step, self.lr, tensors, snapshot)
         self.hidden_sum.zero_()
         self.hidden_n = 0
@@ -249,7 +269,7 @@ class WRecorder(TrainerCallback):
             error = e
         finally:
             self.sink.close()
-            done = self._ended and error is None
-            self.writer.close(status or ("complete" if done else "interrupted" if error is None else "failed"))
+            failed = error is not None or self.writer.failed
+            self.writer.close(status or ("failed" if failed else "complete" if self._ended else "interrupted"))
         if error is not None:
             raise error

@@ -195,6 +195,7 @@ class RecordingWriter:
             else:
                 self._open_existing(root, meta, resume_step)
             self._fds: dict[str, int] = {}
+            self.failed = False  # a write failed: the recording ends at last_step
             self.last_step = self._last_scalar_step()
         except PermissionError as e:
             raise DucklingError(f"cannot write the recording in {root} ({e.strerror}). Choose a run "
@@ -257,6 +258,7 @@ class RecordingWriter:
             while view:  # os.write may write less than asked
                 view = view[os.write(fd, view):]
         except OSError as e:
+            self.failed = True
             full = e.errno in (errno.ENOSPC, errno.EDQUOT)
             raise DucklingError(
                 f"{'the disk is full' if full else 'writing the recording failed'} while recording step "

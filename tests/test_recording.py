@@ -168,3 +168,189 @@ def test_read_only_run_dir_is_refused(tmp_path):
             RecordingWriter(tmp_path, shape=(V, D), n_live=N_LIVE)
     finally:
         tmp_path.chmod(0o755)
+
+
+# --- the recorder in real (tiny) training runs --------------------------------------------------
+from transformers import TrainerCallback  # noqa: E402
+
+from duckling.config import N_LIVE as LIVE, DucklingConfig, ModelConfig, TrainConfig  # noqa: E402
+from duckling.recorder import WRecorder  # noqa: E402
+from duckling.train import train  # noqa: E402
+
+T_TINY = 16
+
+
+def tiny(precision="bf16", every=1, max_steps=5, tied=True, **rec_kw) -> DucklingConfig:
+    """A 1-layer, d=16 Duckling (W is still 8192 rows: 6144 live, 2048 dead) on CPU."""
+    return DucklingConfig(
+        model=ModelConfig(n_layer=1, n_embd=16, n_head=2, n_inner=32, n_positions=T_TINY, tie_word_embeddings=tied),
+        train=TrainConfig(max_steps=max_steps, learning_rate=1e-2, save_steps=3, logging_steps=3, device="cpu",
+                          precision="fp32"),
+        record=RecordConfig(precision=precision, every=every, probe_every=2, **rec_kw))
+
+
+def rows_data(n=24, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, LIVE, size=(n, T_TINY), dtype=np.uint16)  # (n, T)
+
+
+def run(cfg, run_dir=None, callbacks=()):
+    return train(cfg, dataset=rows_data(), run_dir=run_dir, tokenizer=None, callbacks=callbacks, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _no_repo_mapping(request, tmp_path, monkeypatch):
+    if "tiny_runs" in request.fixturenames or request.node.name.startswith("test_train_"):
+        monkeypatch.chdir(tmp_path)  # train() must not pick up the repo's token_mapping.json
+
+
+class Reference(TrainerCallback):
+    """Deep copies of W, its gradient, Adam's exp_avg_sq and the lr, taken without the recorder."""
+
+    def __init__(self):
+        self.W, self.G, self.V, self.lr = {}, {}, {}, {}
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self.W[0] = model.transformer.wte.weight.detach().clone()
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
+        w = model.transformer.wte.weight
+        self.G[state.global_step + 1] = w.grad.detach().clone()
+        self.lr[state.global_step + 1] = optimizer.param_groups[0]["lr"]
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
+        w = model.transformer.wte.weight
+        self.W[state.global_step] = w.detach().clone()
+        self.V[state.global_step] = optimizer.state[w]["exp_avg_sq"].detach().clone()
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """One reference run without the recorder, and recorded runs in each precision."""
+    base = tmp_path_factory.mktemp("runs")
+    os.chdir(base)
+    ref = Reference()
+    run(tiny(), callbacks=[ref])
+    recs = {p: Recording(run(tiny(p), base / p).run_dir) for p in ("bf16", "float32", "mixed")}
+    return ref, recs, base
+
+
+def test_train_snapshot_n_is_w_after_n_updates(tiny_runs):
+    ref, recs, _ = tiny_runs
+    for p, rec in recs.items():
+        assert rec.steps.tolist() == list(range(6)) and rec.meta["status"] == "complete"
+        for n in rec.steps:
+            w = ref.W[int(n)]  # (V, d) float32
+            exp = {"float32": w, "bf16": w.bfloat16().float(),
+                   "mixed": torch.cat([w[:LIVE].bfloat16().float(), w[LIVE:]])}[p]
+            assert np.array_equal(rec.snapshot(int(n)), exp.numpy()), (p, n)
+
+
+def test_train_exact_scalars_agree_with_float32_snapshots(tiny_runs):
+    ref, recs, _ = tiny_runs
+    rec = recs["float32"]
+    W = rec.trajectory(np.arange(8192))  # (6, V, d)
+    assert np.allclose(rec.rows("norm"), np.linalg.norm(W, axis=2), rtol=1e-6, atol=0)
+    upd = rec.rows("update_norm")
+    assert (upd[0] == 0).all()
+    assert np.allclose(upd[1:], np.linalg.norm(np.diff(W, axis=0), axis=2), rtol=1e-5, atol=1e-12)
+    dead = rec.dead_ids
+    assert (upd[1:, dead] > 0).all()  # weight decay and the softmax denominator move every dead row
+    g = np.stack([ref.G[n].norm(dim=1).numpy() for n in range(1, 6)])
+    assert np.isnan(rec.rows("grad_norm")[0]).all()
+    assert np.allclose(rec.rows("grad_norm")[1:], g, rtol=1e-6)
+    v = np.stack([ref.V[n].mean(dim=1).numpy() for n in range(1, 6)])
+    assert np.allclose(rec.rows("adam_v")[1:], v, rtol=1e-6)
+    assert np.allclose(rec.lr[1:], [ref.lr[n] for n in range(1, 6)]) and np.isnan(rec.lr[0])
+    hm = rec.hidden_mean  # (6, d): NaN before any update, finite after
+    assert np.isnan(hm[0]).all() and np.isfinite(hm[1:]).all()
+    pr = rec.probe  # fixed probe batch at steps 0, 2, 4
+    assert pr[:, 0].tolist() == [0, 2, 4] and ((pr[:, 1] > 0) & (pr[:, 1] < 1)).all()
+    assert rec.meta["weight_decay"] == 0.01 and rec.meta["learning_rate"] == 1e-2
+
+
+def test_train_two_cpu_runs_give_identical_recordings(tiny_runs):
+    _, recs, base = tiny_runs
+    again = run(tiny("bf16"), base / "bf16-again").run_dir / "recording"
+    first = recs["bf16"].root
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in again.iterdir()) and "wte.00000.u16" in names
+    for name in names:
+        assert (first / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def test_train_async_writer_thread_matches_sync(tiny_runs):
+    _, recs, base = tiny_runs
+    rec = WRecorder(base / "async", tiny().record, async_write=True)
+    try:
+        run(tiny(), callbacks=[rec])  # in-memory training with our own recorder
+    finally:
+        rec.close()
+    a, b = recs["bf16"], Recording(base / "async")
+    assert a.steps.tolist() == b.steps.tolist() == rec.recorded_steps
+    assert np.array_equal(a.trajectory(np.arange(8192)), b.trajectory(np.arange(8192)))
+    for f in FIELDS:
+        assert np.array_equal(a.rows(f), b.rows(f), equal_nan=True)
+
+
+@pytest.mark.parametrize("thread", [False, True])
+def test_train_stride_resume_continues_without_gap(tmp_path, monkeypatch, thread):
+    monkeypatch.setattr(WRecorder, "default_async", thread)  # the CUDA writer thread, here on CPU
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 5:
+                raise KeyboardInterrupt
+
+    cfg = tiny("mixed", every=2, max_steps=7)
+    full = Recording(run(cfg, tmp_path / "full").run_dir)
+    assert full.steps.tolist() == [0, 2, 4, 6, 7]  # stride 2, plus the last step
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path / "cut", callbacks=[Crash()])
+    cut = Recording(tmp_path / "cut")
+    assert cut.steps.tolist() == [0, 2, 4] and cut.scalar_steps.tolist() == list(range(6))
+    assert cut.meta["status"] == "interrupted"
+    train(cfg, dataset=rows_data(), run_dir=tmp_path / "cut", resume=True, progress=False)  # from checkpoint-3
+    cut.reload()
+    assert cut.steps.tolist() == full.steps.tolist() and cut.scalar_steps.tolist() == list(range(8))
+    assert np.array_equal(cut.trajectory(np.arange(8192)), full.trajectory(np.arange(8192)))
+    for f in FIELDS:
+        assert np.array_equal(cut.rows(f), full.rows(f), equal_nan=True)
+    assert np.array_equal(cut.probe, full.probe) and np.array_equal(cut.lr, full.lr, equal_nan=True)
+
+
+def test_train_over_budget_is_refused_before_the_first_step(tmp_path):
+    with pytest.raises(DucklingError, match=r"needs .* bytes.*--record-every \d+"):
+        run(tiny(budget_gb=0.02, max_steps=100), tmp_path / "run")
+    assert not (tmp_path / "run" / "recording").exists()
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_train_full_disk_mid_run_stops_and_keeps_the_prefix(tmp_path, monkeypatch):
+    """The writer thread hits ENOSPC at step 3: training stops with a DucklingError, 0..2 stay readable."""
+
+    class FillDisk(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                rec.sink.drain()  # step 2 is on disk; from now on every write fails
+
+                def full(fd, data):
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                monkeypatch.setattr(os, "write", full)
+
+    rec = WRecorder(tmp_path / "run", tiny().record, async_write=True)
+    with pytest.raises(DucklingError, match="disk is full.*steps 0..2 are kept.*--resume"):
+        try:
+            run(tiny(max_steps=20), callbacks=[rec, FillDisk()])
+        finally:
+            rec.close()
+    monkeypatch.undo()
+    r = Recording(tmp_path / "run")
+    assert r.steps.tolist() == [0, 1, 2] and r.meta["status"] == "failed"
+
+
+def test_train_untied_records_both_matrices(tmp_path):
+    rec = Recording(run(tiny(tied=False, max_steps=3), tmp_path / "run").run_dir)
+    assert rec.matrices == ["wte", "lm_head"]
+    g_in, g_out = rec.rows("grad_norm", "wte")[1:], rec.rows("grad_norm", "lm_head")[1:]  # (3, V)
+    assert (g_in[:, rec.dead_ids] == 0).all()  # dead ids never occur as inputs
+    assert (g_out[:, rec.dead_ids] > 0).all()  # ...but every output row gets the softmax gradient
+    assert not np.array_equal(rec.snapshot(3, "wte"), rec.snapshot(3, "lm_head"))
