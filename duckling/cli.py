@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget-gb", type=float, default=None)
     s.add_argument("--train-precision", choices=["auto", "bf16", "fp32"], default=None,
                    help="training precision: auto = bf16 mixed where the device has native bf16")
-    s.add_argument("--compile", action="store_true", help="torch.compile the model")
+    s.add_argument("--compile", choices=["auto", "on", "off"], default=None,
+                   help="torch.compile the model (default auto: on CUDA only)")
     s.add_argument("--mapping", default=None, help="token mapping (default token_mapping.json)")
 
     s = sub.add_parser("generate", help="generate text from a trained run")

@@ -87,7 +87,7 @@ class TrainConfig:
     save_total_limit: int = 2
     eval_steps: int = 0  # 0 = no evaluation during training
     logging_steps: int = 50  # loss is logged every this many steps (never per step)
-    compile: bool = False  # torch.compile the model (measured in benchmarks/train_speed.py)
+    compile: bool | Literal["auto"] = "auto"  # torch.compile; auto = on CUDA only (benchmarks/train_speed.py)
     dataloader_num_workers: int = 0
 
 

@@ -1,0 +1,234 @@
+"""Training speed: Duckling's Trainer set-up against a plain loop, a naive Trainer, and with recording.
+
+    python benchmarks/train_speed.py [--quick] [--device cpu|cuda|mps] [--compile]
+
+Each configuration runs in its own worker process (so allocator or compile state cannot leak
+between them) and pauses every ``block`` steps; the parent lets the workers run one block each in
+turn, rotating the order every round, so machine noise hits all configurations alike. The first
+block (warm-up: first steps, lazy init, compilation) is discarded. A ratio is the median over
+rounds of (block time of the reference) / (block time of the configuration), i.e. a steps/s ratio.
+
+Configurations (default DucklingConfig: batch 2 x 512, 2 layers, dropout 0.1, precision auto,
+compile auto = CUDA graphs on CUDA, eager elsewhere):
+  duckling   duckling.train.train(cfg, run_dir=None): no recording
+  plain      a hand-written loop doing the same math: same model and seed, batch, fused AdamW,
+             linear decay, grad clipping, autocast, compile mode, CPU allocator setting
+  recording  duckling.train.train(cfg, run_dir=TMP) recording W at every step in bf16
+  naive      transformers.Trainer with only the mission's hyperparameters (batch 2, lr 1e-4,
+             wd 0.01, seed 42, bf16 as configured) on a datasets.Dataset of python lists with the
+             default collator; save_strategy="no" and report_to="none" so no checkpoint or
+             tracker lands inside a timed block
+  eager / compiled   (--compile) duckling with the other compile setting
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as a script, this folder is sys.path[0], and a sibling named like a stdlib module
+# (benchmarks/tokenize.py) would shadow it: import from the repo instead.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path[0] = os.path.dirname(sys.path[0])
+
+import argparse
+import dataclasses
+import multiprocessing as mp
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+N_ROWS = 4096  # random live ids; speed does not depend on the text
+_CACHE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tiktoken-cache")
+if os.path.isdir(_CACHE):  # the token mapping needs GPT-2's BPE files; offline, use the shared copy
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.abspath(_CACHE))
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
+def _gate_callback(conn, block: int, device: str):
+    from transformers import TrainerCallback
+
+    class Gate(TrainerCallback):
+        """Pause every ``block`` steps: report the block's wall time, wait for the next 'go'."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            conn.recv()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step % block == 0:
+                _sync(device)
+                conn.send(time.perf_counter() - self.t0)
+                conn.recv()
+                self.t0 = time.perf_counter()
+
+    return Gate()
+
+
+def _data(seq_len: int) -> np.ndarray:
+    from duckling.config import N_LIVE
+
+    return np.random.default_rng(0).integers(0, N_LIVE, size=(N_ROWS, seq_len), dtype=np.uint16)  # (N, T)
+
+
+def _worker(kind: str, conn, cfg_dict: dict, block: int, n_steps: int, threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from duckling.config import DucklingConfig
+    from duckling.train import pick_compile, pick_device, pick_precision, train
+
+    cfg = DucklingConfig.from_dict(cfg_dict)
+    flip = {"eager": False, "compiled": True}  # the other compile setting, for --compile
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, max_steps=n_steps, logging_steps=10**9, save_steps=10**9,
+        compile=flip.get(kind, cfg.train.compile)))
+    device = pick_device(cfg.train.device)
+    data = _data(cfg.data.seq_len)
+    gate = _gate_callback(conn, block, device)
+    if kind in ("duckling", "compiled", "eager"):
+        train(cfg, dataset=data, callbacks=[gate], progress=False)
+    elif kind == "recording":
+        with tempfile.TemporaryDirectory(prefix="duckling-bench-") as tmp:
+            train(cfg, dataset=data, run_dir=f"{tmp}/run", callbacks=[gate], progress=False)
+    elif kind == "naive":
+        naive_trainer(cfg, data, [gate], device).train()
+    else:
+        _plain(cfg, data, conn, block, device, pick_precision(cfg.train.precision, device),
+               pick_compile(cfg.train.compile, device))
+    conn.close()
+
+
+def naive_trainer(cfg, data, callbacks, device: str):
+    import datasets
+    from transformers import Trainer, TrainingArguments
+
+    from duckling.model import build_model
+    from duckling.train import pick_precision
+
+    t = cfg.train
+    rows = data.tolist()
+    ds = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="duckling-naive-"), per_device_train_batch_size=t.batch_size,
+        learning_rate=t.learning_rate, weight_decay=t.weight_decay, seed=t.seed, max_steps=t.max_steps,
+        bf16=pick_precision(t.precision, device) == "bf16", use_cpu=device == "cpu",
+        save_strategy="no", report_to="none", disable_tqdm=True)
+    return Trainer(model=build_model(cfg.model, seed=t.seed), args=args, train_dataset=ds, callbacks=callbacks)
+
+
+def _plain(cfg, data, conn, block: int, device: str, precision: str, compile_mode) -> None:
+    """The same math as duckling's Trainer step, written out (compiled as duckling compiles)."""
+    import torch
+
+    from duckling.model import build_model
+    from duckling.train import fused_adamw_available, tune_cpu_allocator
+
+    if device == "cpu":
+        tune_cpu_allocator()
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model, seed=t.seed).to(device).train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]  # the Trainer's grouping: no decay on
+    rest = [p for n, p in model.named_parameters() if p.ndim < 2]  # biases and LayerNorm weights
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+                            fused=fused_adamw_available(device))
+    step_model = model if compile_mode is None else torch.compile(model, mode=None if compile_mode == "default"
+                                                                  else compile_mode)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / t.max_steps))
+    gen = torch.Generator().manual_seed(t.seed)
+    order = torch.randperm(len(data), generator=gen)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    conn.recv()
+    t0 = time.perf_counter()
+    for step in range(1, t.max_steps + 1):
+        idx = order[(step - 1) * t.batch_size: step * t.batch_size].numpy() % len(data)
+        x = torch.from_numpy(data[idx].astype(np.int64)).to(device, non_blocking=True)  # (B, T)
+        with torch.autocast(device, dtype=dtype, enabled=precision == "bf16"):
+            loss = step_model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % block == 0:
+            _sync(device)
+            conn.send(time.perf_counter() - t0)
+            conn.recv()
+            t0 = time.perf_counter()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer, shorter blocks (under a minute on CPU)")
+    p.add_argument("--device", default=None, help="cpu | cuda | mps (default: auto)")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure duckling with the other compile setting (eager on CUDA, compiled elsewhere)")
+    p.add_argument("--block", type=int, default=None, help="steps per block")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds (after one warm-up round)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker (default: torch's)")
+    a = p.parse_args(argv)
+
+    from duckling.config import DucklingConfig
+    from duckling.train import pick_compile, pick_device, pick_precision
+
+    cfg = DucklingConfig()
+    if a.device:
+        cfg.train.device = a.device
+    device = pick_device(cfg.train.device)
+    fast = device != "cpu"
+    block = a.block or (8 if a.quick else 25) * (10 if fast else 1)
+    rounds = a.rounds or (4 if a.quick else 12)
+    compiled = pick_compile(cfg.train.compile, device)
+    other = "eager" if compiled else "compiled"
+    kinds = ["duckling", "plain", "recording", "naive"] + ([other] if a.compile else [])
+    n_steps = block * (rounds + 1)
+    print(f"device {device}, precision {pick_precision(cfg.train.precision, device)}, compile {compiled}, "
+          f"{block} steps x {rounds} rounds (+1 warm-up) per configuration: {', '.join(kinds)}", flush=True)
+
+    ctx = mp.get_context("spawn")
+    workers = {}
+    for k in kinds:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(k, child, cfg.to_dict(), block, n_steps, a.threads), daemon=True)
+        proc.start()
+        workers[k] = (proc, parent)
+    times = {k: [] for k in kinds}  # seconds per block
+    t_start = time.perf_counter()
+    for r in range(rounds + 1):
+        for k in kinds[r % len(kinds):] + kinds[: r % len(kinds)]:  # rotate who goes first
+            proc, conn = workers[k]
+            conn.send("go")
+            times[k].append(conn.recv())
+    for proc, conn in workers.values():
+        conn.send("go")
+        proc.join(timeout=120)
+    t = {k: np.array(v[1:]) for k, v in times.items()}  # drop the warm-up round
+
+    def ratio(num: str, den: str) -> float:  # steps/s(num) / steps/s(den), median over rounds
+        return float(statistics.median(t[den] / t[num]))
+
+    for k in kinds:
+        print(f"  {k:10s} {block / statistics.median(t[k]):7.2f} steps/s (median block {statistics.median(t[k]):.3f} s)")
+    print(f"trainer_vs_plain_loop_ratio: {ratio('duckling', 'plain'):.3f}")
+    print(f"recording_overhead_ratio: {ratio('recording', 'duckling'):.3f}")
+    print(f"speedup_vs_naive_trainer: {ratio('duckling', 'naive'):.3f}")
+    if a.compile:  # steady state only: the compile itself (tens of seconds) is in the discarded warm-up
+        print(f"compile_speedup: {ratio('duckling', 'eager') if compiled else ratio('compiled', 'duckling'):.3f}")
+    print(f"(timed part {time.perf_counter() - t_start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
