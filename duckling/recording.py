@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import N_LIVE, VOCAB_SIZE, ModelConfig, RecordConfig
 from .errors import DucklingError
 
 FORMAT_VERSION = 1
 FIELDS = ("norm", "update_norm", "grad_norm", "adam_v")  # per-row scalars, in file order
 SUBDIR = "recording"
+SHAPE = (VOCAB_SIZE, ModelConfig.n_embd)  # W: (V, d)
 
 
 # --- bf16 as raw uint16 bits -------------------------------------------------------------------
@@ -56,7 +58,7 @@ def recorded_snapshot_steps(start: int, end: int, every: int) -> list[int]:
     return steps
 
 
-def recording_bytes(record_cfg, n_steps: int, shape=(8192, 128), n_live: int = 6144,
+def recording_bytes(record_cfg, n_steps: int, shape=SHAPE, n_live: int = N_LIVE,
                     n_matrices: int = 1, start_step: int = 0, every: int | None = None) -> int:
     """Bytes a recording of steps ``start_step..n_steps`` adds to disk (step 0 included if start is 0)."""
     n_rows, d = shape
@@ -77,7 +79,7 @@ def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def check_budget(run_dir, record_cfg, n_steps: int, shape=(8192, 128), n_live: int = 6144,
+def check_budget(run_dir, record_cfg, n_steps: int, shape=SHAPE, n_live: int = N_LIVE,
                  n_matrices: int = 1, start_step: int = 0) -> int:
     """Refuse (DucklingError) a recording that exceeds ``record_cfg.budget_gb`` or the free disk.
 
@@ -171,8 +173,9 @@ class RecordingWriter:
     an existing recording, drops every record after step k (and any torn tail), and appends from k+1.
     """
 
-    def __init__(self, run_dir, shape=(8192, 128), n_live: int = 6144, precision: str = "bf16",
-                 every: int = 1, chunk_steps: int = 256, matrices=("wte",), extra_meta=None,
+    def __init__(self, run_dir, shape=SHAPE, n_live: int = N_LIVE, precision: str = RecordConfig.precision,
+                 every: int = RecordConfig.every, chunk_steps: int = RecordConfig.chunk_steps,
+                 matrices=("wte",), extra_meta=None,
                  resume_step: int | None = None):
         root = Path(run_dir) / SUBDIR
         meta = {"format_version": FORMAT_VERSION, "matrices": list(matrices), "shape": list(shape),
@@ -239,7 +242,7 @@ class RecordingWriter:
         if probe.exists():
             pr = np.fromfile(probe, np.float32)[: _count(probe, 12) * 3].reshape(-1, 3)
             os.truncate(probe, int((pr[:, 0] <= k).sum()) * 12)
-        old["status"] = "recording"
+        old.update(meta, status="recording")  # structure checked equal above; run facts refreshed
         _atomic_json(root / "meta.json", old)
         self.layout, self.n_scalar, self.n_snap = lay, n_scalar, n_snap
 

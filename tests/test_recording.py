@@ -173,7 +173,7 @@ def test_read_only_run_dir_is_refused(tmp_path):
 # --- the recorder in real (tiny) training runs --------------------------------------------------
 from transformers import TrainerCallback  # noqa: E402
 
-from duckling.config import N_LIVE as LIVE, DucklingConfig, ModelConfig, TrainConfig  # noqa: E402
+from duckling.config import N_LIVE as LIVE, DataConfig, DucklingConfig, ModelConfig, TrainConfig  # noqa: E402
 from duckling.recorder import WRecorder  # noqa: E402
 from duckling.train import train  # noqa: E402
 
@@ -183,6 +183,7 @@ T_TINY = 16
 def tiny(precision="bf16", every=1, max_steps=5, tied=True, **rec_kw) -> DucklingConfig:
     """A 1-layer, d=16 Duckling (W is still 8192 rows: 6144 live, 2048 dead) on CPU."""
     return DucklingConfig(
+        data=DataConfig(mapping_path="no-such-dir/token_mapping.json"),  # no tokenizer: ids 0..6143 live
         model=ModelConfig(n_layer=1, n_embd=16, n_head=2, n_inner=32, n_positions=T_TINY, tie_word_embeddings=tied),
         train=TrainConfig(max_steps=max_steps, learning_rate=1e-2, save_steps=3, logging_steps=3, device="cpu",
                           precision="fp32"),
@@ -195,12 +196,6 @@ def rows_data(n=24, seed=0) -> np.ndarray:
 
 def run(cfg, run_dir=None, callbacks=()):
     return train(cfg, dataset=rows_data(), run_dir=run_dir, tokenizer=None, callbacks=callbacks, progress=False)
-
-
-@pytest.fixture(autouse=True)
-def _no_repo_mapping(request, tmp_path, monkeypatch):
-    if "tiny_runs" in request.fixturenames or request.node.name.startswith("test_train_"):
-        monkeypatch.chdir(tmp_path)  # train() must not pick up the repo's token_mapping.json
 
 
 class Reference(TrainerCallback):
@@ -227,7 +222,6 @@ class Reference(TrainerCallback):
 def tiny_runs(tmp_path_factory):
     """One reference run without the recorder, and recorded runs in each precision."""
     base = tmp_path_factory.mktemp("runs")
-    os.chdir(base)
     ref = Reference()
     run(tiny(), callbacks=[ref])
     recs = {p: Recording(run(tiny(p), base / p).run_dir) for p in ("bf16", "float32", "mixed")}
@@ -268,8 +262,10 @@ def test_train_exact_scalars_agree_with_float32_snapshots(tiny_runs):
     assert rec.meta["weight_decay"] == 0.01 and rec.meta["learning_rate"] == 1e-2
 
 
-def test_train_two_cpu_runs_give_identical_recordings(tiny_runs):
+def test_train_two_cpu_runs_give_identical_recordings(tiny_runs, monkeypatch):
+    """Same seed, same bytes; the second run also goes through the writer thread (CUDA's path)."""
     _, recs, base = tiny_runs
+    monkeypatch.setattr(WRecorder, "default_async", True)
     again = run(tiny("bf16"), base / "bf16-again").run_dir / "recording"
     first = recs["bf16"].root
     names = sorted(p.name for p in first.iterdir())
@@ -278,43 +274,37 @@ def test_train_two_cpu_runs_give_identical_recordings(tiny_runs):
         assert (first / name).read_bytes() == (again / name).read_bytes(), name
 
 
-def test_train_async_writer_thread_matches_sync(tiny_runs):
-    _, recs, base = tiny_runs
-    rec = WRecorder(base / "async", tiny().record, async_write=True)
-    try:
-        run(tiny(), callbacks=[rec])  # in-memory training with our own recorder
-    finally:
-        rec.close()
-    a, b = recs["bf16"], Recording(base / "async")
-    assert a.steps.tolist() == b.steps.tolist() == rec.recorded_steps
-    assert np.array_equal(a.trajectory(np.arange(8192)), b.trajectory(np.arange(8192)))
-    for f in FIELDS:
-        assert np.array_equal(a.rows(f), b.rows(f), equal_nan=True)
+@pytest.fixture(scope="module")
+def stride_run(tmp_path_factory):
+    cfg = tiny("mixed", every=2, max_steps=5)  # checkpoint at step 3
+    return cfg, Recording(run(cfg, tmp_path_factory.mktemp("stride") / "full").run_dir)
 
 
 @pytest.mark.parametrize("thread", [False, True])
-def test_train_stride_resume_continues_without_gap(tmp_path, monkeypatch, thread):
+def test_train_stride_resume_continues_without_gap(tmp_path, monkeypatch, stride_run, thread):
     monkeypatch.setattr(WRecorder, "default_async", thread)  # the CUDA writer thread, here on CPU
+
     class Crash(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 5:
+            if state.global_step == 4:
                 raise KeyboardInterrupt
 
-    cfg = tiny("mixed", every=2, max_steps=7)
-    full = Recording(run(cfg, tmp_path / "full").run_dir)
-    assert full.steps.tolist() == [0, 2, 4, 6, 7]  # stride 2, plus the last step
+    cfg, full = stride_run
+    assert full.steps.tolist() == [0, 2, 4, 5]  # stride 2, plus the last step
     with pytest.raises(KeyboardInterrupt):
         run(cfg, tmp_path / "cut", callbacks=[Crash()])
     cut = Recording(tmp_path / "cut")
-    assert cut.steps.tolist() == [0, 2, 4] and cut.scalar_steps.tolist() == list(range(6))
+    assert cut.steps.tolist() == [0, 2, 4] and cut.scalar_steps.tolist() == list(range(5))
     assert cut.meta["status"] == "interrupted"
-    train(cfg, dataset=rows_data(), run_dir=tmp_path / "cut", resume=True, progress=False)  # from checkpoint-3
+    run_resumed = train(cfg, dataset=rows_data(), run_dir=tmp_path / "cut", resume=True, progress=False)
+    assert run_resumed.global_step == 5  # resumed from checkpoint-3: the recording was cut back to 3
     cut.reload()
-    assert cut.steps.tolist() == full.steps.tolist() and cut.scalar_steps.tolist() == list(range(8))
+    assert cut.steps.tolist() == full.steps.tolist() and cut.scalar_steps.tolist() == list(range(6))
     assert np.array_equal(cut.trajectory(np.arange(8192)), full.trajectory(np.arange(8192)))
     for f in FIELDS:
         assert np.array_equal(cut.rows(f), full.rows(f), equal_nan=True)
     assert np.array_equal(cut.probe, full.probe) and np.array_equal(cut.lr, full.lr, equal_nan=True)
+    assert np.array_equal(cut.hidden_mean, full.hidden_mean, equal_nan=True)
 
 
 def test_train_over_budget_is_refused_before_the_first_step(tmp_path):
@@ -354,3 +344,16 @@ def test_train_untied_records_both_matrices(tmp_path):
     assert (g_in[:, rec.dead_ids] == 0).all()  # dead ids never occur as inputs
     assert (g_out[:, rec.dead_ids] > 0).all()  # ...but every output row gets the softmax gradient
     assert not np.array_equal(rec.snapshot(3, "wte"), rec.snapshot(3, "lm_head"))
+
+
+def test_token_text_from_the_runs_mapping(tmp_path, repo_root):
+    _write_synthetic(tmp_path, n_steps=1)
+    assert Recording(tmp_path).token_text is None  # no mapping copied into the run folder
+    vocab = pytest.importorskip("duckling.vocab")
+    try:
+        tok = vocab.CompactTokenizer.from_file(repo_root / "token_mapping.json")
+    except DucklingError as e:
+        pytest.skip(str(e))
+    (tmp_path / "token_mapping.json").write_bytes((repo_root / "token_mapping.json").read_bytes())
+    text = Recording(tmp_path).token_text
+    assert len(text) == V and text[:5] == [tok.token_text(i) for i in range(5)]
