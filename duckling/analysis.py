@@ -238,8 +238,9 @@ def drift(rec, matrix: str = "wte", steps=None) -> dict:
 
     ``cos_hidden``: cosine(D_N, -hbar_N), hbar_N = mean final hidden state averaged over updates
     1..N (the whole window so far: D_N integrates all of them). ``cos_live``: cosine(D_N, minus the
-    mean live row at N). ``proj``: each dead row's displacement projected on the unit D of the last
-    step, (S, n_dead)."""
+    mean live row at N; in a real tied run this is ~ -1: the mean live row has itself drifted
+    along -hbar, the common push every row gets through the softmax denominator). ``proj``: each
+    dead row's displacement projected on the unit D of the last step, (S, n_dead)."""
     _check(rec, matrix)
     steps = thin(rec.steps) if steps is None else np.asarray(steps)
     dead, live = rec.dead_ids, rec.live_ids
@@ -297,8 +298,9 @@ def trajectory_map(rec, matrix: str = "wte", steps=None, n_fit_steps: int = 8, n
     steps = thin(rec.steps) if steps is None else np.asarray(steps)
     rng = np.random.default_rng(seed)
     dead = np.asarray(rec.dead_ids)
-    live = np.sort(rng.choice(rec.live_ids, min(n_live, len(rec.live_ids)), replace=False))
-    cloud = np.concatenate([dead, live])
+    live = np.asarray(rec.live_ids)
+    sample = np.sort(rng.choice(live, min(n_live, len(live)), replace=False))
+    cloud = np.concatenate([dead, sample])
     fit = np.concatenate([rec.snapshot(int(n), matrix=matrix)[cloud] for n in thin(rec.steps, n_fit_steps)])
     mu = fit.mean(0)
     _, vecs = np.linalg.eigh(np.cov(fit - mu, rowvar=False))

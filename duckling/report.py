@@ -61,6 +61,9 @@ def report(run_dir, out=None, max_points: int = A.MAX_POINTS) -> dict:
                "n_points": len(steps), "matrices": list(rec.meta.get("matrices", ["wte"])),
                "drift_reference": "cos_hidden: -(mean final hidden state averaged over updates 1..N); "
                                   "cos_live: -(mean live row at step N)",
+               "detect_auroc_convention": "dead = positive class; norm scores -||w|| (AUROC < 0.5 means dead "
+                                          "rows are larger); cos_dead_mean* use the dead labels; cos_all_mean "
+                                          "and pc1 are unsupervised and report max(A, 1 - A)",
                "figures": []}
 
     def put(name, fig, sfx=""):
