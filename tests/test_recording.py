@@ -260,6 +260,7 @@ def test_train_exact_scalars_agree_with_float32_snapshots(tiny_runs):
     pr = rec.probe  # fixed probe batch at steps 0, 2, 4
     assert pr[:, 0].tolist() == [0, 2, 4] and ((pr[:, 1] > 0) & (pr[:, 1] < 1)).all()
     assert rec.meta["weight_decay"] == 0.01 and rec.meta["learning_rate"] == 1e-2
+    assert rec.meta["lr_scheduler_type"] == "linear"
 
 
 def test_train_two_cpu_runs_give_identical_recordings(tiny_runs, monkeypatch):
