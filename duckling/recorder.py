@@ -155,7 +155,8 @@ class WRecorder(TrainerCallback):
             self.run_dir, shape=(V, d), n_live=self.n_live, precision=self.cfg.precision,
             every=self.cfg.every, chunk_steps=self.cfg.chunk_steps, matrices=tuple(self.mats),
             extra_meta={"max_steps": state.max_steps, "learning_rate": args.learning_rate,
-                        "weight_decay": args.weight_decay, "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+                        "weight_decay": args.weight_decay,
+                        "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
                         "warmup_steps": args.warmup_steps, "record_config": vars(self.cfg), **self.extra_meta},
             resume_step=start if start > 0 else None)
         self.parts = snapshot_parts(self.cfg.precision, V, self.n_live)
