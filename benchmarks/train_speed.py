@@ -188,7 +188,7 @@ def main(argv=None) -> int:
         cfg.train.device = a.device
     device = pick_device(cfg.train.device)
     fast = device != "cpu"
-    block = a.block or (8 if a.quick else 25) * (10 if fast else 1)
+    block = a.block or (6 if a.quick else 25) * (10 if fast else 1)
     rounds = a.rounds or (4 if a.quick else 12)
     compiled = pick_compile(cfg.train.compile, device)
     other = "eager" if compiled else "compiled"
@@ -216,16 +216,17 @@ def main(argv=None) -> int:
         proc.join(timeout=120)
     t = {k: np.array(v[1:]) for k, v in times.items()}  # drop the warm-up round
 
-    def ratio(num: str, den: str) -> float:  # steps/s(num) / steps/s(den), median over rounds
-        return float(statistics.median(t[den] / t[num]))
+    def ratio(num: str, den: str) -> str:  # steps/s(num) / steps/s(den): median (range) over rounds
+        r = t[den] / t[num]
+        return f"{statistics.median(r):.3f} (rounds {r.min():.3f}-{r.max():.3f})"
 
     for k in kinds:
         print(f"  {k:10s} {block / statistics.median(t[k]):7.2f} steps/s (median block {statistics.median(t[k]):.3f} s)")
-    print(f"trainer_vs_plain_loop_ratio: {ratio('duckling', 'plain'):.3f}")
-    print(f"recording_overhead_ratio: {ratio('recording', 'duckling'):.3f}")
-    print(f"speedup_vs_naive_trainer: {ratio('duckling', 'naive'):.3f}")
+    print(f"trainer_vs_plain_loop_ratio: {ratio('duckling', 'plain')}")
+    print(f"recording_overhead_ratio: {ratio('recording', 'duckling')}")
+    print(f"speedup_vs_naive_trainer: {ratio('duckling', 'naive')}")
     if a.compile:  # steady state only: the compile itself (tens of seconds) is in the discarded warm-up
-        print(f"compile_speedup: {ratio('duckling', 'eager') if compiled else ratio('compiled', 'duckling'):.3f}")
+        print(f"compile_speedup: {ratio('duckling', 'eager') if compiled else ratio('compiled', 'duckling')}")
     print(f"(timed part {time.perf_counter() - t_start:.0f} s)")
     return 0
 

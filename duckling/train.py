@@ -4,11 +4,11 @@ self-describing run folder, resume, and the W recorder plugged in.
     result = train(DucklingConfig(), dataset="tokenized_dataset", run_dir="runs/a")
     model, tok, cfg = load_run("runs/a")
 
-What is deliberately *not* in a step (see benchmarks/train_speed.py for the measured effect):
-no nan/inf check of the loss (a host sync per step), no token counting, no per-step logging,
-no per-step FLOP count over the parameters, no collation of python lists (rows stay uint16 numpy
-views of the Arrow memory map until the batch is stacked), fused AdamW where torch has it, and on
-Linux CPUs an allocator setting that stops every 32 MB logits buffer from being a fresh mmap.
+Kept out of a step (benchmarks/train_speed.py measures the effect): the nan/inf loss check and
+blocking host-to-device copies (host syncs), token counting, per-step logging and FLOP counting,
+python-list collation (rows stay uint16 views of the Arrow memory map until a batch is stacked).
+Added: CUDA graphs through torch.compile on CUDA (compile="auto"), and on Linux CPUs an allocator
+setting that stops every 32 MB logits buffer from being a fresh, page-faulting mmap.
 """
 from __future__ import annotations
 
@@ -47,19 +47,14 @@ def pick_device(requested: str = "auto") -> str:
 def bf16_supported(device: str) -> bool:
     """Whether bf16 autocast runs on *native* bf16 arithmetic here (what ``precision='auto'`` uses).
 
-    cuda: compute capability >= 8 (Ampere+). mps: torch's MPS autocast accepts bf16 (macOS 14+).
+    cuda: compute capability >= 8 (Ampere+). mps: macOS 14+ (M1/M2 emulate bf16 in fp32 units).
     cpu: AVX512-BF16 or AMX instructions; without them oneDNN emulates bf16, which is no faster
     than float32. On this project's AMD EPYC (AVX512-BF16) bf16 autocast was ~20% faster per step.
     """
     if device == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device == "mps":
-        try:
-            with torch.autocast("mps", dtype=torch.bfloat16):
-                torch.ones(2, 2, device="mps") @ torch.ones(2, 2, device="mps")
-            return True
-        except (RuntimeError, TypeError):
-            return False
+    if device == "mps":  # the rule TrainingArguments(bf16=True) itself applies on a Mac
+        return torch.backends.mps.is_macos_or_newer(14, 0)
     native = [getattr(torch.cpu, f, lambda: False) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(f() for f in native)
 
@@ -223,7 +218,9 @@ def training_arguments(cfg: DucklingConfig, output_dir, device: str, precision: 
         logging_strategy="steps", logging_steps=t.logging_steps, logging_nan_inf_filter=False,
         save_strategy="steps" if save else "no", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         eval_strategy="steps" if evaluate and t.eval_steps else "no", eval_steps=t.eval_steps or None,
+        # pinned batches copied without blocking: the host never waits for the device between steps
         dataloader_num_workers=t.dataloader_num_workers, dataloader_pin_memory=device == "cuda",
+        accelerator_config={"non_blocking": device == "cuda"},
         remove_unused_columns=False, report_to="none", disable_tqdm=not progress,
         include_num_input_tokens_seen="no",
     )
@@ -322,7 +319,7 @@ def train(cfg: DucklingConfig | None = None, dataset=None, run_dir=None, *, eval
                                if dataset is None else type(dataset).__name__)}
         ckpt = prepare_run_dir(run_dir, cfg, tok, resume, info)
     if record:
-        probe = collate([(eval_rows or rows)[0]])["input_ids"]  # (1, T): a fixed probe batch
+        probe = collate([(rows if eval_rows is None else eval_rows)[0]])["input_ids"]  # (1, T): fixed probe
         extra.append(_recorder(run_dir, cfg, n_live, probe))
 
     DucklingTrainer, Progress, Timer = _trainer_classes()
