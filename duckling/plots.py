@@ -59,6 +59,10 @@ def plot_norms(res, matrix: str = "wte") -> Figure:
     ax.legend(fontsize=6, ncol=2)
     ax2.plot(x, res["ratio"], color=DEAD, lw=1.2, label="mean dead norm / null")
     ax2.axhline(1.0, color=NULL, ls="--", lw=1)
+    lo, hi = min(np.nanmin(res["ratio"]), 1.0), max(np.nanmax(res["ratio"]), 1.0)
+    pad = max(0.1 * (hi - lo), 1e-3)  # pure decay stays within float32 noise of 1: keep the axis readable
+    ax2.set_ylim(lo - pad, hi + pad)
+    ax2.ticklabel_format(axis="y", useOffset=False)
     ax2.set_ylabel("dead / null", fontsize=8)
     ax2.set_xlabel("training step (updates)", fontsize=8)
     ax2.legend(fontsize=6)
@@ -182,11 +186,12 @@ def plot_gradients(res, matrix: str = "wte") -> Figure:
     for field, a, unit in (("grad_norm", ax, "||g|| per row"), ("adam_v", ax2, "sqrt(mean exp_avg_sq)")):
         for who, color in (("live", LIVE), ("dead", DEAD)):
             st = res[field][who]  # step 0 holds NaN: no gradient yet
-            if np.nanmax(st["q"], initial=0) <= 0:  # e.g. untied input rows: exactly zero, invisible on log axes
+            if not np.nanmax(st["mean"], initial=0) > 0:  # e.g. untied input rows: exactly zero, invisible on log axes
                 a.text(0.02, 0.05 if who == "dead" else 0.15, f"{who}: exactly 0 at every step",
                        color=color, transform=a.transAxes, fontsize=7)
                 continue
-            _band(a, st, color, who, median=True, f=np.sqrt if field == "adam_v" else None, skip0=True)
+            # mean, not median: with untied input rows most live rows get no gradient in a step
+            _band(a, st, color, who, f=np.sqrt if field == "adam_v" else None, skip0=True)
         if a.lines:
             a.set_yscale("log")
             a.legend(fontsize=6)
