@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16", choices=["bf16", "float32", "mixed"])
     ap.add_argument("--dir", default=None, help="run folder (default /tmp/duckling-bench-analysis-<steps>-<precision>)")
     ap.add_argument("--warm", action="store_true", help="skip the page-cache eviction (measure warm reads)")
+    ap.add_argument("--max-points", type=int, default=None,
+                    help="passed to duckling report (default: its own; 0 = every recorded step)")
     a = ap.parse_args()
     steps = 300 if a.quick else a.steps
     run = Path(a.dir or f"/tmp/duckling-bench-analysis-{steps}-{a.precision}")
@@ -109,14 +111,16 @@ def main() -> None:
         if not a.warm:
             evict(files)
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "duckling.cli", "report", str(run), "--out", out],
+        extra = [] if a.max_points is None else ["--max-points", str(a.max_points)]
+        subprocess.run([sys.executable, "-m", "duckling.cli", "report", str(run), "--out", out, *extra],
                        check=True, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL)
         t_report = time.perf_counter() - t0
         n_png = len(list(Path(out).glob("*.png")))
     print(f"recording: {steps} steps, {a.precision}, {nbytes / 1e9:.2f} GB in {len(files)} files "
           f"({'warm' if a.warm else 'cold'} page cache)")
     print(f"read (cat): {t_read:.2f} s = {nbytes / 1e9 / t_read:.2f} GB/s")
-    print(f"duckling report: {t_report:.2f} s ({n_png} figures)")
+    print(f"duckling report{' --max-points ' + str(a.max_points) if a.max_points is not None else ''}: "
+          f"{t_report:.2f} s ({n_png} figures)")
     print(f"report_vs_read_ratio: {t_report / t_read:.2f}")
 
 

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="write every dead-token figure and summary.json for a run")
     s.add_argument("run", help="run folder")
     s.add_argument("--out", default=None, help="default: RUN/report")
+    s.add_argument("--max-points", type=int, default=None,
+                   help="snapshot steps evaluated per curve (default: analysis.MAX_POINTS; 0 = every recorded step)")
     return p
 
 

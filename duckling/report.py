@@ -38,11 +38,11 @@ def _first_step(steps, values, threshold: float):
     return int(steps[hit[0]]) if len(hit) else None
 
 
-def report(run_dir, out=None, max_points: int = A.MAX_POINTS) -> dict:
+def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS) -> dict:
     """Write every figure into ``out`` (default RUN_DIR/report) and return the summary dict.
 
     Snapshot-based curves are evaluated at ``max_points`` evenly spaced recorded steps (always
-    including the first and last); per-step scalars use every step."""
+    including the first and last; None or 0 = every recorded step); per-step scalars use every step."""
     from .recording import Recording
 
     run_dir = Path(run_dir)
@@ -55,7 +55,7 @@ def report(run_dir, out=None, max_points: int = A.MAX_POINTS) -> dict:
                             "needs at least two (step 0 and a later one): train for more steps.")
     out = Path(out) if out is not None else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    steps = A.thin(rec.steps, max_points)
+    steps = A.thin(rec.steps, max_points or None)
     S: dict = {"run": str(run_dir), "last_snapshot_step": int(rec.steps[-1]),
                "last_scalar_step": int(rec.scalar_steps[-1]), "n_snapshots": len(rec.steps),
                "n_points": len(steps), "matrices": list(rec.meta.get("matrices", ["wte"])),
@@ -113,7 +113,8 @@ def report(run_dir, out=None, max_points: int = A.MAX_POINTS) -> dict:
 
 def cli_report(args) -> int:
     """`duckling report RUN [--out DIR]`."""
-    S = report(args.run, args.out)
+    mp = getattr(args, "max_points", None)
+    S = report(args.run, args.out, A.MAX_POINTS if mp is None else mp)
     out = Path(args.out) if args.out else Path(args.run) / "report"
     print(f"wrote {len(S['figures'])} figures and summary.json to {out}")
     for k in ("dead_norm_over_null", "dead_mean_pairwise_cosine", "drift_cosine_to_neg_mean_hidden",
