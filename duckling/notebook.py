@@ -4,9 +4,9 @@ small loss plots and result files. Notebooks stay short; anything one needs twic
 Paths: a notebook's kernel may start in ``notebooks/`` (jupyter lab, ``papermill --cwd notebooks``),
 at the repo root, or in any folder of the repo holding a copied notebook. ``path()`` turns a
 parameter into a path that works from there: an absolute path stays; a relative one is taken from
-the kernel's working directory if it exists there, else from the repo root (where new folders
-go). Paths inside the repo come back relative to the working directory, so nothing a notebook
-prints names a folder of the machine it ran on.
+the kernel's working directory if it starts with ``..`` or exists there, else from the repo root
+(where new files and folders go). Paths come back relative to the working directory, so nothing
+a notebook prints names a folder of the machine it ran on.
 """
 from __future__ import annotations
 
@@ -69,20 +69,17 @@ def _display(p: Path) -> Path:
 
 
 def path(p, default=None) -> Path | None:
-    """A notebook parameter as a usable path (see the module docstring); None -> ``default``
-    (relative to the repo root), and None if both are None."""
+    """A notebook parameter as a usable path (see the module docstring); None -> ``default``,
+    and None if both are None. Idempotent: a path it returned comes back unchanged."""
     if p is None:
         if default is None:
             return None
-        p, given = Path(default), False
-    else:
-        p, given = Path(p).expanduser(), True
-    if p.is_absolute():
-        return p
+        p = default
+    p = Path(p).expanduser()
     root = repo_root()
-    if given and (p.exists() or root is None):
-        return p  # relative to the working directory, as the user wrote it
-    return _display(((root or Path.cwd()) / p).resolve())
+    if p.is_absolute() or root is None or p.parts[0] == ".." or p.exists():
+        return p  # as written: absolute, or relative to the working directory
+    return _display((root / p).resolve())
 
 
 def new_run_dir(name: str, run_dir=None) -> Path:
@@ -311,12 +308,13 @@ def panels(n: int = 2):
 
 
 def smooth(y, k: int) -> np.ndarray:
-    """Trailing mean over the last ``k`` values (fewer at the start): noisy per-step losses."""
+    """Centred moving average over ``k`` values (no lag on a falling curve); the window shrinks
+    symmetrically near both ends, so the first and last values are kept as they are."""
     y = np.asarray(y, np.float64)
     c = np.cumsum(np.r_[0.0, y])
-    i = np.arange(1, len(y) + 1)
-    lo = np.maximum(i - max(1, int(k)), 0)
-    return (c[i] - c[lo]) / (i - lo)
+    i = np.arange(len(y))
+    h = np.minimum(max(1, int(k)) // 2, np.minimum(i, len(y) - 1 - i))  # half-width at each point
+    return (c[i + h + 1] - c[i - h]) / (2 * h + 1)
 
 
 class Table:

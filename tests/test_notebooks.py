@@ -93,9 +93,11 @@ def test_paths_resolve_from_notebooks_root_and_copies(repo_root, tmp_path, monke
         assert not p.is_absolute() and (cwd / p).resolve() == repo_root / "tokenized_dataset"
         assert (cwd / nb.path("token_mapping.json")).resolve() == repo_root / "token_mapping.json"
     monkeypatch.chdir(repo_root / "notebooks")
-    assert nb.path("../pyproject.toml") == nb.path("../pyproject.toml")  # exists from cwd: kept as written
-    assert str(nb.path("../pyproject.toml")) == "../pyproject.toml"
+    assert str(nb.path("../pyproject.toml")) == "../pyproject.toml"  # from the working directory, as written
     assert nb.path(tmp_path) == tmp_path and nb.path(None) is None
+    for p in ("runs/new/deeper/x.json", "token_mapping.json", "../pyproject.toml", "../runs/y"):
+        assert nb.path(nb.path(p)) == nb.path(p)  # idempotent, also for files that do not exist yet
+    assert (repo_root / "notebooks" / nb.path("runs/new/x.json")).resolve() == repo_root / "runs/new/x.json"
     run = nb.new_run_dir("exp")
     assert run.parent.resolve() == repo_root / "runs" and run.name.startswith("exp-") and not run.exists()
 
@@ -126,7 +128,8 @@ def test_text_rows_pack_like_the_dataset(tiny):
 
 
 def test_smooth_table_and_json(tmp_path):
-    assert np.allclose(nb.smooth([1, 3, 5, 7], 2), [1, 2, 4, 6])
+    assert np.allclose(nb.smooth([1, 3, 5, 7, 9], 3), [1, 3, 5, 7, 9])  # a line stays put: no lag
+    assert np.allclose(nb.smooth([0, 3, 0, 3, 0], 3), [0, 1, 2, 1, 0])
     t = nb.Table([{"a": 1, "b": 0.123456}, {"a": 2000, "c": float("nan")}])
     assert repr(t).splitlines()[0].split() == ["a", "b", "c"] and "2,000" in repr(t) and "<td>nan</td>" in t._repr_html_()
     f = nb.save_json(tmp_path / "x" / "r.json", {"v": np.float32(1.5), "n": float("nan"), "a": np.arange(2), 3: tmp_path})
