@@ -105,28 +105,9 @@ def _row_stats(rec, field: str, matrix: str) -> dict:
     return out
 
 
-_TEXTS: dict = {}  # (mapping path, mtime) -> token texts: Recording.token_text parses the mapping
-
-
-def _texts(rec):
-    path = Path(getattr(rec, "run_dir", "")) / "token_mapping.json"
-    key = (str(path), path.stat().st_mtime_ns if path.is_file() else None)
-    if key not in _TEXTS:
-        try:
-            texts = rec.token_text  # (V,) list, or None
-        except DucklingError:  # e.g. tiktoken's BPE files absent offline: the JSON holds the texts
-            try:
-                texts = [t["text"] for t in json.loads(path.read_text())["tokens"]]
-            except (OSError, KeyError, TypeError, ValueError):
-                texts = None
-        _TEXTS.clear()
-        _TEXTS[key] = texts
-    return _TEXTS[key]
-
-
 def token_labels(rec, ids) -> list[str]:
     """Printable text of compact ids for plot labels (``#id`` when the run has no token mapping)."""
-    texts = _texts(rec)
+    texts = getattr(rec, "token_text", None)  # (V,) list, or None
     return [repr(texts[int(i)])[1:-1] if texts is not None else f"#{int(i)}" for i in ids]
 
 

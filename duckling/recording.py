@@ -6,6 +6,7 @@ recording can be read without torch. Snapshot N is W after N optimizer updates (
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import shutil
@@ -413,7 +414,15 @@ class Recording:
 
     def snapshot(self, step: int, matrix: str = "wte") -> np.ndarray:
         """W after ``step`` optimizer updates (0 = initialisation): (V, d) float32."""
-        return self.trajectory(np.arange(self._lay.n_rows), [step], matrix)[0]
+        if matrix not in self.matrices:
+            raise DucklingError(f"matrix {matrix!r} was not recorded; this recording has {self.matrices}.")
+        (pos,) = self._positions([step])
+        c, local = divmod(int(pos), self._lay.chunk)
+        out = np.empty((self._lay.n_rows, self._lay.d), np.float32)
+        for ext, sl, dt in self._lay.parts:  # one contiguous read per part, no fancy indexing
+            block = self._chunk(matrix, c, ext, sl, dt)[local]
+            out[sl] = bf16_bits_to_f32(block) if ext == "u16" else block
+        return out
 
     # per-step scalars (every step, whatever the stride)
     def rows(self, field: str, matrix: str = "wte", steps=None) -> np.ndarray:
@@ -464,13 +473,16 @@ class Recording:
         last = self.scalar_steps[-1] if len(self.scalar_steps) else -1
         return pr[pr[:, 0] <= last]
 
-    @property
+    @functools.cached_property
     def token_text(self) -> list[str] | None:
-        """Text of every compact id, from the run's token_mapping.json copy (None if absent)."""
+        """Text of every compact id, from the run's token_mapping.json copy (None if absent).
+
+        Read straight from the JSON (which stores every token's text), so no tiktoken is needed."""
         path = self.run_dir / "token_mapping.json"
         if not path.exists():
             return None
-        from .vocab import CompactTokenizer
-
-        tok = CompactTokenizer.from_file(path)
-        return [tok.token_text(i) for i in range(self._lay.n_rows)]
+        try:
+            return [t["text"] for t in json.loads(path.read_text(encoding="utf-8"))["tokens"]][: self._lay.n_rows]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DucklingError(f"{path} is not a valid token mapping ({e}); copy the mapping the run "
+                                "was trained with into the run folder.") from e
