@@ -11,6 +11,14 @@ Run it as ``python -P benchmarks/recording_write.py`` (benchmarks/tokenize.py sh
 """
 from __future__ import annotations
 
+import os
+import sys
+
+# Run as a script, this folder is sys.path[0], and a sibling named like a stdlib module
+# (benchmarks/tokenize.py) would shadow it: import from the repo instead.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path[0] = os.path.dirname(sys.path[0])
+
 import argparse
 import tempfile
 import time
