@@ -201,3 +201,19 @@ def plot_gradients(res, matrix: str = "wte") -> Figure:
         ax2.legend(fontsize=6)
     ax2.set_xlabel("training step (updates)", fontsize=8)
     return fig
+
+
+def plot_loss(log_history: list[dict]) -> Figure:
+    """Training loss (mean over each logging window) and evaluation loss from the Trainer's
+    ``log_history`` (``trainer_state.json``), against the training step."""
+    fig, (ax,) = _fig(title="Loss")
+    for key, color, label, marker in (("loss", "tab:gray", "train (logging-window mean)", None),
+                                      ("eval_loss", "tab:green", "held-out (eval)", "o")):
+        pts = [(e["step"], e[key]) for e in log_history if key in e]
+        if pts:
+            x, y = np.array(pts).T
+            ax.plot(x, y, color=color, lw=1.2, marker=marker, ms=3, label=label)
+    ax.set_xlabel("training step (updates)")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.legend(fontsize=7)
+    return fig

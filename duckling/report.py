@@ -38,6 +38,15 @@ def _first_step(steps, values, threshold: float):
     return int(steps[hit[0]]) if len(hit) else None
 
 
+def _trainer_state(run_dir: Path) -> dict | None:
+    """The Trainer's state of a finished run (final/), else of its latest checkpoint, else None."""
+    ckpts = sorted(run_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[-1]))
+    for path in [run_dir / "final" / "trainer_state.json", *reversed(ckpts)]:
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
+
+
 def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS) -> dict:
     """Write every figure into ``out`` (default RUN_DIR/report) and return the summary dict.
 
@@ -105,6 +114,13 @@ def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS) -> dict:
         put("output_mass", P.plot_output_mass(probe))
         S.update(dead_output_mass=_num(probe["total"][-1]), dead_output_max_prob=_num(probe["max"][-1]),
                  dead_output_mass_step=int(probe["steps"][-1]))
+    state = _trainer_state(run_dir)
+    if state:
+        put("loss", P.plot_loss(state["log_history"]))
+        for key in ("loss", "eval_loss"):
+            last = [e for e in state["log_history"] if key in e]
+            if last:
+                S[f"final_{'train_loss' if key == 'loss' else key}"] = _num(last[-1][key])
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(S, indent=2) + "\n")
     os.replace(tmp, out / "summary.json")

@@ -157,10 +157,15 @@ def test_report_untied_writes_both_matrices(tmp_path):
     # the input matrix only decays, lm_head carries the planted drift; bf16 snapshots
     rec = write(tmp_path / "untied", {"wte": decayed(20, lr), "lm_head": W}, lr, hidden=hidden,
                 matrices=("wte", "lm_head"), grad=np.zeros(V), precision="bf16")
+    # a Trainer state, as a finished run leaves it: the report adds the loss curve and final losses
+    (tmp_path / "untied" / "final").mkdir()
+    log = [{"step": 10, "loss": 8.0}, {"step": 20, "loss": 7.5}, {"step": 20, "eval_loss": 7.7}]
+    (tmp_path / "untied" / "final" / "trainer_state.json").write_text(json.dumps({"log_history": log}))
     S = report(rec.run_dir)
     out = tmp_path / "untied" / "report"
     assert json.loads((out / "summary.json").read_text()) == S
-    assert {p.name for p in out.glob("*.png")} == set(S["figures"]) and len(S["figures"]) == 15
+    assert {p.name for p in out.glob("*.png")} == set(S["figures"]) and len(S["figures"]) == 16
+    assert "loss.png" in S["figures"] and (S["final_train_loss"], S["final_eval_loss"]) == (7.5, 7.7)
     assert "norms_lm_head.png" in S["figures"] and "output_mass.png" in S["figures"]
     for k in ("dead_norm_over_null", "dead_mean_pairwise_cosine", "drift_cosine_to_neg_mean_hidden",
               "drift_cosine_to_neg_mean_live", "detect_auroc_norm", "dead_output_mass"):
