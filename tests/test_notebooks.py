@@ -235,3 +235,21 @@ def test_07_experiment_template(repo_root, tmp_path, tiny):
     assert 0 <= summary["detect_auroc_norm"] <= 1 and -1 <= summary["dead_mean_pairwise_cosine"] <= 1
     assert all((run / "report" / f).is_file() for f in summary["figures"]) and len(summary["figures"]) >= 7
     assert n_images(out) == 4  # norms, trajectories, collapse, detectability inline
+
+
+def test_committed_notebooks_follow_the_rules(repo_root):
+    """Imports first, then one `parameters` cell; no papermill-injected cell left behind (it would
+    override a user's parameters on "Run all"); small; no machine paths in the outputs."""
+    paths = sorted((repo_root / "notebooks").glob("0*.ipynb"))
+    assert [p.name[:2] for p in paths] == ["01", "02", "03", "04", "05", "06", "07"]
+    for p in paths:
+        raw = p.read_text(encoding="utf-8")
+        cells = json.loads(raw)["cells"]
+        code = [c for c in cells if c["cell_type"] == "code"]
+        tags = [c["metadata"].get("tags", []) for c in code]
+        assert "import duckling.notebook as nb" in "".join(code[0]["source"]), p.name
+        assert "parameters" in tags[1] and sum("parameters" in t for t in tags) == 1, p.name
+        assert not any("injected-parameters" in t for t in tags), f"{p.name}: delete the injected-parameters cell"
+        assert len(raw) < 1_000_000, p.name
+        text = outputs_text({"cells": cells})
+        assert not any(s in text for s in ("/work/", "/tmp/", "/root/", "/home/")), p.name
