@@ -166,6 +166,9 @@ def _trainer_classes():
 
         def on_train_begin(self, args, state, control, **kw):
             self.first, self.excluded = state.global_step, 0.0
+            if self.skip == 0:  # a run too short to spare warm-up steps: time all of it
+                self._sync()
+                self.t0 = self.last = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == self.first + self.skip:

@@ -202,6 +202,9 @@ def test_in_memory_training_learns_and_is_deterministic():
     _, la = a.losses()
     assert la[-1] < la[0] - 0.5 and a.steps_per_s > 0 and a.run_dir is None
     assert la.tolist() == b.losses()[1].tolist()
+    # a run too short for warm-up steps is still timed (it used to report NaN steps/s)
+    assert train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=2)),
+                 dataset=data, progress=False).steps_per_s > 0
 
 
 def test_generate_greedy_sampled_and_dead_ids(tok):
