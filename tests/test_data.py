@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 
 import numpy as np
 import pytest
@@ -14,22 +13,9 @@ from duckling.data import (BUILD_FILE, build_dataset, check_no_dead, count_token
                            load_dataset_dir, resolve_source)
 from duckling.errors import DucklingError
 
+from corpus import make_stories, shared_stories, write_corpus
+
 SEQ = 64  # short rows keep the tiny corpora multi-row
-WORDS = ("the a little dog cat girl boy park ball tree happy sad big red saw played ran jumped said "
-         "friend mom sun day was and with to her his they went home").split()
-
-
-def make_stories(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [f"Once upon a time, {' '.join(rng.choices(WORDS, k=rng.randint(20, 60)))}.\n"
-            f"\"Wow!\" said {rng.choice(['Lily', 'Tom', 'Sue'])}." for _ in range(n)]
-
-
-def write_corpus(path, stories):
-    path.write_text("".join(f"{s}\n<|endoftext|>\n" for s in stories), encoding="utf-8")
-    return path
-
-
 @pytest.fixture(scope="module")
 def tok(repo_root):
     return CompactTokenizer.from_file(repo_root / "token_mapping.json")
@@ -38,10 +24,7 @@ def tok(repo_root):
 @pytest.fixture(scope="module")
 def stories(repo_root):
     """The first real stories when the shared data exists, generated ones on a fresh clone."""
-    train = repo_root.parent / "shared/data/tinystories/train"
-    if train.is_dir() and any(train.glob("*.txt")):
-        return list(iter_stories(resolve_source(train), max_stories=60))
-    return make_stories(59) + ["The quantum thermodynamics lecture was postponed indefinitely."]
+    return shared_stories("train", 60) or make_stories(59) + ["The quantum thermodynamics lecture was postponed indefinitely."]
 
 
 @pytest.fixture

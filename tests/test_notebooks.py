@@ -7,39 +7,20 @@ tests then check what it produced. One tiny dataset is built once and shared.
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
 
+from corpus import make_stories, shared_stories, write_corpus
 from duckling import notebook as nb
 from duckling.config import N_LIVE, DucklingConfig
 from duckling.errors import DucklingError
 
 T = 64  # context of every tiny notebook run
 TINY = {"CONTEXT": T, "MODEL": {"n_layer": 1}}
-WORDS = ("the a little dog cat girl boy park ball tree happy sad big red saw played ran jumped said "
-         "friend mom sun day was and with to her his they went home").split()
 
 
 # ---------------------------------------------------------------- shared tiny data
-def _stories(repo_root, n: int, skip: int = 0) -> list[str]:
-    """Real TinyStories when the shared text is beside the repo, generated ones on a fresh clone."""
-    from duckling.data import iter_stories, resolve_source
-
-    train = repo_root.parent / "shared/data/tinystories/train"
-    if train.is_dir() and any(train.glob("*.txt")):
-        return list(iter_stories(resolve_source(train), max_stories=skip + n))[skip:]
-    rng = random.Random(skip)
-    return [f"Once upon a time, {' '.join(rng.choices(WORDS, k=rng.randint(30, 80)))}. \"Wow!\" said "
-            f"{rng.choice(['Lily', 'Tom', 'Sue'])}." for _ in range(n)]
-
-
-def _write(path, stories):
-    path.write_text("".join(f"{s}\n<|endoftext|>\n" for s in stories), encoding="utf-8")
-    return path
-
-
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory, repo_root):
     """A 60-story corpus, 20 held-out stories and their 64-token dataset (built once)."""
@@ -48,8 +29,8 @@ def tiny(tmp_path_factory, repo_root):
     except DucklingError as e:  # no offline tiktoken cache on this machine
         pytest.skip(str(e))
     d = tmp_path_factory.mktemp("tiny")
-    train = _write(d / "train.txt", _stories(repo_root, 60))
-    valid = _write(d / "valid.txt", _stories(repo_root, 20, skip=60))
+    train = write_corpus(d / "train.txt", shared_stories("train", 60) or make_stories(60))
+    valid = write_corpus(d / "valid.txt", shared_stories("train", 20, skip=60) or make_stories(20, seed=1))
     tok, dataset = nb.prepare_data(train, seq_len=T, dataset_dir=d / "dataset")
     return {"dir": d, "DATA": str(train), "VALID_DATA": str(valid), "DATASET_DIR": str(dataset), "tok": tok}
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
@@ -10,17 +9,8 @@ import pytest
 from duckling import CompactTokenizer, config
 from duckling.cli import main as cli_main
 from duckling.errors import DucklingError
+from corpus import make_stories, shared_stories
 from duckling.vocab import GPT2_EOT, N_GPT2, UNK_TEXT, coverage_curve, get_encoding, min_vocab_for_coverage
-
-WORDS = ("the a little dog cat girl boy park ball tree happy sad big red saw played ran jumped said "
-         "friend mom sun day was and with to her his they went home").split()
-
-
-def make_stories(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [f"Once upon a time, {' '.join(rng.choices(WORDS, k=rng.randint(20, 60)))}.\n"
-            f"\"{rng.choice(['Look', 'Yes', 'Wow'])}!\" said {rng.choice(['Lily', 'Tom', 'Sue'])}." for _ in range(n)]
-
 
 @pytest.fixture(scope="module")
 def tok(repo_root):
@@ -30,12 +20,7 @@ def tok(repo_root):
 @pytest.fixture(scope="module")
 def stories(repo_root):
     """Real held-out stories when the shared data exists, generated ones on a fresh clone."""
-    valid = repo_root.parent / "shared/data/tinystories/valid"
-    files = sorted(valid.glob("*.txt")) if valid.is_dir() else []
-    if files:
-        text = files[0].read_text(encoding="utf-8")
-        return [s.strip() for s in text.split("<|endoftext|>") if s.strip()][:200]
-    return make_stories(199) + ["The quantum thermodynamics lecture was postponed indefinitely."]
+    return shared_stories("valid", 200) or make_stories(199) + ["The quantum thermodynamics lecture was postponed indefinitely."]
 
 
 def test_committed_mapping_invariants(tok):
