@@ -34,7 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from duckling.config import N_LIVE, VOCAB_SIZE, DucklingConfig  # noqa: E402
-from duckling.recording import Recording, RecordingWriter  # noqa: E402
+from duckling.recording import Recording  # noqa: E402
+from duckling.writer import RecordingWriter  # noqa: E402
 
 
 def synthesize(run: Path, steps: int, precision: str, seed: int = 0) -> None:

@@ -30,7 +30,8 @@ import torch
 from duckling.config import DucklingConfig, RecordConfig
 from duckling.model import build_model
 from duckling.recorder import WRecorder
-from duckling.recording import FIELDS, RecordingWriter
+from duckling.recording import FIELDS
+from duckling.writer import RecordingWriter
 
 
 def bench_writer(tmp: str, precision: str, n: int) -> float:

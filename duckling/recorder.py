@@ -20,7 +20,8 @@ from transformers import TrainerCallback
 from .config import N_LIVE, RecordConfig
 from .errors import DucklingError
 from .model import embedding_matrices
-from .recording import RecordingWriter, check_budget, snapshot_parts
+from .recording import check_budget, snapshot_parts
+from .writer import RecordingWriter
 
 
 class _SyncSink:

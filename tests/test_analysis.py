@@ -8,7 +8,8 @@ import pytest
 
 from duckling import analysis as A
 from duckling.errors import DucklingError
-from duckling.recording import Recording, RecordingWriter
+from duckling.recording import Recording
+from duckling.writer import RecordingWriter
 
 V, N_LIVE, D = 64, 48, 8  # 48 live rows, 16 dead rows of size 8
 WD = 0.1  # large, so decay is visible over a few steps

@@ -13,8 +13,8 @@ import torch
 from duckling import Recording
 from duckling.config import RecordConfig
 from duckling.errors import DucklingError
-from duckling.recording import (FIELDS, RecordingWriter, bf16_bits_to_f32, check_budget,
-                                f32_to_bf16_bits, recording_bytes)
+from duckling.recording import FIELDS, bf16_bits_to_f32, check_budget, f32_to_bf16_bits, recording_bytes
+from duckling.writer import RecordingWriter
 
 V, D, N_LIVE = 64, 8, 48
 
