@@ -20,3 +20,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def tok(repo_root):
+    """The committed compact tokenizer; skipped only where tiktoken's gpt2 files cannot be had."""
+    from duckling.errors import DucklingError
+    from duckling.vocab import CompactTokenizer, get_encoding
+
+    try:
+        get_encoding()
+    except DucklingError as e:  # offline, with no tiktoken cache
+        pytest.skip(str(e))
+    return CompactTokenizer.from_file(repo_root / "token_mapping.json")

@@ -17,11 +17,6 @@ from corpus import make_stories, shared_stories, write_corpus
 
 SEQ = 64  # short rows keep the tiny corpora multi-row
 @pytest.fixture(scope="module")
-def tok(repo_root):
-    return CompactTokenizer.from_file(repo_root / "token_mapping.json")
-
-
-@pytest.fixture(scope="module")
 def stories(repo_root):
     """The first real stories when the shared data exists, generated ones on a fresh clone."""
     return shared_stories("train", 60) or make_stories(59) + ["The quantum thermodynamics lecture was postponed indefinitely."]

@@ -34,14 +34,6 @@ def live_rows(n: int = 32, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, N_LIVE, size=(n, T), dtype=np.uint16)  # (n, T)
 
 
-@pytest.fixture(scope="module")
-def tok(repo_root):
-    vocab = pytest.importorskip("duckling.vocab")
-    try:
-        return vocab.CompactTokenizer.from_file(repo_root / "token_mapping.json")
-    except DucklingError as e:  # no offline tiktoken cache on this machine
-        pytest.skip(str(e))
-
 
 class Interrupt(TrainerCallback):
     """Raise ``exc`` right after optimizer step ``k`` (as a crash or Ctrl-C would)."""

@@ -13,11 +13,6 @@ from corpus import make_stories, shared_stories
 from duckling.vocab import GPT2_EOT, N_GPT2, UNK_TEXT, coverage_curve, get_encoding, min_vocab_for_coverage
 
 @pytest.fixture(scope="module")
-def tok(repo_root):
-    return CompactTokenizer.from_file(repo_root / "token_mapping.json")
-
-
-@pytest.fixture(scope="module")
 def stories(repo_root):
     """Real held-out stories when the shared data exists, generated ones on a fresh clone."""
     return shared_stories("valid", 200) or make_stories(199) + ["The quantum thermodynamics lecture was postponed indefinitely."]
