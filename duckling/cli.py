@@ -22,7 +22,8 @@ HANDLERS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="duckling", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="duckling", description="Duckling II: build the compact-vocab dataset, "
+                                "train with per-step W recording, report on dead tokens, generate.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("vocab", help="count GPT-2 tokens over a corpus and write token_mapping.json")
