@@ -17,7 +17,6 @@ _LAZY = {
     "TrainConfig": "duckling.config",
     "RecordConfig": "duckling.config",
     "build_model": "duckling.model",
-    "train": "duckling.train",
 }
 
 __all__ = sorted(_LAZY)
