@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 DEAD, LIVE, NULL = "tab:red", "tab:blue", "black"
 NAMED = ("tab:orange", "tab:purple", "tab:brown", "tab:olive")  # individually named tokens
 FIGSIZE = (6, 4)
+STEP_LABEL = "training step (updates)"
 
 
 def _fig(nrows: int = 1, ncols: int = 1, title: str = "", sharex: bool = True):
@@ -43,6 +44,16 @@ def _named(ax, x, per_row, res, k=3):
         ax.plot(x, per_row[:, p], color=c, lw=0.8, alpha=0.9, label=f"dead {lab!r}")
 
 
+def _label(ax, ylabel: str, *, steps: bool = False, log: bool = False, **legend) -> None:
+    """Y label, the shared training-step x label (``steps``), log scale, and the legend."""
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel, fontsize=8)
+    if steps:
+        ax.set_xlabel(STEP_LABEL, fontsize=8)
+    ax.legend(**{"fontsize": 6, **legend})
+
+
 def _suffix(matrix: str) -> str:
     return "" if matrix == "wte" else f" [{matrix}]"
 
@@ -55,17 +66,14 @@ def plot_norms(res, matrix: str = "wte") -> Figure:
     _band(ax, res["dead"], DEAD, "dead")
     ax.plot(x, res["null_mean"], color=NULL, ls="--", lw=1, label="null: ||w0||·Π(1-lr·wd)")
     _named(ax, x, res["per_dead"], res)
-    ax.set_ylabel("row L2 norm", fontsize=8)
-    ax.legend(fontsize=6, ncol=2)
+    _label(ax, "row L2 norm", ncol=2)
     ax2.plot(x, res["ratio"], color=DEAD, lw=1.2, label="mean dead norm / null")
     ax2.axhline(1.0, color=NULL, ls="--", lw=1)
     lo, hi = min(np.nanmin(res["ratio"]), 1.0), max(np.nanmax(res["ratio"]), 1.0)
     pad = max(0.1 * (hi - lo), 1e-3)  # pure decay stays within float32 noise of 1: keep the axis readable
     ax2.set_ylim(lo - pad, hi + pad)
     ax2.ticklabel_format(axis="y", useOffset=False)
-    ax2.set_ylabel("dead / null", fontsize=8)
-    ax2.set_xlabel("training step (updates)", fontsize=8)
-    ax2.legend(fontsize=6)
+    _label(ax2, "dead / null", steps=True)
     return fig
 
 
@@ -77,14 +85,10 @@ def plot_displacement(res, matrix: str = "wte") -> Figure:
     _named(ax, res["steps"], res["per_dead"], res)
     ax.plot(res["update"]["dead"]["steps"], res["dead_path_mean"], color=DEAD, ls=":", lw=1,
             label="dead: mean path length Σ||Δw||")
-    ax.set_ylabel("||w_N - w_0||", fontsize=8)
-    ax.legend(fontsize=6, ncol=2)
+    _label(ax, "||w_N - w_0||", ncol=2)
     for who, color in (("live", LIVE), ("dead", DEAD)):
         _band(ax2, res["update"][who], color, who, median=True, skip0=True)
-    ax2.set_yscale("log")
-    ax2.set_ylabel("||w_N - w_{N-1}||", fontsize=8)
-    ax2.set_xlabel("training step (updates)", fontsize=8)
-    ax2.legend(fontsize=6)
+    _label(ax2, "||w_N - w_{N-1}||", steps=True, log=True)
     return fig
 
 
@@ -96,13 +100,10 @@ def plot_drift(res, matrix: str = "wte") -> Figure:
     ax.plot(x, res["cos_live"], color=LIVE, lw=1.2, label="cos(mean dead Δw, −mean live row)")
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_ylim(-1.05, 1.05)
-    ax.set_ylabel("cosine", fontsize=8)
-    ax.legend(fontsize=6)
+    _label(ax, "cosine")
     _band(ax2, res["proj_stats"], DEAD, "dead rows", median=True)
     _named(ax2, x, res["proj"], res)
-    ax2.set_ylabel("(w_N - w_0)·u_final", fontsize=8)
-    ax2.set_xlabel("training step (updates)", fontsize=8)
-    ax2.legend(fontsize=6)
+    _label(ax2, "(w_N - w_0)·u_final", steps=True)
     return fig
 
 
@@ -113,17 +114,14 @@ def plot_collapse(res, matrix: str = "wte") -> Figure:
     ax.plot(x, res["dead_cos"], color=DEAD, lw=1.2, label="dead: mean pairwise cosine")
     ax.plot(x, res["dead_cos_to_mean"], color=DEAD, ls="--", lw=1, label="dead: mean cosine to mean dead row")
     ax.plot(x, res["live_cos"], color=LIVE, lw=1.2, label="live: mean pairwise cosine")
-    ax.set_ylabel("cosine", fontsize=8)
-    ax.legend(fontsize=6)
+    _label(ax, "cosine")
     for k in range(res["pc_var"].shape[1]):
         ax2.plot(x, res["pc_var"][:, k], color=DEAD, alpha=1 - 0.3 * k, lw=1.2, ls=("-", "--", ":")[k % 3],
                  label=f"PC{k + 1}")
     n, d = res["n_dead"], res["d"]
     ax2.axhline((1 + (d / n) ** 0.5) ** 2 / d, color=NULL, ls="--", lw=1,
                 label="top PC of isotropic noise (Marchenko-Pastur edge)")
-    ax2.set_ylabel("fraction of centred\ndead-row variance", fontsize=8)
-    ax2.set_xlabel("training step (updates)", fontsize=8)
-    ax2.legend(fontsize=6)
+    _label(ax2, "fraction of centred\ndead-row variance", steps=True)
     return fig
 
 
@@ -159,9 +157,7 @@ def plot_detectability(res, matrix: str = "wte") -> Figure:
                 label=names.get(key, key))
     ax.axhline(0.5, color="grey", lw=0.5)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_ylabel("AUROC (dead = positive)", fontsize=8)
-    ax.set_xlabel("training step (updates)", fontsize=8)
-    ax.legend(fontsize=6)
+    _label(ax, "AUROC (dead = positive)", steps=True)
     return fig
 
 
@@ -173,10 +169,7 @@ def plot_output_mass(res) -> Figure:
     ax.plot(res["steps"], res["max"], "s--", ms=3, color=DEAD, lw=1, alpha=0.7,
             label="max over positions and dead tokens")
     ax.axhline(res["uniform"], color=NULL, ls="--", lw=1, label="uniform softmax: n_dead / V")
-    ax.set_yscale("log")
-    ax.set_ylabel("softmax probability", fontsize=8)
-    ax.set_xlabel("training step (updates)", fontsize=8)
-    ax.legend(fontsize=6)
+    _label(ax, "softmax probability", steps=True, log=True)
     return fig
 
 
@@ -199,7 +192,7 @@ def plot_gradients(res, matrix: str = "wte") -> Figure:
     if res.get("adam_epsilon"):
         ax2.axhline(res["adam_epsilon"], color=NULL, ls="--", lw=1, label="Adam eps")
         ax2.legend(fontsize=6)
-    ax2.set_xlabel("training step (updates)", fontsize=8)
+    ax2.set_xlabel(STEP_LABEL, fontsize=8)
     return fig
 
 
@@ -213,7 +206,5 @@ def plot_loss(log_history: list[dict]) -> Figure:
         if pts:
             x, y = np.array(pts).T
             ax.plot(x, y, color=color, lw=1.2, marker=marker, ms=3, label=label)
-    ax.set_xlabel("training step (updates)")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.legend(fontsize=7)
+    _label(ax, "cross-entropy (nats/token)", steps=True)
     return fig

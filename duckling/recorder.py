@@ -174,6 +174,9 @@ class WRecorder(TrainerCallback):
         self.bits = {m: torch.empty(sl.stop - sl.start, d, dtype=torch.bfloat16, device=dev)
                      for m in self.mats for ext, sl, _ in self.parts if ext == "u16"}
         self.lr = float("nan")
+        # W's parameter group, found once: the scheduler updates its "lr" in place every step
+        self._lr_group = next((g for g in getattr(optimizer, "param_groups", [])
+                               if any(q is w for q in g["params"])), None)
         self.hidden_sum = torch.zeros(d, device=dev)
         self.hidden_n = 0
         self._hook = model.transformer.ln_f.register_forward_hook(self._on_ln_f)
@@ -193,9 +196,7 @@ class WRecorder(TrainerCallback):
                 self.rows[i, 2].fill_(float("nan"))
             else:
                 torch.linalg.vector_norm(p.grad.detach().float(), dim=1, out=self.rows[i, 2])  # (V,)
-        w = self.mats["wte"]
-        self.lr = next((g["lr"] for g in self.optimizer.param_groups if any(q is w for q in g["params"])),
-                       float("nan"))
+        self.lr = float("nan") if self._lr_group is None else self._lr_group["lr"]
 
     def on_step_end(self, args, state, control, **kwargs):
         self._record(state.global_step, last=state.global_step >= state.max_steps)
