@@ -95,7 +95,7 @@ def _worker(kind: str, conn, cfg_dict: dict, block: int, n_steps: int, threads: 
         cfg.train, max_steps=n_steps, logging_steps=10**9, save_steps=10**9,
         compile=flip.get(kind, cfg.train.compile)))
     device = pick_device(cfg.train.device)
-    data = _data(cfg.data.seq_len)
+    data = _data(cfg.model.n_positions)
     gate = _gate_callback(conn, block, device)
     if kind in ("duckling", "compiled", "eager"):
         train(cfg, dataset=data, callbacks=[gate], progress=False)
@@ -105,7 +105,7 @@ def _worker(kind: str, conn, cfg_dict: dict, block: int, n_steps: int, threads: 
     elif kind == "naive":
         naive_trainer(cfg, data, [gate], device).train()
     else:
-        _plain(cfg, data, conn, block, device, pick_precision(cfg.train.precision, device),
+        _plain(cfg, data, conn, block, device, pick_precision(cfg.train.compute_dtype, device),
                pick_compile(cfg.train.compile, device))
     conn.close()
 
@@ -123,7 +123,7 @@ def naive_trainer(cfg, data, callbacks, device: str):
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="duckling-naive-"), per_device_train_batch_size=t.batch_size,
         learning_rate=t.learning_rate, weight_decay=t.weight_decay, seed=t.seed, max_steps=t.max_steps,
-        bf16=pick_precision(t.precision, device) == "bf16", use_cpu=device == "cpu",
+        bf16=pick_precision(t.compute_dtype, device) == "bf16", use_cpu=device == "cpu",
         save_strategy="no", report_to="none", disable_tqdm=True)
     return Trainer(model=build_model(cfg.model, seed=t.seed), args=args, train_dataset=ds, callbacks=callbacks)
 
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     other = "eager" if compiled else "compiled"
     kinds = ["duckling", "plain", "recording", "naive"] + ([other] if a.compile else [])
     n_steps = block * (rounds + 1)
-    print(f"device {device}, precision {pick_precision(cfg.train.precision, device)}, compile {compiled}, "
+    print(f"device {device}, precision {pick_precision(cfg.train.compute_dtype, device)}, compile {compiled}, "
           f"{block} steps x {rounds} rounds (+1 warm-up) per configuration: {', '.join(kinds)}", flush=True)
 
     ctx = mp.get_context("spawn")

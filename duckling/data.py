@@ -328,7 +328,7 @@ def build_dataset(data=None, tokenizer=None, out=None, seq_len: int | None = Non
     dcfg = config.DataConfig()
     tok = tokenizer if isinstance(tokenizer, CompactTokenizer) else CompactTokenizer.from_file(tokenizer or dcfg.mapping_path)
     out = Path(out or dcfg.dataset_dir)
-    seq_len = seq_len or dcfg.seq_len
+    seq_len = seq_len or config.ModelConfig().n_positions
     source = data if isinstance(data, Source) else resolve_source(data, split)
     ident = source.identity()
     fingerprint = None if ident is None else hashlib.sha256(json.dumps(

@@ -153,14 +153,14 @@ class WRecorder(TrainerCallback):
         check_budget(self.run_dir, self.cfg, state.max_steps, shape=(V, d), n_live=self.n_live,
                      n_matrices=len(self.mats), start_step=start)
         self.writer = RecordingWriter(
-            self.run_dir, shape=(V, d), n_live=self.n_live, precision=self.cfg.precision,
+            self.run_dir, shape=(V, d), n_live=self.n_live, precision=self.cfg.dtype,
             every=self.cfg.every, chunk_steps=self.cfg.chunk_steps, matrices=tuple(self.mats),
             extra_meta={"max_steps": state.max_steps, "learning_rate": args.learning_rate,
                         "weight_decay": args.weight_decay,
                         "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
                         "warmup_steps": args.warmup_steps, "record_config": vars(self.cfg), **self.extra_meta},
             resume_step=start if start > 0 else None)
-        self.parts = snapshot_parts(self.cfg.precision, V, self.n_live)
+        self.parts = snapshot_parts(self.cfg.dtype, V, self.n_live)
         cuda = w.device.type == "cuda"
         use_thread = next(x for x in (self.async_write, self.default_async, cuda) if x is not None)
         self.sink = _AsyncSink(self.writer, self.cfg.queue_size, cuda) if use_thread else _SyncSink(self.writer)

@@ -67,7 +67,7 @@ def recording_bytes(record_cfg, n_steps: int, shape=SHAPE, n_live: int = N_LIVE,
     n_snap = len(recorded_snapshot_steps(start_step, n_steps, every)) + (start_step == 0)
     n_scalar = n_steps - start_step + (start_step == 0)
     per_snap = sum((sl.stop - sl.start) * d * np.dtype(dt).itemsize
-                   for _, sl, dt in snapshot_parts(record_cfg.precision, n_rows, n_live))
+                   for _, sl, dt in snapshot_parts(record_cfg.dtype, n_rows, n_live))
     per_scalar = n_matrices * len(FIELDS) * n_rows * 4 + d * 4 + 4 + 8  # rows + hidden + lr + step
     probes = (n_scalar // record_cfg.probe_every + 1) * 12 if record_cfg.probe_every else 0
     return n_snap * (n_matrices * per_snap + 8) + n_scalar * per_scalar + probes
@@ -106,7 +106,7 @@ def check_budget(run_dir, record_cfg, n_steps: int, shape=SHAPE, n_live: int = N
     hint = (f"record every {stride}th step (--record-every {stride}, RecordConfig.every) or train "
             f"fewer steps" if stride else "train fewer steps (the per-step scalars alone do not fit)")
     raise DucklingError(
-        f"recording {n_steps - start_step} steps at {record_cfg.precision} precision every "
+        f"recording {n_steps - start_step} steps at {record_cfg.dtype} precision every "
         f"{record_cfg.every} step(s) needs {need / 1e9:.2f} GB ({need} bytes), more than {what}. "
         f"To fit, {hint}, use a smaller precision, or raise the budget / free disk space.")
 

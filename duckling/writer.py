@@ -25,7 +25,7 @@ class RecordingWriter:
     an existing recording, drops every record after step k (and any torn tail), and appends from k+1.
     """
 
-    def __init__(self, run_dir, shape=SHAPE, n_live: int = N_LIVE, precision: str = RecordConfig.precision,
+    def __init__(self, run_dir, shape=SHAPE, n_live: int = N_LIVE, precision: str = RecordConfig.dtype,
                  every: int = RecordConfig.every, chunk_steps: int = RecordConfig.chunk_steps,
                  matrices=("wte",), extra_meta=None,
                  resume_step: int | None = None):

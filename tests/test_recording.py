@@ -134,7 +134,7 @@ def test_budget_refuses_with_bytes_and_stride(tmp_path):
         check_budget(tmp_path, RecordConfig(budget_gb=3.0, every=k - 1), 10_000)
     with pytest.raises(DucklingError, match="fewer steps"):
         check_budget(tmp_path, RecordConfig(budget_gb=0.01), 10_000)
-    assert recording_bytes(RecordConfig(precision="float32"), 100) > recording_bytes(cfg, 100)
+    assert recording_bytes(RecordConfig(dtype="float32"), 100) > recording_bytes(cfg, 100)
 
 
 def test_full_disk_stops_cleanly_and_keeps_prefix(tmp_path, monkeypatch):
@@ -186,8 +186,8 @@ def tiny(precision="bf16", every=1, max_steps=5, tied=True, **rec_kw) -> Ducklin
         data=DataConfig(mapping_path="no-such-dir/token_mapping.json"),  # no tokenizer: ids 0..6143 live
         model=ModelConfig(n_layer=1, n_embd=16, n_head=2, n_inner=32, n_positions=T_TINY, tie_word_embeddings=tied),
         train=TrainConfig(max_steps=max_steps, learning_rate=1e-2, save_steps=3, logging_steps=3, device="cpu",
-                          precision="fp32"),
-        record=RecordConfig(precision=precision, every=every, probe_every=2, **rec_kw))
+                          compute_dtype="fp32"),
+        record=RecordConfig(dtype=precision, every=every, probe_every=2, **rec_kw))
 
 
 def rows_data(n=24, seed=0) -> np.ndarray:

@@ -187,7 +187,7 @@ def test_device_and_precision_choice(capsys):
 
 
 def test_in_memory_training_learns_and_is_deterministic():
-    cfg = tiny_cfg(max_steps=8, learning_rate=3e-3, logging_steps=1, precision="fp32")
+    cfg = tiny_cfg(max_steps=8, learning_rate=3e-3, logging_steps=1, compute_dtype="fp32")
     data = np.tile(np.arange(T, dtype=np.uint16), (16, 1))  # one memorisable row
     a = train(cfg, dataset=data, progress=False)
     b = train(cfg, dataset=data, progress=False)
