@@ -53,11 +53,22 @@ class Source:
 
 
 def resolve_source(data=None, split: str = "train") -> Source:
-    """``data``: a path, an iterable of stories, or None ($DUCKLING_DATA, else the hub)."""
+    """``data``: a path, ``"sample"``, an iterable of stories, or None ($DUCKLING_DATA, else the hub).
+
+    ``"sample"`` is the 500-story TinyStories sample bundled with the package (duckling/sample/), only
+    ever when asked for by name: a hub failure is an error, never a silent switch to the sample. A
+    local folder that is literally called ``sample`` is reached as ``./sample``.
+    """
     if data is None:
         data = os.environ.get("DUCKLING_DATA") or None
     if data is None:
         return Source("hub", split=split)
+    if isinstance(data, str) and data == "sample":
+        sample = Path(__file__).parent / "sample" / "tinystories_sample.txt"
+        if not sample.is_file():
+            raise DucklingError(f"The bundled sample {str(sample)!r} is missing; reinstall duckling "
+                                "(pip install -e .) to restore it.")
+        return Source("files", files=[sample])
     if not isinstance(data, (str, os.PathLike)):
         return Source("stories", stories=data)
     path = Path(data).expanduser()

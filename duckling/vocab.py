@@ -8,6 +8,8 @@ row of W still has a name for plots. ``token_mapping.json`` holds the table plus
 """
 from __future__ import annotations
 
+import functools
+import gzip
 import hashlib
 import json
 import os
@@ -24,8 +26,18 @@ N_GPT2 = 50257  # size of the gpt2 encoding, <|endoftext|> included
 GPT2_EOT = 50256
 
 
+# GPT-2's BPE merges, bundled so that the gpt2 encoding works offline: OpenAI's vocab.bpe, gzipped
+# byte for byte (see duckling/bpe/README.md). tiktoken downloads the same file (it pins this sha256).
+_BUNDLED_BPE = Path(__file__).parent / "bpe" / "vocab.bpe.gz"
+_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+
+
 def get_encoding(name: str = config.BASE_ENCODING):
-    """tiktoken's encoding, with a clear error when its BPE files cannot be fetched (offline)."""
+    """tiktoken's encoding. ``gpt2`` is built from the bundled BPE file (no download, no cache, works
+    offline; identical to ``tiktoken.get_encoding("gpt2")``, see tests/test_quickstart.py); any other
+    name goes through tiktoken, with a clear error when its files cannot be fetched."""
+    if name == "gpt2":
+        return _bundled_gpt2()
     import tiktoken
 
     try:
@@ -34,8 +46,45 @@ def get_encoding(name: str = config.BASE_ENCODING):
         raise DucklingError(
             f"tiktoken could not load the {name!r} BPE files ({type(e).__name__}: {e}). It downloads "
             "them once and caches them; offline, set TIKTOKEN_CACHE_DIR to a folder that already holds "
-            "them (for example ../shared/tiktoken-cache) or run once with internet access."
+            "them or run once with internet access (only 'gpt2' ships with Duckling)."
         ) from e
+
+
+@functools.cache
+def _bundled_gpt2():
+    """tiktoken's ``gpt2`` Encoding, with its mergeable ranks read from the bundled vocab.bpe."""
+    import tiktoken
+    from tiktoken_ext.openai_public import ENDOFTEXT, r50k_pat_str
+
+    try:
+        raw = gzip.decompress(_BUNDLED_BPE.read_bytes())
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DucklingError(f"The bundled GPT-2 BPE file {str(_BUNDLED_BPE)!r} cannot be read ({e}); reinstall "
+                            "duckling (pip install -e .) to restore it.") from e
+    if hashlib.sha256(raw).hexdigest() != _VOCAB_BPE_SHA256:
+        raise DucklingError(f"The bundled GPT-2 BPE file {str(_BUNDLED_BPE)!r} is corrupted (sha256 mismatch); "
+                            "reinstall duckling (pip install -e .) to restore it.")
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=_ranks_from_vocab_bpe(raw.decode()),
+                             special_tokens={ENDOFTEXT: GPT2_EOT}, explicit_n_vocab=N_GPT2)
+
+
+def _ranks_from_vocab_bpe(text: str) -> dict[bytes, int]:
+    """GPT-2's token bytes -> rank, from vocab.bpe: the 256 single bytes, then one token per merge line.
+
+    vocab.bpe spells bytes as printable characters (GPT-2's byte-to-unicode table: printable
+    non-space bytes stand for themselves, the other 68 for chr(256 + n) in byte order). This is
+    the computation of tiktoken's ``data_gym_to_mergeable_bpe_ranks``, on text instead of a URL.
+    """
+    shown = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    hidden = [b for b in range(256) if b not in set(shown)]
+    char_to_byte = {**{chr(b): b for b in shown}, **{chr(256 + n): b for n, b in enumerate(hidden)}}
+    ranks = {bytes([b]): i for i, b in enumerate(shown + hidden)}
+    for rank, line in enumerate(text.split("\n")[1:-1], start=len(ranks)):  # line 0: "#version: 0.2"
+        first, second = line.split()
+        ranks[bytes(char_to_byte[c] for c in first + second)] = rank
+    if len(ranks) != GPT2_EOT:
+        raise DucklingError(f"The bundled GPT-2 BPE file gives {len(ranks)} tokens, not {GPT2_EOT}; reinstall duckling.")
+    return ranks
 
 
 # --- corpus statistics (notebook 01) -------------------------------------------------------------
