@@ -1,79 +1,103 @@
-"""The ``duckling`` command: vocab | build | train | generate | report.
+"""The ``duckling`` command: every subcommand's arguments and handler, in one place.
 
-Each subcommand's handler lives next to the code it drives (``cli_<name>(args)`` in its module)
-and is imported lazily, so ``duckling --help`` does not import torch.
+Flags that set config fields are generated from the field metadata in ``config.py`` (default and help
+included), and ``--set section.field=VALUE`` reaches every field; both go through
+``DucklingConfig.override``, so the CLI, the notebooks and the sweep engine share one set of checks.
+Heavy modules are imported inside the handlers, so ``duckling --help`` does not import torch.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
+import os
 import sys
+import warnings
+from pathlib import Path
 
+from . import config as C
 from .errors import DucklingError
 
-# subcommand -> (module, handler)
-HANDLERS = {
-    "vocab": ("duckling.vocab", "cli_vocab"),
-    "build": ("duckling.data", "cli_build"),
-    "train": ("duckling.train", "cli_train"),
-    "generate": ("duckling.train", "cli_generate"),
-    "report": ("duckling.report", "cli_report"),
-}
+# Fields whose shorthand flag appears on `duckling train` (the rest are reachable with --set).
+TRAIN_SECTIONS = ("model", "data", "train", "record")
+# Deprecated flags (one release): flag -> dotted name.
+DEPRECATED_FLAGS = {"train_precision": ("--train-precision", "train.compute_dtype", "--compute-dtype"),
+                    "precision": ("--precision", "record.dtype", "--record-dtype")}
+
+
+def _flag_fields(cls) -> list:
+    import dataclasses
+
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("flag")]
+
+
+def _add_field_flags(parser, prefix: str, cls) -> None:
+    """One ``--flag`` per field with a ``flag`` in its metadata: help shows the default and range."""
+    for f in _flag_fields(cls):
+        m = f.metadata
+        parser.add_argument(f"--{m['flag']}", dest=f"set:{prefix}.{f.name}", default=None, metavar="VALUE",
+                            help=f"{m['help']} [{prefix}.{f.name}; default {f.default!r}; {C._range(m)}]")
+
+
+def _positive_int(name):
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number, not {s!r}")
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, not {v}")
+        return v
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="duckling", description="Duckling II: build the compact-vocab dataset, "
-                                "train with per-step W recording, report on dead tokens, generate.")
-    sub = p.add_subparsers(dest="command", required=True)
+    d = C.DataConfig()
+    p = argparse.ArgumentParser(prog="duckling", description=(
+        "Duckling II: build the compact-vocabulary dataset, train with per-step W recording, report on "
+        "dead tokens, generate, and run sweeps. `duckling COMMAND --help` lists a command's options."))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("vocab", help="count GPT-2 tokens over a corpus and write token_mapping.json")
-    s.add_argument("--data", help="text file or folder of .txt files (default: $DUCKLING_DATA, else the hub)")
-    s.add_argument("--out", default="token_mapping.json")
-    s.add_argument("--max-stories", type=int, default=None, help="use only the first N stories")
+    s.add_argument("--data", help="text file or folder of .txt files, or 'sample' (default: $DUCKLING_DATA, else the hub)")
+    s.add_argument("--out", default=d.mapping_path, help=f"mapping file to write (default {d.mapping_path})")
+    s.add_argument("--max-stories", type=_positive_int("--max-stories"), default=None, help="use only the first N stories")
     s.add_argument("--name", default=None, help="corpus name recorded in the mapping's provenance")
-    s.add_argument("--num-proc", type=int, default=None, help="worker processes (default: all cores)")
+    s.add_argument("--num-proc", type=_positive_int("--num-proc"), default=None, help="worker processes (default: all cores)")
+    s.add_argument("--force", action="store_true", help="overwrite an existing mapping file")
 
-    s = sub.add_parser("build", help="tokenize and pack a corpus into tokenized_dataset/")
-    s.add_argument("--data", help="text file or folder of .txt files (default: $DUCKLING_DATA, else the hub)")
-    s.add_argument("--out", default="tokenized_dataset")
-    s.add_argument("--mapping", default="token_mapping.json")
-    s.add_argument("--split", default="train", help="hub split (ignored for local files)")
-    s.add_argument("--max-stories", type=int, default=None, help="use only the first N stories")
+    s = sub.add_parser("build", help="tokenize and pack a corpus into a dataset folder")
+    s.add_argument("--data", help="text file or folder of .txt files, or 'sample' (default: $DUCKLING_DATA, else the hub)")
+    s.add_argument("--out", default=d.dataset_dir, help=f"dataset folder (default {d.dataset_dir})")
+    s.add_argument("--mapping", default=d.mapping_path, help=f"token mapping (default {d.mapping_path})")
+    s.add_argument("--split", default=d.split, help=f"hub split, ignored for local files (default {d.split})")
+    s.add_argument("--seq-len", type=_positive_int("--seq-len"), default=C.ModelConfig().n_positions,
+                   help=f"tokens per row = the model's context (default {C.ModelConfig().n_positions})")
+    s.add_argument("--max-stories", type=_positive_int("--max-stories"), default=None, help="use only the first N stories")
     s.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
-    s.add_argument("--num-proc", type=int, default=None, help="worker processes (default: all cores)")
+    s.add_argument("--num-proc", type=_positive_int("--num-proc"), default=None, help="worker processes (default: all cores)")
 
-    s = sub.add_parser("train", help="train a Duckling and record W at every step")
-    s.add_argument("--dataset", default="tokenized_dataset")
-    s.add_argument("--run", required=True, help="run folder (created; must be empty unless --resume)")
-    s.add_argument("--max-steps", type=int, default=None)
-    s.add_argument("--record-every", type=int, default=None, help="snapshot stride (default 1)")
-    s.add_argument("--precision", choices=["bf16", "float32", "mixed"], default=None,
-                   help="recording precision (default bf16)")
-    s.add_argument("--no-record", action="store_true", help="train without recording W")
-    s.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    s.add_argument("--device", default=None, help="cuda | mps | cpu (default: auto)")
-    s.add_argument("--batch-size", type=int, default=None)
-    s.add_argument("--lr", type=float, default=None)
-    s.add_argument("--n-layer", type=int, default=None)
-    s.add_argument("--untied", action="store_true", help="untied input/output embeddings (control)")
-    s.add_argument("--eval-dataset", default=None, help="tokenized validation set for eval loss")
-    s.add_argument("--eval-steps", type=int, default=None,
-                   help="evaluate every N steps (default: once, at the end, when --eval-dataset is given)")
-    s.add_argument("--budget-gb", type=float, default=None)
-    s.add_argument("--train-precision", choices=["auto", "bf16", "fp32"], default=None,
-                   help="training precision: auto = bf16 mixed where the device has native bf16")
-    s.add_argument("--compile", choices=["auto", "on", "off"], default=None,
-                   help="torch.compile the model (default auto: on CUDA only)")
-    s.add_argument("--mapping", default=None, help="token mapping (default token_mapping.json)")
+    s = sub.add_parser("train", help="train a Duckling and record W at every step",
+                       description="Train a Duckling into a new run folder (or --resume one). Every config "
+                       "field can be set with --set section.field=VALUE (repeatable); the common ones have "
+                       "the shorthand flags below. Values are TOML scalars: 1e-4, 4, true, \"text\".")
+    s.add_argument("--run", required=True, help="run folder: created (must not exist or be empty) unless --resume")
+    s.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override any config field by its dotted name, e.g. --set train.weight_decay=0.1")
+    s.add_argument("--resume", action="store_true", help="continue the run folder from its last checkpoint")
+    s.add_argument("--eval-dataset", default=None, help="tokenized validation set for the held-out loss")
+    s.add_argument("--no-record", action="store_true", help="train without recording W [record.enabled=false]")
+    s.add_argument("--untied", action="store_true",
+                   help="untied input/output embeddings, the control [model.tie_word_embeddings=false]")
+    for section in TRAIN_SECTIONS:
+        _add_field_flags(s, section, C.SECTIONS[section])
+    s.add_argument("--train-precision", dest="train_precision", default=None, help=argparse.SUPPRESS)
+    s.add_argument("--precision", dest="precision", default=None, help=argparse.SUPPRESS)
 
     s = sub.add_parser("generate", help="generate text from a trained run")
-    s.add_argument("--run", required=True)
-    s.add_argument("prompt")
-    s.add_argument("--max-new-tokens", type=int, default=60)
+    s.add_argument("--run", required=True, help="run folder")
+    s.add_argument("prompt", help="text to continue")
     s.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=50)
-    s.add_argument("--seed", type=int, default=0)
+    _add_field_flags(s, "generate", C.GenerateConfig)
 
     s = sub.add_parser("report", help="write every dead-token figure and summary.json for a run")
     s.add_argument("run", help="run folder")
@@ -83,11 +107,168 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# ---------------------------------------------------------------- handlers
+def _abs(path) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def cli_vocab(args) -> int:
+    """``duckling vocab``: count GPT-2 tokens over a corpus, write the mapping, print coverage."""
+    from .data import count_tokens, describe_source, resolve_source
+    from .vocab import CompactTokenizer, min_vocab_for_coverage
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise DucklingError(f"{_abs(out)} already exists; the committed mapping defines the experiment's "
+                            "vocabulary. Write to another --out, or pass --force to overwrite it.")
+    if out.is_dir():
+        raise DucklingError(f"--out {_abs(out)} is a folder; give a file path such as my_mapping.json.")
+    source = resolve_source(args.data)
+    stats: dict = {}
+    counts = count_tokens(source, num_proc=args.num_proc, progress=True, max_stories=args.max_stories, stats=stats)
+    prov = {"corpus": args.name or describe_source(source), "source": describe_source(source),
+            "n_stories": stats["n_stories"], "n_tokens": int(counts.sum()), "text_sha256": stats["sha256"]}
+    if args.max_stories:
+        prov["max_stories"] = args.max_stories
+    tok = CompactTokenizer.from_counts(counts, prov)
+    tok.save(out)
+    print(f"wrote {out}: {len(tok)} ids ({tok.n_live} live, {tok.n_dead} dead), hash {tok.hash[:16]}")
+    print(f"corpus: {prov['n_stories']:,} stories, {prov['n_tokens']:,} tokens, "
+          f"{tok.provenance['distinct_tokens']:,} distinct GPT-2 tokens")
+    print(f"live coverage: {tok.provenance['coverage']:.4%}")
+    for c in (0.9, 0.95, 0.99, 0.995, 0.999):
+        print(f"  {c:.1%} coverage needs the {min_vocab_for_coverage(counts, c):,} most frequent tokens")
+    return 0
+
+
+def cli_build(args) -> int:
+    """``duckling build``: tokenize and pack a corpus into a tokenized dataset folder."""
+    from .data import build_dataset
+
+    if not Path(args.mapping).is_file():
+        raise DucklingError(f"Token mapping {_abs(args.mapping)} not found. Use the committed "
+                            "token_mapping.json (run from the repository root) or pass --mapping PATH.")
+    build_dataset(args.data, args.mapping, args.out, seq_len=args.seq_len, split=args.split,
+                  max_stories=args.max_stories, num_proc=args.num_proc, force=args.force)
+    return 0
+
+
+def _parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        name, eq, raw = item.partition("=")
+        if not eq or not name.strip():
+            raise DucklingError(f"--set {item!r}: expected NAME=VALUE with a dotted config name, "
+                                "e.g. --set train.weight_decay=0.1.")
+        out[name.strip()] = C.parse_value(raw.strip())
+    return out
+
+
+def train_overrides(args) -> dict:
+    """{dotted name: value} from the shorthand flags, the deprecated flags and --set (last wins)."""
+    out = {}
+    for key, raw in vars(args).items():
+        if key.startswith("set:") and raw is not None:
+            name = key[4:]
+            value = C.parse_value(raw)
+            if name == "train.compile" and isinstance(raw, str) and raw.lower() in ("on", "off"):
+                value = raw.lower() == "on"
+            out[name] = value
+    for key, (old, name, new) in DEPRECATED_FLAGS.items():
+        if getattr(args, key, None) is not None:
+            print(f"duckling train: {old} is deprecated, use {new} ({name}); it stops working in the next "
+                  "release.", file=sys.stderr)
+            out[name] = C.parse_value(getattr(args, key))
+    if args.no_record:
+        out["record.enabled"] = False
+    if args.untied:
+        out["model.tie_word_embeddings"] = False
+    out.update(_parse_sets(args.set))
+    return out
+
+
+def cli_train(args) -> int:
+    """``duckling train``: the run's stored config on --resume, else the defaults, plus the overrides."""
+    from .train import train
+
+    run = Path(args.run)
+    overrides = train_overrides(args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the deprecated flags were reported above
+        if args.resume:
+            if not run.is_dir():
+                raise DucklingError(f"--resume: the run folder {_abs(run)} does not exist. Check the path, or "
+                                    "drop --resume to start a new run there.")
+            stored = run / "config.json"
+            if not stored.is_file():
+                raise DucklingError(f"--resume: {_abs(run)} is not a Duckling run folder (no config.json).")
+            try:
+                base = C.DucklingConfig.from_dict(json.loads(stored.read_text()))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DucklingError(f"--resume: {_abs(stored)} is not valid JSON ({e}); the run's config was "
+                                    "edited or damaged. Restore it, or start a new run.")
+            cfg = base.override(overrides)
+        else:
+            cfg = C.DucklingConfig().override(overrides)
+    mapping = run / "token_mapping.json" if args.resume and (run / "token_mapping.json").is_file() \
+        else cfg.data.mapping_path
+    result = train(cfg, dataset=cfg.data.dataset_dir, run_dir=run, eval_dataset=args.eval_dataset,
+                   resume=args.resume, tokenizer=mapping)
+    steps, losses = result.losses()
+    last = f", loss {losses[-1]:.3f}" if len(losses) else ""
+    print(f"trained {run} to step {result.global_step}{last}, {result.steps_per_s:.1f} steps/s "
+          f"({result.device}, {result.precision})")
+    return 0
+
+
+def cli_generate(args) -> int:
+    """``duckling generate --run DIR "prompt"``: print the prompt and its continuation."""
+    from .generate import generate
+    from .runs import load_run
+
+    g = C.GenerateConfig(**{k[len("set:generate."):]: C.parse_value(v) for k, v in vars(args).items()
+                            if k.startswith("set:generate.") and v is not None}, sample=args.sample)
+    model, tok, _ = load_run(args.run)
+    if tok is None:
+        raise DucklingError(f"{_abs(args.run)} has no token_mapping.json, so prompts cannot be encoded.")
+    print(args.prompt + generate(model, tok, args.prompt, gen=g))
+    return 0
+
+
+def cli_report(args) -> int:
+    """``duckling report RUN [--out DIR]``."""
+    from . import analysis as A
+    from .report import report
+
+    mp = args.max_points
+    if mp is not None and mp < 0:
+        raise DucklingError(f"--max-points must be >= 0 (0 = every recorded step), not {mp}.")
+    S = report(args.run, args.out, A.MAX_POINTS if mp is None else mp)
+    out = Path(args.out) if args.out else Path(args.run) / "report"
+    print(f"wrote {len(S['figures'])} figures and summary.json to {out}")
+    for k in ("dead_norm_over_null", "dead_mean_pairwise_cosine", "drift_cosine_to_neg_mean_hidden",
+              "drift_cosine_to_neg_mean_live", "detect_auroc_norm"):
+        print(f"  {k}: {S.get(k)}")
+    return 0
+
+
+HANDLERS = {"vocab": cli_vocab, "build": cli_build, "train": cli_train, "generate": cli_generate,
+            "report": cli_report}
+
+
+def _paths_from_env() -> None:
+    """Relative TIKTOKEN_CACHE_DIR / DUCKLING_DATA resolve against the directory they were set in."""
+    for var in ("TIKTOKEN_CACHE_DIR", "DUCKLING_DATA"):
+        v = os.environ.get(var)
+        if v and v != "sample" and not os.path.isabs(v):
+            os.environ[var] = _abs(v)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    module, handler = HANDLERS[args.command]
+    _paths_from_env()
     try:
-        result = getattr(importlib.import_module(module), handler)(args)
+        result = HANDLERS[args.command](args)
     except DucklingError as e:
         print(f"duckling {args.command}: error: {e}", file=sys.stderr)
         return 2

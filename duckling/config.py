@@ -148,7 +148,7 @@ class DataConfig(_Checked):
 
     _prefix = "data."
     source: str | None = spec(None, "text file/folder, 'sample' (bundled), None = $DUCKLING_DATA, else the hub",
-                              kind=str, optional=True, flag="data")
+                              kind=str, optional=True)
     split: str = spec("train", "hub split (ignored for local files)")
     mapping_path: str = spec("token_mapping.json", "the token mapping (compact vocabulary)", flag="mapping")
     dataset_dir: str = spec("tokenized_dataset", "the packed dataset folder", flag="dataset")

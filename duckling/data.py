@@ -413,10 +413,3 @@ def load_dataset_dir(path=None, tokenizer_or_hash=None, fmt: str | None = "torch
     if fmt:
         ds.set_format(fmt, columns=["input_ids"])
     return ds
-
-
-def cli_build(args) -> int:
-    """``duckling build``: tokenize and pack a corpus into a tokenized dataset folder."""
-    build_dataset(args.data, args.mapping, args.out, split=args.split, max_stories=args.max_stories,
-                  num_proc=getattr(args, "num_proc", None), force=args.force)
-    return 0

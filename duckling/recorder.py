@@ -1,11 +1,17 @@
 """``WRecorder``: the TrainerCallback that records W at every optimizer step into a RecordingWriter.
 
-Order within one update (HF Trainer): on_pre_optimizer_step (clipped grads present) -> optimizer.step
--> on_optimizer_step -> scheduler, zero_grad, global_step += 1 -> on_step_end. We read per-row gradient
-norms and the lr before the step, and W, update norms and Adam's second moment after it. All math
-runs on W's device; on CUDA the results are copied into pinned buffers without a host sync and a
-writer thread waits on a CUDA event before writing them (training blocks when all buffers are in
-flight, so no step is ever dropped). On CPU and MPS the write is synchronous.
+Order within one update (HF Trainer): forward(s) -> backward -> clip -> on_pre_optimizer_step ->
+optimizer.step -> on_optimizer_step -> scheduler, zero_grad, global_step += 1 -> on_step_end.
+
+Nothing of the recorder runs inside the (compiled) model: the Trainer subclass asks the model for its
+final hidden state (``output_hidden_states``, after ln_f) and hands it to ``observe_hidden`` outside
+the graph. In ``on_optimizer_step`` (clipped gradients still present, W and Adam's state updated, the
+lr not yet stepped) one function, ``update_math``, writes every per-step float32 of the update into
+preallocated buffers; on CUDA with a compiled model it is itself compiled (a couple of kernels instead
+of ~10 per matrix). ``on_step_end`` hands the buffers to a sink: on CUDA pinned copies without a host
+sync and a writer thread that waits on a CUDA event (training blocks only when all buffers are in
+flight, so no step is ever dropped); on CPU and MPS a synchronous write. The dead-token probe is
+computed on the device and travels with its step, so the training thread never waits for it.
 """
 from __future__ import annotations
 
@@ -13,7 +19,6 @@ import queue
 import threading
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import TrainerCallback
 
@@ -23,6 +28,47 @@ from .model import embedding_matrices
 from .recording import check_budget, snapshot_parts
 from .writer import RecordingWriter
 
+NAN = float("nan")
+
+
+def update_math(ws, prevs, grads, adam_vs, rows, bits, hidden_parts, hidden, first: bool = False) -> None:
+    """Every float32 the recorder keeps for one update, written into preallocated buffers.
+
+    ws: the recorded matrices (V, d); prevs: float32 copies of them before the update (refreshed
+    here); grads / adam_vs: their clipped gradients and Adam exp_avg_sq (V, d), or None; rows:
+    (n_matrices, 4, V) [norm | update_norm | grad_norm | adam_v]; bits: per matrix a list of
+    (row slice, bf16 buffer) to round this step's snapshot into, empty when not snapshotting;
+    hidden_parts: the (d,) mean final hidden state of each forward of the update; hidden: (d,) their
+    mean, NaN when there is none. ``first``: step 0, initialisation (no update, gradient or state).
+    Pure tensor code (no host sync, no Python state), so ``torch.compile(fullgraph=True)`` takes it
+    whole; eager it computes exactly what the per-op recorder always did.
+    """
+    for i, w in enumerate(ws):
+        w, r = w.detach().float(), rows[i]  # (V, d): no copy for float32 parameters; (4, V)
+        torch.linalg.vector_norm(w, dim=1, out=r[0])
+        if first:
+            r[1].zero_()
+        else:
+            torch.linalg.vector_norm(w - prevs[i], dim=1, out=r[1])
+        if grads[i] is None:
+            r[2].fill_(NAN)
+        else:
+            torch.linalg.vector_norm(grads[i].detach().float(), dim=1, out=r[2])
+        if adam_vs[i] is None:
+            r[3].fill_(NAN)
+        else:
+            torch.mean(adam_vs[i].detach().float(), dim=1, out=r[3])
+        prevs[i].copy_(w)
+        for sl, buf in bits[i]:  # round to bf16 on the device: half the bytes to copy
+            buf.copy_(w[sl])
+    if hidden_parts:
+        h = hidden_parts[0]
+        for part in hidden_parts[1:]:  # gradient accumulation: several forwards per update
+            h = h + part
+        torch.div(h, len(hidden_parts), out=hidden)
+    else:
+        hidden.fill_(NAN)
+
 
 class _SyncSink:
     """CPU/MPS: write each step as it comes (tensors -> numpy, no extra copy on CPU)."""
@@ -31,8 +77,7 @@ class _SyncSink:
         self.writer = writer
 
     def submit(self, step: int, lr: float, tensors: dict, snapshot: bool) -> None:
-        host = {k: t.cpu().numpy() for k, t in tensors.items()}
-        _append(self.writer, step, lr, host, snapshot)
+        _append(self.writer, step, lr, {k: t.cpu().numpy() for k, t in tensors.items()}, snapshot)
 
     def drain(self) -> None:
         pass
@@ -42,7 +87,8 @@ class _SyncSink:
 
 
 def _append(writer: RecordingWriter, step: int, lr: float, host: dict, snapshot: bool) -> None:
-    """host: {"scalars": (n_matrices * 4 * V + d,) float32, "snap/<m>/<ext>": array} as numpy."""
+    """host: {"scalars": (n_matrices * 4 * V + d,) float32, "snap/<m>/<ext>": array[, "probe": (2,)
+    float32 dead mass, max dead prob]} as numpy. The probe is written after its step."""
     lay, mats = writer.layout, writer.layout.matrices
     n = len(mats) * 4 * lay.n_rows
     rows = host["scalars"][:n].reshape(len(mats), 4, lay.n_rows)  # (n_matrices, 4, V)
@@ -50,6 +96,8 @@ def _append(writer: RecordingWriter, step: int, lr: float, host: dict, snapshot:
     if snapshot:
         snap = {m: {ext: host[f"snap/{m}/{ext}"].view(dt) for ext, _, dt in lay.parts} for m in mats}
     writer.append_step(step, dict(zip(mats, rows)), host["scalars"][n:], lr, snap)
+    if "probe" in host:
+        writer.append_probe(step, float(host["probe"][0]), float(host["probe"][1]))
 
 
 class _AsyncSink:
@@ -65,39 +113,39 @@ class _AsyncSink:
         self.thread = threading.Thread(target=self._run, name="duckling-recorder", daemon=True)
         self.thread.start()
 
-    def _buffers(self, tensors: dict) -> dict:
-        if self.free.empty() and self.n_made < self.n_buffers:  # grow the pool lazily up to its size
+    def _slot(self, tensors: dict) -> tuple[dict, object]:
+        """A free (pinned buffers, CUDA event) pair; the pool grows lazily up to its size."""
+        if self.free.empty() and self.n_made < self.n_buffers:
             self.n_made += 1
-            buf = {}
+            buf, event = {}, torch.cuda.Event() if self.cuda else None
         else:
-            buf = self.free.get()  # blocks: training waits for the writer, never drops a step
-        for k, t in tensors.items():  # snapshot buffers appear at the first snapshot step
+            buf, event = self.free.get()  # blocks: training waits for the writer, never drops a step
+        for k, t in tensors.items():  # snapshot and probe buffers appear the first time they are used
             if k not in buf:
                 buf[k] = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
-        return buf
+        return buf, event
 
     def submit(self, step: int, lr: float, tensors: dict, snapshot: bool) -> None:
         self.raise_error(again=True)
-        buf = self._buffers(tensors)
+        buf, event = self._slot(tensors)
         for k, t in tensors.items():
             buf[k].copy_(t, non_blocking=self.cuda)
-        event = torch.cuda.Event() if self.cuda else None
         if event is not None:
             event.record()
-        self.work.put((buf, event, step, lr, snapshot))
+        self.work.put((buf, event, step, lr, snapshot, tuple(tensors)))
 
     def _run(self) -> None:
         while (item := self.work.get()) is not None:
-            buf, event, step, lr, snapshot = item
+            buf, event, step, lr, snapshot, keys = item
             try:
                 if self.error is None:  # after a failure, only hand buffers back
                     if event is not None:
                         event.synchronize()
-                    _append(self.writer, step, lr, {k: v.numpy() for k, v in buf.items()}, snapshot)
+                    _append(self.writer, step, lr, {k: buf[k].numpy() for k in keys}, snapshot)
             except BaseException as e:  # surfaced in the training thread by raise_error()
                 self.error = e
             finally:
-                self.free.put(buf)
+                self.free.put((buf, event))
                 self.work.task_done()
         self.work.task_done()
 
@@ -126,9 +174,12 @@ class WRecorder(TrainerCallback):
     Snapshot N = W after N updates; step 0 = initialisation (recorded in on_train_begin unless the
     Trainer resumes at global_step > 0, in which case the recording is truncated to that step and
     continued). Call ``close()`` in a ``finally`` block: the Trainer does not call callbacks on errors.
+    The mean final hidden state reaches it through ``observe_hidden`` (``DucklingTrainer.compute_loss``
+    calls it for every training forward); under another Trainer that field is NaN.
     """
 
     default_async: bool | None = None  # writer thread when async_write is None: None = on CUDA only
+    fuse: bool | None = None  # compile update_math: None = on CUDA when the Trainer compiles the model
 
     def __init__(self, run_dir, record_cfg: RecordConfig | None = None, n_live: int = N_LIVE,
                  probe_ids: torch.Tensor | None = None, extra_meta: dict | None = None,
@@ -140,7 +191,7 @@ class WRecorder(TrainerCallback):
         self.writer: RecordingWriter | None = None
         self.sink = None
         self.recorded_steps: list[int] = []  # snapshot steps recorded by this session
-        self._hook = None
+        self.hidden_parts: list[torch.Tensor] = []  # (d,) per training forward of the current update
         self._closed = self._ended = False
 
     # --- set-up ---------------------------------------------------------------------------------
@@ -164,94 +215,92 @@ class WRecorder(TrainerCallback):
         cuda = w.device.type == "cuda"
         use_thread = next(x for x in (self.async_write, self.default_async, cuda) if x is not None)
         self.sink = _AsyncSink(self.writer, self.cfg.queue_size, cuda) if use_thread else _SyncSink(self.writer)
-        # Preallocated device buffers: the per-step math allocates nothing and launches few kernels.
+        fuse = next(x for x in (self.fuse, cuda and bool(getattr(args, "torch_compile", False))) if x is not None)
+        self.math = torch.compile(update_math, fullgraph=True, dynamic=False) if fuse else update_math
+        # Preallocated device buffers: the per-step math allocates little and syncs nothing.
         dev, n_m = w.device, len(self.mats)
-        self.prev = {m: p.detach().float().clone() for m, p in self.mats.items()}  # W_{N-1}, float32
-        self.delta = torch.empty(V, d, device=dev)  # W_N - W_{N-1}
-        self.scalars = torch.full((n_m * 4 * V + d,), float("nan"), device=dev)  # every float32 of a step
+        self.prev = [p.detach().float().clone() for p in self.mats.values()]  # W_{N-1}, float32
+        self.scalars = torch.full((n_m * 4 * V + d,), NAN, device=dev)  # every float32 of a step
         self.rows = self.scalars[: n_m * 4 * V].view(n_m, 4, V)  # [matrix, norm|update|grad|adam_v, row]
-        self.hidden = self.scalars[n_m * 4 * V:]  # (d,) mean ln_f output of the step's batch
-        self.bits = {m: torch.empty(sl.stop - sl.start, d, dtype=torch.bfloat16, device=dev)
-                     for m in self.mats for ext, sl, _ in self.parts if ext == "u16"}
-        self.lr = float("nan")
+        self.hidden = self.scalars[n_m * 4 * V:]  # (d,) mean final hidden state of the step's batch
+        self.bits = [[(sl, torch.empty(sl.stop - sl.start, d, dtype=torch.bfloat16, device=dev))
+                      for ext, sl, _ in self.parts if ext == "u16"] for _ in self.mats]
+        self.probe_dev = None if self.probe_ids is None else self.probe_ids.to(dev)  # once: H2D syncs
+        self.lr = NAN
+        self.step_ready = None  # (step, snapshot) whose buffers on_optimizer_step filled
         # W's parameter group, found once: the scheduler updates its "lr" in place every step
         self._lr_group = next((g for g in getattr(optimizer, "param_groups", [])
                                if any(q is w for q in g["params"])), None)
-        self.hidden_sum = torch.zeros(d, device=dev)
-        self.hidden_n = 0
-        self._hook = model.transformer.ln_f.register_forward_hook(self._on_ln_f)
+        self.hidden_parts = []
         if start == 0:
-            self._record(0)
+            self._compute(0, first=True, snapshot=True, math=update_math)
+            self._submit(0)
 
-    def _on_ln_f(self, module, inputs, output):
-        if module.training:  # training forwards only (not eval, not the probe)
-            self.hidden_sum += output.detach().float().mean(dim=(0, 1))  # (B, T, d) -> (d,)
-            self.hidden_n += 1
+    def observe_hidden(self, hidden: torch.Tensor) -> None:
+        """(B, T, d) final hidden state (after ln_f) of one training forward, outside the graph."""
+        self.hidden_parts.append(hidden.detach().float().mean(dim=(0, 1)))  # (d,), stays on the device
 
     # --- per step -------------------------------------------------------------------------------
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        # the async copy of the previous step's buffers is stream-ordered before these writes
-        for i, p in enumerate(self.mats.values()):
-            if p.grad is None:
-                self.rows[i, 2].fill_(float("nan"))
-            else:
-                torch.linalg.vector_norm(p.grad.detach().float(), dim=1, out=self.rows[i, 2])  # (V,)
-        self.lr = float("nan") if self._lr_group is None else self._lr_group["lr"]
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # clipped gradients still present, W and Adam's state updated, the lr not yet stepped
+        step = state.global_step + 1
+        self.lr = NAN if self._lr_group is None else self._lr_group["lr"]
+        self._compute(step, first=False, snapshot=step % self.cfg.every == 0 or step >= state.max_steps,
+                      math=self.math)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._record(state.global_step, last=state.global_step >= state.max_steps)
+        if self.step_ready is None or self.step_ready[0] != state.global_step:  # no on_optimizer_step
+            self._compute(state.global_step, first=False, math=update_math,  # (another Trainer loop)
+                          snapshot=state.global_step % self.cfg.every == 0 or state.global_step >= state.max_steps)
+        self._submit(state.global_step)
         if control.should_save or control.should_training_stop:  # a checkpoint must be covered
             self.sink.drain()
 
     @torch.no_grad()
-    def _record(self, step: int, last: bool = False) -> None:
-        snapshot = step % self.cfg.every == 0 or last
-        tensors = {"scalars": self.scalars}
-        for i, (m, p) in enumerate(self.mats.items()):
-            w, r = p.detach().float(), self.rows[i]  # (V, d): no copy for float32 parameters; (4, V)
-            torch.linalg.vector_norm(w, dim=1, out=r[0])
-            if step == 0 or self.optimizer is None:  # initialisation: no update, gradient or Adam state yet
-                r[1].zero_(), r[2].fill_(float("nan")), r[3].fill_(float("nan"))
-            else:
-                torch.linalg.vector_norm(torch.sub(w, self.prev[m], out=self.delta), dim=1, out=r[1])
-                v = self.optimizer.state.get(p, {}).get("exp_avg_sq")
-                if v is not None and v.shape == p.shape:
-                    torch.mean(v.float(), dim=1, out=r[3])
-                else:
-                    r[3].fill_(float("nan"))
-            self.prev[m].copy_(w)
-            if snapshot:
-                for ext, sl, _ in self.parts:
-                    if ext == "u16":  # round to bf16 on the device: half the bytes to copy
-                        tensors[f"snap/{m}/{ext}"] = self.bits[m].copy_(w[sl]).view(torch.int16)
-                    else:  # may alias live W: the sync sink writes it now, the async copy is
-                        tensors[f"snap/{m}/{ext}"] = w[sl]  # stream-ordered before the next update
-        if self.hidden_n:
-            torch.div(self.hidden_sum, self.hidden_n, out=self.hidden)
-        else:
-            self.hidden.fill_(float("nan"))
-        self.sink.submit(step, self.lr, tensors, snapshot)
-        self.hidden_sum.zero_()
-        self.hidden_n = 0
-        if snapshot:
-            self.recorded_steps.append(step)
-        if self.probe_ids is not None and self.cfg.probe_every and step % self.cfg.probe_every == 0:
-            self._probe(step)
+    def _compute(self, step: int, first: bool, snapshot: bool, math) -> None:
+        """Fill the step's device buffers (the async copy of the previous step's buffers is
+        stream-ordered before these writes)."""
+        ps = list(self.mats.values())
+        grads = [None if first else p.grad for p in ps]
+        vs = [None] * len(ps)
+        if not first and self.optimizer is not None:
+            vs = [self.optimizer.state.get(p, {}).get("exp_avg_sq") for p in ps]
+            vs = [v if v is not None and v.shape == p.shape else None for v, p in zip(vs, ps)]
+        math([p.detach() for p in ps], self.prev, grads, vs, self.rows,
+             self.bits if snapshot else [[] for _ in ps], self.hidden_parts, self.hidden, first=first)
+        self.hidden_parts = []
+        self.step_ready = (step, snapshot)
 
     @torch.no_grad()
-    def _probe(self, step: int) -> None:
-        """Dead-token softmax mass on the fixed probe batch (eval mode: no dropout, no RNG use)."""
+    def _submit(self, step: int) -> None:
+        """Hand step ``step``'s buffers (and the probe, when due) to the sink."""
+        _, snapshot = self.step_ready
+        tensors = {"scalars": self.scalars}
+        if snapshot:
+            for (m, p), bits in zip(self.mats.items(), self.bits):
+                rounded = iter(buf for _, buf in bits)
+                for ext, sl, _ in self.parts:  # float32 parts alias live W: the sync sink writes them
+                    # now, the async copy is stream-ordered before the next update
+                    tensors[f"snap/{m}/{ext}"] = next(rounded).view(torch.int16) if ext == "u16" \
+                        else p.detach().float()[sl]
+            self.recorded_steps.append(step)
+        if self.probe_dev is not None and self.cfg.probe_every and step % self.cfg.probe_every == 0:
+            tensors["probe"] = self._probe()
+        self.sink.submit(step, NAN if step == 0 else self.lr, tensors, snapshot)
+        self.step_ready = None
+
+    @torch.no_grad()
+    def _probe(self) -> torch.Tensor:
+        """(2,) [total dead softmax mass, max dead prob] on the fixed probe batch, left on the device
+        (eval mode: no dropout, no RNG use; the uncompiled model, so no recompilation)."""
         was_training = self.model.training
         self.model.eval()
         try:
-            ids = self.probe_ids.to(self.mats["wte"].device)
-            probs = torch.softmax(self.model(input_ids=ids).logits.float(), dim=-1)  # (B, T, V)
+            probs = torch.softmax(self.model(input_ids=self.probe_dev).logits.float(), dim=-1)  # (B, T, V)
             dead = probs[..., self.n_live:]
-            mass, top = dead.sum(-1).mean().item(), dead.max().item()  # one sync per probe
+            return torch.stack([dead.sum(-1).mean(), dead.max()])
         finally:
             self.model.train(was_training)
-        self.sink.drain()  # keep probe.f32 behind the steps it refers to
-        self.writer.append_probe(step, mass, top)
 
     # --- the end --------------------------------------------------------------------------------
     def on_train_end(self, args, state, control, **kwargs):
@@ -263,8 +312,6 @@ class WRecorder(TrainerCallback):
         if self._closed or self.writer is None:
             return
         self._closed = True
-        if self._hook is not None:
-            self._hook.remove()
         error = None
         try:
             self.sink.drain()

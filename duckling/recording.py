@@ -81,13 +81,13 @@ def _free_bytes(path: Path) -> int:
 
 
 def check_budget(run_dir, record_cfg, n_steps: int, shape=SHAPE, n_live: int = N_LIVE,
-                 n_matrices: int = 1, start_step: int = 0) -> int:
+                 n_matrices: int = 1, start_step: int = 0, extra_bytes: int = 0) -> int:
     """Refuse (DucklingError) a recording that exceeds ``record_cfg.budget_gb`` or the free disk.
 
     Returns the bytes needed. The error names the bytes and the smallest stride that fits.
     """
     args = dict(shape=shape, n_live=n_live, n_matrices=n_matrices, start_step=start_step)
-    need = recording_bytes(record_cfg, n_steps, **args)
+    need = recording_bytes(record_cfg, n_steps, **args) + extra_bytes  # + checkpoints and final model
     budget = int(record_cfg.budget_gb * 1e9)
     free = _free_bytes(run_dir)
     limit = min(budget, free)
@@ -95,7 +95,7 @@ def check_budget(run_dir, record_cfg, n_steps: int, shape=SHAPE, n_live: int = N
         return need
     what = f"the budget of {record_cfg.budget_gb:g} GB (RecordConfig.budget_gb / --budget-gb)" \
         if budget <= free else f"the free disk space at {run_dir} ({free / 1e9:.2f} GB)"
-    fits = lambda k: recording_bytes(record_cfg, n_steps, every=k, **args) <= limit  # noqa: E731
+    fits = lambda k: recording_bytes(record_cfg, n_steps, every=k, **args) + extra_bytes <= limit  # noqa: E731
     lo, hi = record_cfg.every, max(n_steps, 1)  # smallest stride that fits (bytes fall as k grows)
     stride = None
     if fits(hi):

@@ -125,15 +125,3 @@ def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS) -> dict:
     tmp.write_text(json.dumps(S, indent=2) + "\n")
     os.replace(tmp, out / "summary.json")
     return S
-
-
-def cli_report(args) -> int:
-    """`duckling report RUN [--out DIR]`."""
-    mp = getattr(args, "max_points", None)
-    S = report(args.run, args.out, A.MAX_POINTS if mp is None else mp)
-    out = Path(args.out) if args.out else Path(args.run) / "report"
-    print(f"wrote {len(S['figures'])} figures and summary.json to {out}")
-    for k in ("dead_norm_over_null", "dead_mean_pairwise_cosine", "drift_cosine_to_neg_mean_hidden",
-              "drift_cosine_to_neg_mean_live", "detect_auroc_norm"):
-        print(f"  {k}: {S.get(k)}")
-    return 0

@@ -19,7 +19,9 @@ from .config import DucklingConfig
 from .errors import DucklingError
 
 # "How" fields of TrainConfig: changing them on resume does not change what is computed
-RESUME_FREE = {"device", "compile", "dataloader_num_workers", "logging_steps", "save_steps", "save_total_limit"}
+RESUME_FREE = {f"train.{k}" for k in ("device", "compile", "dataloader_num_workers", "logging_steps", "save_steps",
+                                     "save_total_limit", "threads")} | {"record.budget_gb", "record.queue_size"}
+LOCK = ".lock"  # the run folder's writer lock (fcntl.flock): see run_lock
 
 
 def _write_json(path: Path, obj) -> None:
@@ -34,7 +36,7 @@ def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             out += _config_diff(a, b, f"{prefix}{k}.")
-        elif a != b and not (prefix == "train." and k in RESUME_FREE):
+        elif a != b and f"{prefix}{k}" not in RESUME_FREE:
             out.append(f"{prefix}{k}: run has {a!r}, now {b!r}")
     return out
 
@@ -60,47 +62,112 @@ def _versions() -> dict:
     return out
 
 
-def prepare_run_dir(run_dir: Path, cfg: DucklingConfig, tok, resume: bool, info: dict) -> Path | None:
-    """Check the folder against this run, write config/run_info/mapping; return the resume checkpoint."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def check_run_dir(run_dir: Path, cfg: DucklingConfig, tok, resume: bool) -> tuple[Path | None, dict]:
+    """Everything about the folder that can be checked before anything is written (no side effects).
+
+    Returns (the checkpoint to resume from or None, the run_info already there)."""
     mapping_hash = getattr(tok, "hash", None)
-    held = [p.name for p in run_dir.iterdir()]
-    ckpt = None
-    if held and not resume:
-        raise DucklingError(
-            f"Run folder {str(run_dir)!r} is not empty ({', '.join(sorted(held)[:4])}...). A run folder holds "
-            "one run and is never overwritten: choose a new folder, or pass --resume / resume=True to continue it.")
-    if held:
-        if not (run_dir / "config.json").is_file():
-            raise DucklingError(f"{str(run_dir)!r} is not a Duckling run folder (no config.json); refusing "
-                                "to write into it. Choose another folder.")
+    where = str(run_dir.resolve())
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DucklingError(f"The run folder {where} is a file. Choose a folder path for --run.")
+    held = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK) if run_dir.is_dir() else []
+    if not resume:
+        if held:
+            raise DucklingError(
+                f"Run folder {where} is not empty ({', '.join(held[:4])}{'...' if len(held) > 4 else ''}). A run "
+                "folder holds one run and is never overwritten: choose a new folder, or pass --resume / "
+                "resume=True to continue it.")
+        return None, {}
+    if not run_dir.is_dir():
+        raise DucklingError(f"Cannot resume: the run folder {where} does not exist. Check the path, or start a "
+                            "new run there without --resume.")
+    if not (run_dir / "config.json").is_file():
+        raise DucklingError(f"{where} is not a Duckling run folder (no config.json); refusing to write into it. "
+                            "Choose another folder.")
+    try:
         old = json.loads((run_dir / "config.json").read_text())
-        diff = _config_diff(old, cfg.to_dict())
-        if diff:
-            raise DucklingError(
-                f"Cannot resume {str(run_dir)!r} with a different config ({'; '.join(diff)}). A resumed run "
-                "must compute exactly what the original would have: drop the overrides, or start a new folder.")
         old_info = json.loads((run_dir / "run_info.json").read_text()) if (run_dir / "run_info.json").is_file() else {}
-        if old_info.get("mapping_hash") != mapping_hash:
-            raise DucklingError(
-                f"{str(run_dir)!r} was trained with token mapping {str(old_info.get('mapping_hash'))[:12]}, "
-                f"not {str(mapping_hash)[:12]}. Resume with the run's own mapping ({run_dir}/token_mapping.json).")
-        ckpt = last_checkpoint(run_dir)
-        if ckpt is None:
-            raise DucklingError(
-                f"Nothing to resume in {str(run_dir)!r}: it holds no complete checkpoint (one is saved every "
-                f"train.save_steps={cfg.train.save_steps} steps). Its recording is kept as it is; start the "
-                "run again in a new folder.")
-        info = {**old_info, "resumed": old_info.get("resumed", []) + [
-            {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": ckpt.name if ckpt else None, **info}]}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DucklingError(f"{where}: config.json or run_info.json is not valid JSON ({e}). The folder was "
+                            "edited or damaged; restore the files or start a new run.")
+    diff = _config_diff(DucklingConfig.from_dict(old).to_dict(), cfg.to_dict())  # older names mapped
+    if diff:
+        raise DucklingError(
+            f"Cannot resume {where} with a different config ({'; '.join(diff)}). A resumed run "
+            "must compute exactly what the original would have: drop the overrides, or start a new folder.")
+    if old_info.get("mapping_hash") != mapping_hash:
+        raise DucklingError(
+            f"{where} was trained with token mapping {str(old_info.get('mapping_hash'))[:12]}, "
+            f"not {str(mapping_hash)[:12]}. Resume with the run's own mapping ({where}/token_mapping.json).")
+    ckpt = last_checkpoint(run_dir)
+    if ckpt is None:
+        raise DucklingError(
+            f"Nothing to resume in {where}: it holds no complete checkpoint (one is saved every "
+            f"train.save_steps={cfg.train.save_steps} steps, and when a run is stopped with Ctrl-C). Its "
+            "recording is kept as it is; start the run again in a new folder.")
+    return ckpt, old_info
+
+
+def write_run_files(run_dir: Path, cfg: DucklingConfig, tok, ckpt: Path | None, old_info: dict, info: dict) -> None:
+    """config.json, token_mapping.json (new runs) and run_info.json: called with the folder's lock held."""
+    if ckpt is not None:
+        info = {**old_info, "status": "running", "resumed": old_info.get("resumed", []) + [
+            {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": ckpt.name, **info}]}
     else:
-        info = {"mapping_hash": mapping_hash, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), **info,
-                "versions": _versions()}
+        info = {"mapping_hash": getattr(tok, "hash", None), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "status": "running", **info, "versions": _versions(), "git_commit": _git_commit()}
         _write_json(run_dir / "config.json", cfg.to_dict())
         if tok is not None:
             tok.save(run_dir / "token_mapping.json")
     _write_json(run_dir / "run_info.json", info)
-    return ckpt
+
+
+def _git_commit() -> str | None:
+    """The duckling checkout's commit (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, create: bool):
+    """Hold RUN/.lock (fcntl.flock, exclusive) for the whole run: one writer per run folder.
+
+    The kernel drops the lock when the holder dies, so a lock left by a killed process never blocks.
+    ``create``: make the folder (a new run); it is removed again if the run leaves nothing in it.
+    """
+    import fcntl
+    import os
+    import socket
+
+    made = create and not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise DucklingError(f"{run_dir.resolve()} is being written by {holder}. A run folder has one writer: "
+                            "wait for that run to finish (or stop it), then --resume; or use another folder.")
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.ftruncate(fd, 0)
+        os.close(fd)
+        if made and all(p.name == LOCK for p in run_dir.iterdir()):  # refused before any file: no trace
+            path.unlink(missing_ok=True)
+            run_dir.rmdir()
 
 
 def update_run_info(run_dir: Path, **kw) -> None:

@@ -4,15 +4,15 @@ self-describing run folder, resume, and the W recorder plugged in.
     result = train(DucklingConfig(), dataset="tokenized_dataset", run_dir="runs/a")
     model, tok, cfg = load_run("runs/a")
 
-Kept out of a step (benchmarks/train_speed.py measures the effect): the nan/inf loss check and
-blocking host-to-device copies (host syncs), token counting, per-step logging and FLOP counting,
-python-list collation (rows stay uint16 views of the Arrow memory map until a batch is stacked).
-Added: CUDA graphs through torch.compile on CUDA (compile="auto"), and on Linux CPUs an allocator
-setting that stops every 32 MB logits buffer from being a fresh, page-faulting mmap.
+A run folder's life: everything checkable (config, dataset vs mapping, budget and free disk, device)
+is checked before the folder is created; an exclusive lock is held for the whole run; Ctrl-C/SIGTERM
+save a checkpoint at the last completed step; the recording is fsync'd before every checkpoint; a
+failed write leaves status "failed", no partial files, and advice that fits where the run stands.
+The Trainer's step itself is set up in ``trainer.py``.
 """
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import platform
 import tempfile
@@ -29,7 +29,8 @@ from .rows import as_rows, check_rows, collate
 from .trainer import (_trainer_classes, check_trainable_dtype, fused_adamw_available,  # noqa: F401
                       pick_compile, pick_device, pick_precision, training_arguments, tune_cpu_allocator)
 from .generate import generate  # noqa: F401  (the notebooks' API: train, load_run, generate)
-from .runs import load_run, prepare_run_dir, quiet_hf, update_run_info  # noqa: F401
+from .runs import load_run, quiet_hf  # noqa: F401
+from .safety import RunInterrupted, empty_run_dir, StopOnSignal, after_failure, check_disk, failure_advice, sync_recording  # noqa: F401
 
 
 # ---------------------------------------------------------------- one call
@@ -56,13 +57,22 @@ class TrainResult:
         return self.losses("eval_loss")
 
 
-def _tokenizer(tokenizer, cfg: DucklingConfig):
-    """A CompactTokenizer, a path to a mapping, or None = cfg.data.mapping_path if that file exists."""
+def _tokenizer(tokenizer, cfg: DucklingConfig, required: bool):
+    """A CompactTokenizer, a path to a mapping, False (explicitly none), or None = cfg.data.mapping_path.
+
+    A run folder needs its mapping (it defines which ids are dead): a missing one is an error there."""
+    if tokenizer is False:
+        return None
     if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
         return tokenizer
     path = Path(tokenizer or cfg.data.mapping_path)
-    if tokenizer is None and not path.is_file():
-        return None
+    if not path.is_file():
+        if tokenizer is None and not required:
+            return None
+        raise DucklingError(
+            f"Token mapping {path.resolve()} not found. A recorded run needs the mapping that defines the live "
+            "and dead ids: run from the repository root (the committed token_mapping.json), pass --mapping PATH "
+            "(tokenizer=PATH), or tokenizer=False to train without one (ids >= 6144 then count as dead).")
     from .vocab import CompactTokenizer
 
     return CompactTokenizer.from_file(path)
@@ -76,27 +86,29 @@ def _recorder(run_dir: Path, cfg: DucklingConfig, n_live: int, probe_ids):
 
 def train(cfg: DucklingConfig | None = None, dataset=None, run_dir=None, *, eval_dataset=None,
           callbacks=(), resume: bool = False, tokenizer=None, model=None, progress: bool = True) -> TrainResult:
-    """Train a Duckling. Every knob is in ``cfg`` (``dataclasses.replace`` it to experiment).
+    """Train a Duckling. Every knob is in ``cfg`` (``cfg.override({"train.weight_decay": 0.1})``).
 
     dataset / eval_dataset: a ``tokenized_dataset/`` folder (default cfg.data.dataset_dir), a
       ``datasets.Dataset`` with equal-length ``input_ids`` rows, or a (N, T) integer array.
-    run_dir: None trains in memory (no files, no recording: sweeps and speed measurements);
-      else the run folder, with the recording when cfg.record.enabled.
+    run_dir: None trains in memory (no files, no recording: speed measurements); else the run folder,
+      with the recording when cfg.record.enabled. Everything checkable is checked before the folder is
+      created; the folder is locked for the whole run (one writer); Ctrl-C / SIGTERM save a checkpoint
+      at the last completed step and raise ``RunInterrupted`` (resume=True continues exactly there).
     resume: continue run_dir from its last complete checkpoint (same config required).
-    tokenizer: a CompactTokenizer or mapping path (default cfg.data.mapping_path when present).
+    tokenizer: a CompactTokenizer or mapping path (default cfg.data.mapping_path; required with a
+      run_dir unless ``tokenizer=False``).
     model: train this model instead of a fresh ``build_model(cfg.model)`` (notebook 03).
     """
-    from transformers import PrinterCallback, ProgressCallback, TrainerState
-
     from .model import build_model
 
     cfg = cfg or DucklingConfig()
     device = pick_device(cfg.train.device)
     precision = pick_precision(cfg.train.compute_dtype, device)
     compile_mode = pick_compile(cfg.train.compile, device)
-    if device == "cpu":
-        tune_cpu_allocator()
-    tok = _tokenizer(tokenizer, cfg)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    run_dir = None if run_dir is None else Path(run_dir)
+    tok = _tokenizer(tokenizer, cfg, required=run_dir is not None)
     n_live = tok.n_live if tok is not None else N_LIVE
     if tok is not None and len(tok) != cfg.model.vocab_size:
         raise DucklingError(
@@ -106,61 +118,110 @@ def train(cfg: DucklingConfig | None = None, dataset=None, run_dir=None, *, eval
     check_rows(rows, cfg, n_live)
     eval_rows = None if eval_dataset is None else as_rows(eval_dataset, tok)
     if eval_rows is not None:
-        check_rows(eval_rows, cfg, n_live)
-
+        check_rows(eval_rows, cfg, n_live, what="evaluation dataset")
     if model is None:
         model = build_model(cfg.model, seed=cfg.train.seed)
     elif (model.config.vocab_size, model.config.n_positions) != (cfg.model.vocab_size, cfg.model.n_positions):
         raise DucklingError("The model passed to train() does not match cfg.model (vocab_size, n_positions).")
     check_trainable_dtype(model, cfg.train.allow_bf16_params)
+    if run_dir is None:
+        return _fit(cfg, model, rows, eval_rows, None, None, callbacks, device, precision, compile_mode, progress)
 
-    record = run_dir is not None and cfg.record.enabled
-    ckpt, extra = None, []
-    if run_dir is not None:
-        run_dir = Path(run_dir)
-        info = {"device": device, "device_name": _device_name(device), "precision": precision,
-                "compile": compile_mode or "off", "optimizer": "AdamW",
-                "n_train_rows": len(rows), "seq_len": rows.seq_len,
-                "dataset": str(dataset if isinstance(dataset, (str, Path)) else cfg.data.dataset_dir
-                               if dataset is None else type(dataset).__name__)}
-        ckpt = prepare_run_dir(run_dir, cfg, tok, resume, info)
+    from .runs import check_run_dir, run_lock, write_run_files
+
+    record = cfg.record.enabled
+    ckpt, old_info = check_run_dir(run_dir, cfg, tok, resume)
+    start = _ckpt_step(ckpt) if ckpt else 0
+    check_disk(run_dir, cfg, model, start, record, tuple(model.get_input_embeddings().weight.shape), n_live)
+    if device == "cpu":
+        tune_cpu_allocator()
+    info = {"device": device, "device_name": _device_name(device), "precision": precision,
+            "compile": compile_mode or "off", "optimizer": cfg.train.optimizer, "threads": torch.get_num_threads(),
+            "n_train_rows": len(rows), "seq_len": rows.seq_len,
+            "dataset": str(Path(dataset).resolve() if isinstance(dataset, (str, Path)) else
+                           Path(cfg.data.dataset_dir).resolve() if dataset is None else type(dataset).__name__)}
+    try:
+        with run_lock(run_dir, create=not resume):
+            check_run_dir(run_dir, cfg, tok, resume)  # again, under the lock: another writer may have won
+            try:
+                write_run_files(run_dir, cfg, tok, ckpt, old_info, info)
+            except OSError:
+                if not resume:
+                    empty_run_dir(run_dir)
+                raise
+            return _fit(cfg, model, rows, eval_rows, run_dir, ckpt, callbacks, device, precision, compile_mode,
+                        progress, record=record, n_live=n_live, fresh=not resume)
+    except OSError as e:  # creating, locking or describing the folder
+        raise DucklingError(f"Cannot write the run folder {run_dir.resolve()}: {e.strerror or e}. Check the "
+                            "path, its permissions and the free disk space; nothing was trained.") from e
+
+
+def _fit(cfg, model, rows, eval_rows, run_dir, ckpt, callbacks, device, precision, compile_mode, progress,
+         record=False, n_live=N_LIVE, fresh=False) -> TrainResult:
+    """Run the Trainer (in memory when run_dir is None); the run folder is locked by the caller."""
+    from transformers import PrinterCallback, ProgressCallback, TrainerState
+
+    from .runs import update_run_info
+
+    extra, stop = [], StopOnSignal()
     if record:
         probe = collate([(rows if eval_rows is None else eval_rows)[0]])["input_ids"]  # (1, T): fixed probe
         extra.append(_recorder(run_dir, cfg, n_live, probe))
-
     DucklingTrainer, Progress, Timer = _trainer_classes()
     timer = Timer(device, skip=min(10, cfg.train.max_steps // 5))
     tmp = None if run_dir is not None else tempfile.TemporaryDirectory(prefix="duckling-")
     args = training_arguments(cfg, run_dir or tmp.name, device, precision, save=run_dir is not None,
                               evaluate=eval_rows is not None, progress=progress, compile_mode=compile_mode)
+    own = [stop.callback, *extra, sync_recording(run_dir)] if run_dir is not None else []
     trainer = DucklingTrainer(model=model, args=args, train_dataset=rows, eval_dataset=eval_rows,
-                              data_collator=collate, callbacks=[*extra, timer, *callbacks])
+                              data_collator=collate, callbacks=[*own, timer, *callbacks])
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)  # logs are in log_history, never printed per step
     if progress:
         trainer.add_callback(Progress())
     done = ckpt is not None and _ckpt_step(ckpt) >= cfg.train.max_steps
+    failed = None
     try:
-        if done:  # the Trainer would run one extra step here; a finished run only needs its final/
-            trainer._load_from_checkpoint(str(ckpt))
-            trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
-        else:
-            with quiet_hf():  # no per-checkpoint "Writing model shards" bars
-                trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-        if eval_rows is not None and not cfg.train.eval_steps and not done:
-            trainer.evaluate()
+        with stop.installed() if run_dir is not None else contextlib.nullcontext():
+            if done:  # the Trainer would run one extra step here; a finished run only needs its final/
+                trainer._load_from_checkpoint(str(ckpt))
+                trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
+            else:
+                with quiet_hf():  # no per-checkpoint "Writing model shards" bars
+                    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+            if eval_rows is not None and not cfg.train.eval_steps and not done and stop.signal is None:
+                trainer.evaluate()
+    except (DucklingError, OSError) as e:
+        failed = e
+    except BaseException as e:
+        failed = e
+        raise
     finally:  # also on an exception or Ctrl-C: the recording keeps every complete step
         for cb in extra:
-            cb.close()
+            try:
+                cb.close("interrupted") if stop.signal else cb.close()
+            except DucklingError as e:
+                failed = failed or e
         if tmp is not None:
             tmp.cleanup()
-
+        removed = run_dir is not None and failed is not None and after_failure(run_dir, trainer.state.global_step,
+                                                                                 failed, fresh)
+    if failed is not None:
+        if run_dir is None:
+            raise failed
+        raise DucklingError(failure_advice(run_dir, trainer.state.global_step, failed, removed)) from failed
     model = trainer.model
+    if run_dir is not None and stop.signal is not None:
+        step = trainer.state.global_step
+        update_run_info(run_dir, status="interrupted", interrupted=time.strftime("%Y-%m-%dT%H:%M:%S"), global_step=step)
+        raise RunInterrupted(f"{stop.signal} received: stopped after step {step} and saved checkpoint-{step} in "
+                             f"{run_dir.resolve()}. Continue exactly from there with `duckling train --run "
+                             f"{run_dir} --resume` (or train(..., resume=True)).")
     if run_dir is not None:
         with quiet_hf():
             trainer.save_model(str(run_dir / "final"))
         trainer.state.save_to_json(str(run_dir / "final" / "trainer_state.json"))
-        update_run_info(run_dir, finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        update_run_info(run_dir, status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
                         global_step=trainer.state.global_step, steps_per_s=timer.steps_per_s)
     return TrainResult(model=model, cfg=cfg, run_dir=run_dir, log_history=list(trainer.state.log_history),
                        steps_per_s=timer.steps_per_s, global_step=trainer.state.global_step,
@@ -175,44 +236,3 @@ def _device_name(device: str) -> str:
 
 def _ckpt_step(ckpt: Path) -> int:
     return json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
-
-
-# ---------------------------------------------------------------- CLI
-def cli_train(args) -> int:
-    """``duckling train``: the run's stored config on --resume, else the defaults, plus the flags given."""
-    run = Path(args.run)
-    stored = run / "config.json"
-    cfg = DucklingConfig.from_dict(json.loads(stored.read_text())) if args.resume and stored.is_file() \
-        else DucklingConfig()
-    t, m, r = {}, {}, {}
-    for flag, group, key in [("max_steps", t, "max_steps"), ("batch_size", t, "batch_size"),
-                             ("lr", t, "learning_rate"), ("device", t, "device"),
-                             ("train_precision", t, "precision"), ("n_layer", m, "n_layer"),
-                             ("record_every", r, "every"), ("precision", r, "precision"),
-                             ("budget_gb", r, "budget_gb"), ("eval_steps", t, "eval_steps")]:
-        if getattr(args, flag, None) is not None:
-            group[key] = getattr(args, flag)
-    if getattr(args, "compile", None):
-        t["compile"] = {"on": True, "off": False}.get(args.compile, "auto")
-    if args.untied:
-        m["tie_word_embeddings"] = False
-    if args.no_record:
-        r["enabled"] = False
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **t),
-                              model=dataclasses.replace(cfg.model, **m),
-                              record=dataclasses.replace(cfg.record, **r))
-    mapping = run / "token_mapping.json" if args.resume and (run / "token_mapping.json").is_file() \
-        else getattr(args, "mapping", None)
-    result = train(cfg, dataset=args.dataset, run_dir=run, eval_dataset=args.eval_dataset,
-                   resume=args.resume, tokenizer=mapping)
-    steps, losses = result.losses()
-    last = f", loss {losses[-1]:.3f}" if len(losses) else ""
-    print(f"trained {run} to step {result.global_step}{last}, {result.steps_per_s:.1f} steps/s "
-          f"({result.device}, {result.precision})")
-    return 0
-
-
-def cli_generate(args) -> int:
-    from .generate import cli_generate as run_cli
-
-    return run_cli(args)

@@ -296,28 +296,3 @@ class CompactTokenizer:
 def _token_text(enc, gpt2_id: int) -> str:
     # Byte-level tokens may be partial UTF-8; backslash escapes keep them unambiguous.
     return enc.decode_single_token_bytes(gpt2_id).decode("utf-8", errors="backslashreplace")
-
-
-def cli_vocab(args) -> int:
-    """``duckling vocab``: count GPT-2 tokens over a corpus, write the mapping, print coverage."""
-    from .data import count_tokens, describe_source, resolve_source
-
-    source = resolve_source(args.data)
-    stats: dict = {}
-    counts = count_tokens(source, num_proc=getattr(args, "num_proc", None), progress=True,
-                          max_stories=args.max_stories, stats=stats)
-    prov = {"corpus": getattr(args, "name", None) or describe_source(source), "source": describe_source(source),
-            "n_stories": stats["n_stories"], "n_tokens": int(counts.sum()),
-            "text_sha256": stats["sha256"]}
-    if args.max_stories:
-        prov["max_stories"] = args.max_stories
-    tok = CompactTokenizer.from_counts(counts, prov)
-    tok.save(args.out)
-    print(f"wrote {args.out}: {len(tok)} ids ({tok.n_live} live, {tok.n_dead} dead), hash {tok.hash[:16]}")
-    print(f"corpus: {prov['n_stories']:,} stories, {prov['n_tokens']:,} tokens, "
-          f"{tok.provenance['distinct_tokens']:,} distinct GPT-2 tokens")
-    print(f"live coverage: {tok.provenance['coverage']:.4%}")
-    for c in (0.9, 0.95, 0.99, 0.995, 0.999):
-        k = min_vocab_for_coverage(counts, c)
-        print(f"  {c:.1%} coverage needs the {k:,} most frequent tokens")
-    return 0

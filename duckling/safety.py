@@ -1,0 +1,186 @@
+"""A run folder's safety: the disk budget before step 1, Ctrl-C/SIGTERM as a clean stop with a
+checkpoint, fsync of the recording before every checkpoint, and what a failure leaves behind
+(status "failed", no partial files, advice that fits where the run stands)."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .config import DucklingConfig
+from .errors import DucklingError, RunInterrupted  # noqa: F401  (RunInterrupted: raised by train)
+
+
+def _disk_bytes(cfg: DucklingConfig, model, start: int, record: bool, shape, n_live: int) -> tuple[int, int]:
+    """(recording bytes, checkpoint + final-model bytes) a run adds from step ``start``."""
+    n_params = sum(p.numel() for p in model.parameters())
+    ckpt = 12 * n_params + (1 << 20)  # weights + Adam's two moments (float32) + scheduler/rng/state files
+    n_ckpt = min(cfg.train.save_total_limit + 1, cfg.train.max_steps // cfg.train.save_steps + 1)
+    extra = n_ckpt * ckpt + 4 * n_params + (1 << 20)  # the Trainer saves before it rotates; final/
+    if not record:
+        return 0, extra
+    from .recording import recording_bytes
+
+    n_m = 1 if cfg.model.tie_word_embeddings else 2
+    return recording_bytes(cfg.record, cfg.train.max_steps, shape=shape, n_live=n_live, n_matrices=n_m,
+                           start_step=start), extra
+
+
+def check_disk(run_dir: Path, cfg: DucklingConfig, model, start: int, record: bool, shape, n_live: int) -> None:
+    """The budget (recording + checkpoints + final model) against record.budget_gb and the free disk."""
+    if record:
+        from .recording import check_budget
+
+        _, extra = _disk_bytes(cfg, model, start, record, shape, n_live)
+        check_budget(run_dir, cfg.record, cfg.train.max_steps, shape=shape, n_live=n_live,
+                     n_matrices=1 if cfg.model.tie_word_embeddings else 2, start_step=start, extra_bytes=extra)
+        return
+    _, extra = _disk_bytes(cfg, model, start, record, shape, n_live)
+    path = run_dir.resolve()
+    while not path.exists():
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    if extra > free:
+        raise DucklingError(f"Checkpoints and the final model need {extra / 1e9:.2f} GB but {path} has "
+                            f"{free / 1e9:.2f} GB free. Free disk space or lower train.save_total_limit.")
+
+
+class StopOnSignal:
+    """Ctrl-C / SIGTERM: finish the current step, save a checkpoint there, stop (a second one stops now)."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        self.signal = None
+        outer = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if outer.signal is not None:
+                    control.should_save = control.should_training_stop = True
+
+        self.callback = Callback()
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        old = {s: signal.getsignal(s) for s in sigs}
+
+        def handler(signum, frame):
+            if self.signal is not None:
+                raise KeyboardInterrupt
+            self.signal = signal.Signals(signum).name
+            print(f"\nduckling: {self.signal}: stopping after this step and saving a checkpoint "
+                  "(again to stop at once)", file=sys.stderr, flush=True)
+
+        for s in sigs:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s in sigs:
+                signal.signal(s, old[s])
+
+
+def sync_recording(run_dir: Path):
+    """A callback that fsyncs the recording before every checkpoint: a checkpoint never refers to steps
+    that a power loss could take back (docs/recording.md)."""
+    from transformers import TrainerCallback
+
+    class Sync(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if control.should_save:
+                fsync_tree(run_dir / "recording")
+
+    return Sync()
+
+
+def fsync_tree(folder: Path) -> None:
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _cleanup_partial(run_dir: Path) -> None:
+    """After a failure: no *.tmp files, no checkpoint folder without its trainer_state.json."""
+    for p in run_dir.rglob("*.tmp*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+    for p in run_dir.glob("*checkpoint-*"):
+        if p.is_dir() and not (p / "trainer_state.json").is_file():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def failure_advice(run_dir: Path, step: int, err: BaseException, removed: bool) -> str:
+    from .runs import last_checkpoint
+
+    root = _root(err)
+    where = run_dir.resolve()
+    if isinstance(root, OSError):
+        full = root.errno in (errno.ENOSPC, errno.EDQUOT)
+        cause = "the disk is full" if full else f"a write failed ({root.strerror or root})"
+    else:
+        cause = str(err)
+    if removed:
+        return (f"The run stopped before its first step completed: {cause} Nothing of it was kept ({where} was "
+                "removed), so the same command works once the cause is fixed.")
+    ckpt = last_checkpoint(run_dir)
+    if ckpt is not None:
+        todo = (f"fix the cause (free disk space, make the folder writable), then continue from {ckpt.name} with "
+                f"`duckling train --run {run_dir} --resume`")
+    else:
+        todo = ("it has no checkpoint yet, so it cannot be resumed: fix the cause and start again in a new folder "
+                "(a lower train.save_steps gives earlier resume points)")
+    return (f"Training stopped at step {step}: {cause.rstrip('.')}. Every step recorded so far is kept and "
+            f"readable in {where}; {todo}.")
+
+
+def _root(e: BaseException) -> BaseException:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return e
+
+
+def after_failure(run_dir: Path, step: int, err: BaseException, fresh: bool) -> bool:
+    """A failed or hard-interrupted run: no partial files; a fresh run that never completed a step leaves
+    no folder (nothing in it is worth keeping, and the retry can use the same path)."""
+    from .runs import update_run_info
+
+    if fresh and step == 0:
+        empty_run_dir(run_dir)
+        return True
+    _cleanup_partial(run_dir)
+    try:
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        update_run_info(run_dir, status=status, global_step=step)
+    except OSError:
+        pass
+    return False
+
+
+def empty_run_dir(run_dir: Path) -> None:
+    """Remove everything but the lock (run_lock removes the folder itself when it made it)."""
+    from .runs import LOCK
+
+    for p in run_dir.iterdir():
+        if p.name != LOCK:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
