@@ -29,10 +29,11 @@ BUNDLED_MAPPING = Path(__file__).parent / "sample" / "token_mapping.json.gz"  # 
 
 # The report's headline numbers (duckling.report summary keys), with what each one says.
 HEADLINE = {
-    "dead_norm_over_null": "mean dead-row norm / pure weight decay (1 = dead rows only decay)",
+    "dead_norm_over_null": "mean dead-row norm / its pure-weight-decay value (1 = dead rows only decay)",
     "dead_mean_pairwise_cosine": "mean cosine between dead rows (0 = unrelated directions)",
-    "drift_cosine_to_neg_mean_hidden": "cosine of the mean dead-row displacement with -(mean hidden state)",
-    "detect_auroc_norm": "AUROC of -||w|| telling dead rows from live ones (0.5 = chance)",
+    "drift_cosine_to_neg_mean_hidden": "cosine of the mean dead-row displacement with -(mean final hidden state)",
+    "drift_cosine_to_neg_mean_live": "cosine of the mean dead-row displacement with -(mean live row)",
+    "detect_auroc_norm": "AUROC of -||w|| for dead vs live rows (0.5 = chance, < 0.5: dead rows are larger)",
     "dead_output_mass": "softmax probability the model puts on all dead tokens together",
 }
 FULL_RUN = [
@@ -131,6 +132,7 @@ def quickstart(out="runs/quickstart", steps: int | None = None, progress: bool =
         "report_dir": str(report_dir),
         "steps": result.global_step, "recorded_steps": S["n_snapshots"], "device": result.device,
         "steps_per_s": result.steps_per_s,
+        "recording_bytes": sum(f.stat().st_size for f in (out / "run" / "recording").iterdir()),
         "seconds": {"build": round(t1 - t0, 1), "train": round(t2 - t1, 1), "report": round(t3 - t2, 1),
                     "total": round(t3 - t0, 1)},
         "data": {k: built[k] for k in ("source", "n_stories", "n_rows", "n_tokens", "unk_fraction")},
@@ -162,7 +164,8 @@ def format_summary(d: dict) -> str:
         f"data: {data['n_stories']:,} bundled TinyStories stories -> {data['n_rows']:,} rows of 512 tokens "
         f"(unk {data['unk_fraction']:.2%}, no dead ids)",
         f"trained {d['steps']:,} steps on {d['device']} in {sec['train']:.0f} s ({_fmt(d['steps_per_s'])} steps/s), "
-        f"W recorded after every step ({d['recorded_steps']:,} snapshots); total {sec['total']:.0f} s",
+        f"W recorded after every step ({d['recorded_steps']:,} snapshots, {d['recording_bytes'] / 1e9:.2f} GB); "
+        f"total {sec['total']:.0f} s",
         f"loss: {_fmt(loss['first_logged'])} at step {_fmt(loss['first_logged_step'])} -> {_fmt(loss['final'])} "
         f"at step {d['steps']}",
         "dead tokens at the last step:",
