@@ -1,0 +1,89 @@
+"""What a sweep prints: one line per run state change and one overall bar (runs done, steps done,
+aggregate steps/s), instead of one progress bar per run."""
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Board:
+    def __init__(self, spec, out, manifest, todo, enabled: bool = True):
+        from tqdm.auto import tqdm
+
+        self.enabled = enabled
+        self.max_steps = {r.name: r.cfg.train.max_steps for r in spec.runs}
+        self.n_runs = len(spec.runs)
+        self.done = {e["name"] for e in manifest["runs"] if e["status"] == "complete"}
+        todo_names = {r.name for r in todo}
+        self.step = {n: (self.max_steps[n] if n in self.done else 0) for n in self.max_steps}
+        self.start_step: dict = {}  # first step seen this call (a resumed run starts above 0)
+        self.running: set = set()
+        self.t0 = time.monotonic()
+        self.bar = None
+        if enabled:
+            total = sum(self.max_steps.values())
+            print(f"sweep {out}: {self.n_runs} runs ({len(self.done)} complete, {len(todo_names)} to train), "
+                  f"{spec.cpus:g} CPU{'s' if spec.cpus != 1 else ''} per run", flush=True)
+            self.bar = tqdm(total=total, initial=sum(self.step.values()), unit="step", desc="sweep",
+                            dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+            self._postfix()
+
+    def _postfix(self):
+        if self.bar is not None:
+            fresh = sum(self.step[n] - self.start_step.get(n, self.step[n]) for n in self.start_step)
+            rate = fresh / max(time.monotonic() - self.t0, 1e-9)
+            self.bar.set_postfix_str(f"runs {len(self.done)}/{self.n_runs} done, {len(self.running)} running, "
+                                     f"{rate:.1f} steps/s", refresh=False)
+
+    def _line(self, text: str):
+        if not self.enabled:
+            return
+        stamp = time.strftime("%H:%M:%S")
+        (self.bar.write if self.bar is not None else print)(f"{stamp} {text}")
+
+    def steps(self, latest: dict):
+        """Steps reported by the running tasks: {name: step}."""
+        for name, step in latest.items():
+            if name in self.done:
+                continue
+            if name not in self.start_step:
+                self.start_step[name] = step
+                self.running.add(name)
+                how = f"resumed at step {step}" if step else "started"
+                self._line(f"{name}: {how}")
+            self._advance(name, step)
+        self._postfix()
+        if self.bar is not None:
+            self.bar.refresh()
+
+    def _advance(self, name, step):
+        delta = step - self.step[name]
+        self.step[name] = step
+        if self.bar is not None and delta:
+            self.bar.update(delta)
+
+    def event(self, name: str, status: str, error: str | None, res: dict | None = None):
+        self.running.discard(name)
+        if status == "complete":
+            self.done.add(name)
+            self._advance(name, max(self.step[name], self.max_steps[name]))
+            res = res or {}
+            bits = [f"step {res['global_step']}"] if res.get("global_step") is not None else []
+            bits += [f"{k.replace('_', ' ')} {res[k]:.3f}" for k in ("loss", "eval_loss") if res.get(k) is not None]
+            bits += [f"{res['steps_per_s']:.1f} steps/s"] if res.get("steps_per_s") else []
+            bits += ["already complete"] if res.get("skipped") else []
+            self._line(f"{name}: complete [{len(self.done)}/{self.n_runs}] {', '.join(bits)}")
+        elif status in ("failed", "retrying"):
+            first = (error or "").strip().splitlines()
+            reason = first[-1] if first else "unknown error"
+            self.start_step.pop(name, None)
+            self._line(f"{name}: {'failed, retrying' if status == 'retrying' else 'failed'}"
+                       f" ({reason[:200]})")
+        else:
+            self._line(f"{name}: {status}")
+        self._postfix()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

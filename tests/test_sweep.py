@@ -1,0 +1,169 @@
+"""Sweeps on a local Ray: a tiny 2 x 2-seed sweep equals the same runs made with train(), a rerun
+trains nothing, a run whose worker dies is finished with no gap on rerun, and bad specs or a folder
+of another spec are refused before anything runs. One Ray instance serves every test here."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from duckling.errors import DucklingError
+from duckling.sweep_spec import load_spec, run_name
+
+STEPS = 20
+BASE = {"train.max_steps": STEPS, "train.save_steps": 10, "train.logging_steps": 5, "model.n_layer": 1,
+        "model.n_positions": 64, "train.compile": False, "record.probe_every": 5}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tok, repo_root):
+    """A tiny train / held-out dataset pair (64-token rows) and the mapping they were built with."""
+    from corpus import make_stories, write_corpus
+
+    from duckling.data import build_dataset
+
+    root = tmp_path_factory.mktemp("sweepdata")
+    for name, n, seed in (("train", 200, 0), ("valid", 40, 1)):
+        write_corpus(root / f"{name}.txt", make_stories(n, seed=seed))
+        build_dataset(root / f"{name}.txt", tok, root / name, seq_len=64, progress=False)
+    return {"dataset": str(root / "train"), "eval_dataset": str(root / "valid"),
+            "mapping": str(repo_root / "token_mapping.json")}
+
+
+@pytest.fixture(scope="module")
+def ray_up():
+    from duckling.sweep import start_ray
+
+    ray = pytest.importorskip("ray")
+    started = start_ray()
+    yield
+    if started:
+        ray.shutdown()
+
+
+def spec(data, grid=None, **base):
+    return {**data, "base": {**BASE, **base},
+            "grid": {"train.weight_decay": [0.0, 0.1], "seeds": [0, 1]} if grid is None else grid, "resources": {"cpus": 1}}
+
+
+def same_recording(a, b) -> bool:
+    """Same recorded steps 0..STEPS and byte-identical data files (snapshots, per-row scalars, probes)."""
+    from duckling.recording import Recording
+
+    ra, rb = Recording(a), Recording(b)
+    files = sorted(p.name for p in ra.root.iterdir() if p.suffix != ".json")
+    return (ra.steps.tolist() == rb.steps.tolist() == list(range(STEPS + 1)) and len(files) > 3
+            and files == sorted(p.name for p in rb.root.iterdir() if p.suffix != ".json")
+            and all((ra.root / f).read_bytes() == (rb.root / f).read_bytes() for f in files))
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(data, ray_up, tmp_path_factory):
+    from duckling.sweep import sweep
+
+    out = tmp_path_factory.mktemp("sw") / "wd"
+    return out, sweep(spec(data), out, progress=False)
+
+
+def test_sweep_runs_equal_direct_train_and_rerun_trains_nothing(tiny_sweep, data, tmp_path):
+    from duckling.config import DucklingConfig
+    from duckling.sweep import sweep
+    from duckling.train import train
+
+    out, df = tiny_sweep
+    assert sorted(df["name"]) == sorted(["weight_decay=0__seed=0", "weight_decay=0__seed=1",
+                                         "weight_decay=0.1__seed=0", "weight_decay=0.1__seed=1"])
+    assert (df["status"] == "complete").all() and (df["global_step"] == STEPS).all()
+    assert df["eval_loss"].notna().all() and df["loss"].notna().all()
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert {r["name"]: r["overrides"] for r in manifest["runs"]}["weight_decay=0.1__seed=1"] == \
+        {"train.weight_decay": 0.1, "train.seed": 1}
+    for row in df.itertuples():  # each run is an ordinary run folder, bit-equal to train() with that config
+        cfg = DucklingConfig.from_dict(json.loads((out / row.name / "config.json").read_text()))
+        assert cfg == DucklingConfig().override({**BASE, **row.overrides, "train.threads": 1})
+        direct = train(cfg, dataset=data["dataset"], run_dir=tmp_path / row.name, eval_dataset=data["eval_dataset"],
+                       tokenizer=data["mapping"], progress=False)
+        assert direct.global_step == STEPS
+        assert same_recording(out / row.name, tmp_path / row.name), row.name
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "sweep.json"}
+    again = sweep(spec(data), out, progress=False)
+    assert (again["status"] == "complete").all()
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "sweep.json"} == stamps
+
+
+def test_killed_worker_is_completed_with_no_gap_on_rerun(tiny_sweep, data, tmp_path):
+    from transformers import TrainerCallback
+
+    from duckling.sweep import sweep
+
+    marker = tmp_path / "killed-once"
+
+    class KillOnce(TrainerCallback):  # a local class: Ray pickles it by value
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 15 and not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)  # the worker process dies, as on a kill -9 or an out-of-memory kill
+
+    one = spec(data, grid={"train.weight_decay": [0.1], "seeds": [1]})
+    out = tmp_path / "sweep"
+    df = sweep(one, out, progress=False, max_retries=0, callbacks=[KillOnce()])
+    assert marker.exists() and df["status"].tolist() == ["failed"]
+    assert "died" in df["error"][0].lower() or "crash" in df["error"][0].lower(), df["error"][0]
+    run = out / "weight_decay=0.1__seed=1"
+    assert (run / "checkpoint-10").is_dir() and not (run / "final").exists()
+
+    df = sweep(one, out, progress=False)
+    assert df["status"].tolist() == ["complete"] and df["attempts"].tolist() == [2]
+    assert len(json.loads((run / "run_info.json").read_text())["resumed"]) == 1  # resumed, not restarted
+    ref = tiny_sweep[0] / "weight_decay=0.1__seed=1"
+    assert same_recording(run, ref)  # steps 11..15 of the dead worker were replaced, nothing missing
+
+
+def test_bad_specs_are_refused_before_any_run(data, tmp_path):
+    from duckling.sweep import sweep
+
+    out = tmp_path / "never"
+    cases = [
+        (spec(data, **{"train.weight_dekay": 0.1}), "Unknown config field 'train.weight_dekay'"),
+        (spec(data, grid={"train.learning_rate": [1e-3, -1.0]}), "train.learning_rate = -1.0 is not valid"),
+        (spec(data, grid={}), "[grid] is empty"),
+        (spec(data, grid={"train.weight_decay": []}), "empty list"),
+        (spec(data, grid={"train.weight_decay": 0.1}), "must be a list"),
+        (spec(data, grid={"model.n_head": [3]}), "must divide model.n_embd"),
+        ({k: v for k, v in spec(data).items() if k != "dataset"}, "has no 'dataset'"),
+        ({**spec(data), "resources": {"cpus": 0}}, "cpus = 0 is not valid"),
+        ({**spec(data), "seed": 3}, "Unknown sweep spec key"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(DucklingError) as err:
+            sweep(bad, out, progress=False, dry_run=True)  # a dry run validates exactly as a real one
+        assert message in str(err.value), (message, str(err.value))
+    assert not out.exists()
+
+
+def test_toml_spec_names_and_other_spec_refused(tiny_sweep, data, tmp_path):
+    from duckling.sweep import sweep
+
+    toml = tmp_path / "wd.toml"
+    toml.write_text(f'dataset = "{data["dataset"]}"\nmapping = "{data["mapping"]}"\n[base]\n"train.max_steps" = 5\n'
+                    '[grid]\n"train.learning_rate" = [1e-4, 0.003]\n"model.tie_word_embeddings" = [true, false]\n'
+                    "seeds = [7]\n")
+    s = load_spec(toml)
+    assert [r.name for r in s.runs] == ["learning_rate=0.0001__tie_word_embeddings=true__seed=7",
+                                        "learning_rate=0.0001__tie_word_embeddings=false__seed=7",
+                                        "learning_rate=0.003__tie_word_embeddings=true__seed=7",
+                                        "learning_rate=0.003__tie_word_embeddings=false__seed=7"]
+    assert run_name({"model.dropout": 0.0, "train.dropout": 1}, 0) == "model.dropout=0__train.dropout=1__seed=0"
+    plan = sweep(toml, tmp_path / "plan", dry_run=True, progress=False)
+    assert len(plan) == 4 and not (tmp_path / "plan").exists()
+
+    out = tiny_sweep[0]
+    with pytest.raises(DucklingError, match="another spec"):
+        sweep(toml, out, dry_run=True, progress=False)
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "notes.txt").write_text("mine")
+    with pytest.raises(DucklingError, match="not a sweep folder"):
+        sweep(toml, tmp_path / "stuff", progress=False)
