@@ -272,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     except DucklingError as e:
         print(f"duckling {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"duckling {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # RunInterrupted carries how to resume
+        print(f"duckling {args.command}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
     return int(result or 0)
 

@@ -42,6 +42,9 @@ class PackedRows(torch.utils.data.Dataset):
     def max_id(self) -> int:
         return max(int(c.max()) for c in self.chunks)  # vectorised scan, ~1 GB/s from page cache
 
+    def min_id(self) -> int:
+        return min(int(c.min()) for c in self.chunks)
+
 
 def collate(rows: list[np.ndarray]) -> dict[str, torch.Tensor]:
     """(B, T) int64 input ids; labels are the same tensor (the model shifts them)."""
@@ -76,29 +79,50 @@ def as_rows(dataset, tokenizer=None) -> PackedRows:
     if isinstance(dataset, PackedRows):
         return dataset
     if isinstance(dataset, (str, Path)):
-        dataset = _load_dataset_dir(Path(dataset), tokenizer)
+        return _load_dataset_dir(Path(dataset), tokenizer)
     if isinstance(dataset, torch.Tensor):
         dataset = dataset.numpy()
     if isinstance(dataset, np.ndarray):
+        if dataset.ndim == 0 or not np.issubdtype(dataset.dtype, np.integer):
+            raise DucklingError(f"A dataset array must hold integer token ids in rows (N, T), not {dataset.dtype} "
+                                f"of shape {dataset.shape}.")
         return PackedRows([dataset.reshape(-1, dataset.shape[-1])])
     return PackedRows(_arrow_rows(dataset))
 
 
 def _load_dataset_dir(path: Path, tokenizer):
-    """Load ``tokenized_dataset/`` through data.py, which refuses one built with another mapping."""
+    """Load ``tokenized_dataset/`` through data.py, which refuses one built with another mapping; a
+    truncated or damaged Arrow file is a clear error, not a crash inside the model."""
+    import pyarrow as pa
+
     from .data import load_dataset_dir
 
-    return load_dataset_dir(path, tokenizer, fmt=None)
+    try:
+        ds = load_dataset_dir(path, tokenizer, fmt=None)
+        return PackedRows(_arrow_rows(ds))
+    except DucklingError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as e:
+        raise DucklingError(f"The dataset {path.resolve()} cannot be read ({type(e).__name__}: {e}); its files are "
+                            "truncated or damaged. Rebuild it with `duckling build --force --out "
+                            f"{path}`.") from e
 
 
-def check_rows(rows: PackedRows, cfg: DucklingConfig, n_live: int) -> None:
-    """Every id must be live, and rows must fit the context: a dead id must never be trained on."""
-    top = rows.max_id()
+def check_rows(rows: PackedRows, cfg: DucklingConfig, n_live: int, what: str = "training dataset") -> None:
+    """Every id must be a valid live id and rows must fit the context: a dead id must never be trained
+    on, and an out-of-range id would otherwise be an IndexError deep inside the model."""
+    lo, top = rows.min_id(), rows.max_id()
+    if lo < 0 or top >= cfg.model.vocab_size:
+        raise DucklingError(
+            f"The {what} contains id {lo if lo < 0 else top}, outside the vocabulary 0..{cfg.model.vocab_size - 1}. "
+            "It was not built by `duckling build` with this mapping, or it is corrupt: rebuild it with "
+            "`duckling build --force`.")
     if top >= n_live:
         raise DucklingError(
-            f"The dataset contains id {top}, but ids >= {n_live} are dead and must never occur in "
+            f"The {what} contains id {top}, but ids >= {n_live} are dead and must never occur in "
             "training data. It was built with another mapping or is corrupt: rebuild it with "
             "`duckling build --force`.")
     if rows.seq_len > cfg.model.n_positions:
-        raise DucklingError(f"Dataset rows have {rows.seq_len} tokens but the model's context is "
-                            f"{cfg.model.n_positions}: rebuild with seq_len <= n_positions.")
+        raise DucklingError(f"The {what}'s rows have {rows.seq_len} tokens but the model's context is "
+                            f"{cfg.model.n_positions}: rebuild it with `duckling build --seq-len "
+                            f"{cfg.model.n_positions}` or raise model.n_positions.")

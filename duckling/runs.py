@@ -62,12 +62,15 @@ def _versions() -> dict:
     return out
 
 
-def check_run_dir(run_dir: Path, cfg: DucklingConfig, tok, resume: bool) -> tuple[Path | None, dict]:
+def check_run_dir(run_dir: Path, cfg: DucklingConfig, tok, resume: bool,
+                  locked: bool = False) -> tuple[Path | None, dict]:
     """Everything about the folder that can be checked before anything is written (no side effects).
 
     Returns (the checkpoint to resume from or None, the run_info already there)."""
     mapping_hash = getattr(tok, "hash", None)
     where = str(run_dir.resolve())
+    if not locked:  # (flock conflicts with our own lock on a second descriptor)
+        check_unlocked(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise DucklingError(f"The run folder {where} is a file. Choose a folder path for --run.")
     held = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK) if run_dir.is_dir() else []
@@ -136,6 +139,36 @@ def _git_commit() -> str | None:
         return None
 
 
+def _holder(fd: int) -> str:
+    import os
+
+    return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+
+
+def _busy(run_dir: Path, holder: str) -> DucklingError:
+    return DucklingError(f"{run_dir.resolve()} is being written by {holder}. A run folder has one writer: wait for "
+                         "that run to finish (or stop it with Ctrl-C, which saves a checkpoint), then --resume; or "
+                         "use another folder.")
+
+
+def check_unlocked(run_dir: Path) -> None:
+    """Refuse a folder whose lock is held by a live process (a lock left by a dead one is free)."""
+    import fcntl
+    import os
+
+    path = run_dir / LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _busy(run_dir, _holder(fd))
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path, create: bool):
     """Hold RUN/.lock (fcntl.flock, exclusive) for the whole run: one writer per run folder.
@@ -154,10 +187,9 @@ def run_lock(run_dir: Path, create: bool):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        holder = _holder(fd)
         os.close(fd)
-        raise DucklingError(f"{run_dir.resolve()} is being written by {holder}. A run folder has one writer: "
-                            "wait for that run to finish (or stop it), then --resume; or use another folder.")
+        raise _busy(run_dir, holder)
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
@@ -173,6 +205,29 @@ def run_lock(run_dir: Path, create: bool):
 def update_run_info(run_dir: Path, **kw) -> None:
     path = run_dir / "run_info.json"
     _write_json(path, {**json.loads(path.read_text()), **kw})
+
+
+# transformers warnings a Duckling user can do nothing about (the inputs are packed, never padded; EOT is
+# also pad by design; checkpoint rotation falls back to step numbers, which is what we want).
+_UNACTIONABLE = ("attention_mask", "pad_token_id", "mtime may not be reliable", "loss_type")
+
+
+class _DropUnactionable:
+    def filter(self, record) -> bool:
+        msg = record.getMessage()
+        return not any(s in msg for s in _UNACTIONABLE)
+
+
+def silence_unactionable_warnings() -> None:
+    """Drop the transformers warnings listed in _UNACTIONABLE (idempotent); all others still show."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("transformers")  # makes sure the library's handler exists
+    for h in logging.getLogger("transformers").handlers:
+        if not any(isinstance(f, _DropUnactionable) for f in h.filters):
+            h.addFilter(_DropUnactionable())
 
 
 @contextlib.contextmanager

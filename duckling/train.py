@@ -142,7 +142,7 @@ def train(cfg: DucklingConfig | None = None, dataset=None, run_dir=None, *, eval
                            Path(cfg.data.dataset_dir).resolve() if dataset is None else type(dataset).__name__)}
     try:
         with run_lock(run_dir, create=not resume):
-            check_run_dir(run_dir, cfg, tok, resume)  # again, under the lock: another writer may have won
+            check_run_dir(run_dir, cfg, tok, resume, locked=True)  # again, under the lock: another writer may have won
             try:
                 write_run_files(run_dir, cfg, tok, ckpt, old_info, info)
             except OSError:
@@ -161,8 +161,9 @@ def _fit(cfg, model, rows, eval_rows, run_dir, ckpt, callbacks, device, precisio
     """Run the Trainer (in memory when run_dir is None); the run folder is locked by the caller."""
     from transformers import PrinterCallback, ProgressCallback, TrainerState
 
-    from .runs import update_run_info
+    from .runs import silence_unactionable_warnings, update_run_info
 
+    silence_unactionable_warnings()
     extra, stop = [], StopOnSignal()
     if record:
         probe = collate([(rows if eval_rows is None else eval_rows)[0]])["input_ids"]  # (1, T): fixed probe

@@ -94,6 +94,32 @@ def tune_cpu_allocator() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
+def graph_friendly(model):
+    """Remove what splits this model's compiled forward; returns the model. Math unchanged.
+
+    GPT2LMHeadModel's class name matches no transformers loss type, so every forward's
+    ``loss_function`` calls ``logger.warning_once``, which dynamo cannot trace: a graph break between
+    the logits and the loss (two graphs, the (B, T, V) logits crossing them). Naming the loss it
+    already uses (ForCausalLM) removes the break.
+    """
+    if getattr(model, "loss_type", "") is None:
+        model.loss_type = "ForCausalLM"
+    return model
+
+
+def install_hidden_state_capture(model) -> None:
+    """Install transformers' output-capturing hooks now, before anything is compiled: installed
+    lazily by the first ``output_hidden_states`` forward they are a thread lock and
+    ``register_forward_hook`` inside the traced code (graph breaks). No-op where absent."""
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # an older transformers: no such hooks
+        return
+    base = getattr(model, "base_model", model)
+    if "hidden_states" in (getattr(base, "_can_record_outputs", None) or {}):
+        maybe_install_capturing_hooks(base)
+
+
 def check_trainable_dtype(model, allow_bf16_params: bool) -> None:
     """Refuse the mission's known failure mode: bf16 *parameters* under AdamW."""
     bf16 = [n for n, p in model.named_parameters() if p.dtype == torch.bfloat16]
@@ -113,7 +139,31 @@ def _trainer_classes():
     from transformers.trainer_callback import ProgressCallback
 
     class DucklingTrainer(Trainer):
+        """The Trainer, with a graph-friendly model and the final hidden state for the recorder."""
+
         _flops_per_token = None
+
+        def __init__(self, model=None, *args, **kwargs):
+            super().__init__(graph_friendly(model), *args, **kwargs)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """Also hand the final hidden state (after ln_f) of every training forward to the
+            callbacks that observe it (the recorder), outside the compiled model: a model output,
+            not a hook that writes outside state from inside the graph."""
+            observers = [cb for cb in self.callback_handler.callbacks if hasattr(cb, "observe_hidden")]
+            if not observers or not model.training:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if not self._capture_ready:
+                install_hidden_state_capture(self.model)
+                self._capture_ready = True
+            inputs = {**inputs, "output_hidden_states": -1}  # -1: keep only the last one
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            hidden = outputs.hidden_states[-1]  # (B, T, d) = ln_f's output (transformers ties it)
+            for cb in observers:
+                cb.observe_hidden(hidden)
+            return (loss, outputs) if return_outputs else loss
+
+        _capture_ready = False
 
         def floating_point_ops(self, inputs):
             # The base class walks every module and parameter on every step; the count never changes.
@@ -135,6 +185,9 @@ def _trainer_classes():
                 shown = {k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "eval_loss")}
                 if shown:
                     self.training_bar.set_postfix(shown, refresh=False)
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            pass  # no nested evaluation bar: it leaves "[A" debris in logs and notebooks
 
     class Timer(TrainerCallback):
         """Steps/s of this call, after ``skip`` warm-up steps, excluding evaluation and checkpoints.
