@@ -104,6 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="default: RUN/report")
     s.add_argument("--max-points", type=int, default=None,
                    help="snapshot steps evaluated per curve (default: analysis.MAX_POINTS; 0 = every recorded step)")
+    s = sub.add_parser("quickstart", help="offline first run: the bundled sample, a short recorded run, its report")
+    s.add_argument("--out", default="runs/quickstart", help="folder for the dataset, run and report (default runs/quickstart)")
+    s.add_argument("--steps", type=_positive_int("--steps"), default=None,
+                   help="training steps (default: about 2 minutes on 2 CPU cores)")
+
+    s = sub.add_parser("sweep", help="train every grid point x seed of a TOML spec on Ray (local by default)")
+    s.add_argument("spec", help="sweep spec (TOML; see sweeps/)")
+    s.add_argument("--out", required=True, help="sweep folder: one run folder per grid point x seed, plus the manifest")
+    s.add_argument("--address", default=None, help="Ray cluster address ('auto', host:port); default $RAY_ADDRESS, "
+                   "else a local Ray on this machine")
+    s.add_argument("--max-retries", type=int, default=1, help="restarts of a crashed run within this call (default 1)")
+    s.add_argument("--dry-run", action="store_true", help="validate the spec and show the plan; train nothing")
+
+    s = sub.add_parser("compare", help="table and figures across the runs of a sweep folder")
+    s.add_argument("out", help="sweep folder")
+    s.add_argument("--refresh", action="store_true", help="recompute every run's report")
     return p
 
 
@@ -252,8 +268,40 @@ def cli_report(args) -> int:
     return 0
 
 
+def cli_quickstart(args) -> int:
+    from .quickstart import format_summary, quickstart
+
+    print(format_summary(quickstart(args.out, steps=args.steps)))
+    return 0
+
+
+def cli_sweep(args) -> int:
+    from .sweep import sweep
+
+    if args.max_retries < 0:
+        raise DucklingError(f"--max-retries must be >= 0, not {args.max_retries}.")
+    table = sweep(args.spec, args.out, address=args.address, max_retries=args.max_retries, dry_run=args.dry_run)
+    cols = [c for c in ("name", "status", "global_step", "loss", "eval_loss") if c in table.columns]
+    print(table[cols].to_string(index=False))
+    failed = int((table["status"] == "failed").sum()) if "status" in table.columns else 0
+    if failed:
+        print(f"{failed} run(s) failed (errors in {Path(args.out) / 'manifest.json'}); run the same command "
+              "again to retry them.", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cli_compare(args) -> int:
+    from .compare import compare, markdown
+
+    table = compare(args.out, refresh_reports=args.refresh)
+    print(markdown(table))
+    for path in table.attrs.get("files", []):
+        print(f"wrote {path}")
+    return 0
+
+
 HANDLERS = {"vocab": cli_vocab, "build": cli_build, "train": cli_train, "generate": cli_generate,
-            "report": cli_report}
+            "report": cli_report, "quickstart": cli_quickstart, "sweep": cli_sweep, "compare": cli_compare}
 
 
 def _paths_from_env() -> None:

@@ -15,10 +15,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import tomllib
 import warnings
 from dataclasses import dataclass
 from typing import Any
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 
 from .errors import DucklingError
 
