@@ -1,16 +1,20 @@
-"""What the notebooks in ``notebooks/`` share: paths, config overrides, data preparation, timing,
-small loss plots and result files. Notebooks stay short; anything one needs twice lives here.
+"""What only the notebooks in ``notebooks/`` need: paths that work from any working directory,
+display defaults, a one-line machine description, a few plot and result helpers.
+
+Everything else a notebook does is a call into the package: ``DucklingConfig().override(OVERRIDES)``
+for the config (every default lives in ``duckling/config.py``), ``duckling.data`` for counting,
+packing and loading, ``duckling.train`` for training, ``duckling.plots`` for the dead-token figures.
+Tables are pandas DataFrames.
 
 Paths: a notebook's kernel may start in ``notebooks/`` (jupyter lab, ``papermill --cwd notebooks``),
 at the repo root, or in any folder of the repo holding a copied notebook. ``path()`` turns a
 parameter into a path that works from there: an absolute path stays; a relative one is taken from
 the kernel's working directory if it starts with ``..`` or exists there, else from the repo root
 (where new files and folders go). Paths come back relative to the working directory, so nothing
-a notebook prints names a folder of the machine it ran on.
+a notebook prints names a folder of the machine it ran on; error messages name absolute paths.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -19,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DataConfig, DucklingConfig
 from .errors import DucklingError
 
 FIGSIZE = (6, 3.5)
@@ -27,9 +30,14 @@ DPI = 90  # inline figures of ~540 x 315 px keep a committed notebook small
 
 
 # ---------------------------------------------------------------- set-up and paths
+def _cell(v) -> str:
+    """A float as a table shows it: 4 significant digits, thousands separators, large values whole."""
+    return "nan" if not np.isfinite(v) else f"{v:,.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+
+
 def setup(seed: int = 0, dpi: int = DPI) -> None:
-    """Quiet, reproducible notebook defaults: small inline figures, seeded numpy/torch, warnings
-    without file paths, no per-call transformers chatter."""
+    """Quiet, reproducible notebook defaults: small inline figures, 4-digit floats in DataFrames,
+    seeded numpy/torch, warnings without file paths, no per-call transformers chatter."""
     import warnings
 
     # The default format starts with the warning's source file: an absolute path of this machine.
@@ -37,10 +45,12 @@ def setup(seed: int = 0, dpi: int = DPI) -> None:
     # tqdm falls back to text bars without ipywidgets; that is fine, the warning about it is noise.
     warnings.filterwarnings("ignore", message="IProgress not found")
     import matplotlib as mpl
+    import pandas as pd
     import torch
     from transformers.utils import logging as hf_logging
 
     mpl.rcParams.update({"figure.dpi": dpi, "savefig.dpi": dpi, "figure.figsize": FIGSIZE})
+    pd.set_option("display.float_format", _cell)
     np.random.seed(seed)
     torch.manual_seed(seed)
     hf_logging.set_verbosity_error()
@@ -68,9 +78,11 @@ def _display(p: Path) -> Path:
         return p
 
 
-def path(p, default=None) -> Path | None:
-    """A notebook parameter as a usable path (see the module docstring); None -> ``default``,
-    and None if both are None. Idempotent: a path it returned comes back unchanged."""
+def path(p, default=None, must_exist: bool = False) -> Path | None:
+    """A notebook parameter as a usable path (see the module docstring); None -> ``default``
+    (typically the config's value, e.g. ``cfg.data.dataset_dir``), and None if both are None.
+    Idempotent: a path it returned comes back unchanged. ``must_exist``: a DucklingError naming
+    the absolute paths looked at when neither exists."""
     if p is None:
         if default is None:
             return None
@@ -78,8 +90,24 @@ def path(p, default=None) -> Path | None:
     p = Path(p).expanduser()
     root = repo_root()
     if p.is_absolute() or root is None or p.parts[0] == ".." or p.exists():
-        return p  # as written: absolute, or relative to the working directory
-    return _display((root / p).resolve())
+        found = p  # as written: absolute, or relative to the working directory
+    else:
+        found = _display((root / p).resolve())
+    if must_exist and not found.exists():
+        looked = sorted({str(Path(os.getcwd(), p).resolve()), str(Path(os.getcwd(), found).resolve())})
+        raise DucklingError(f"{str(p)!r} not found: looked for {' and '.join(looked)}. Relative paths are "
+                            "taken from the notebook's folder when they start with '..' or exist there, else "
+                            "from the repo root.")
+    return found
+
+
+def source(data) -> Path | str | None:
+    """A ``DATA`` parameter for ``duckling.data``: None ($DUCKLING_DATA, else the hub) and ``"sample"``
+    (the text bundled with the package) pass through; anything else is a text file or folder that
+    must exist (``path``)."""
+    if data is None or (isinstance(data, str) and data == "sample"):
+        return data
+    return path(data, must_exist=True)
 
 
 def new_run_dir(name: str, run_dir=None) -> Path:
@@ -95,7 +123,7 @@ def machine(device: str | None = None) -> str:
     import torch
 
     from .config import TrainConfig
-    from .train import pick_device
+    from .trainer import pick_device
 
     dev = pick_device(device or TrainConfig().device)
     if dev == "cuda":
@@ -115,109 +143,14 @@ def machine(device: str | None = None) -> str:
             f"torch {torch.__version__}, {platform.system()}")
 
 
-# ---------------------------------------------------------------- config overrides
-def make_config(*, model=None, data=None, train=None, record=None, context=None, steps=None,
-                device=None) -> DucklingConfig:
-    """DucklingConfig defaults with overrides: dicts per section (None values are ignored), plus
-    shortcuts ``context`` (model context and packed row length together), ``steps`` and ``device``.
-    A misspelt field is a DucklingError that lists the valid ones."""
-    base = DucklingConfig()
-    train = {**(train or {}), "max_steps": steps, "device": device}
-    model, data = dict(model or {}), dict(data or {})
-    if context is not None:
-        model["n_positions"], data["seq_len"] = context, context
-    parts = {}
-    for name, over in (("model", model), ("data", data), ("train", train), ("record", record or {})):
-        section = getattr(base, name)
-        over = {k: v for k, v in over.items() if v is not None}
-        valid = {f.name for f in dataclasses.fields(section)}
-        bad = sorted(set(over) - valid)
-        if bad:
-            raise DucklingError(f"Unknown {name} setting(s) {bad}. Valid {name} settings: {sorted(valid)} "
-                                f"(see duckling/config.py).")
-        parts[name] = dataclasses.replace(section, **over)
-    cfg = DucklingConfig(**parts)
-    if cfg.data.seq_len > cfg.model.n_positions:
-        raise DucklingError(f"data.seq_len {cfg.data.seq_len} exceeds the model context "
-                            f"{cfg.model.n_positions}: set both with context=N.")
-    return cfg
+# ---------------------------------------------------------------- results
+def final_loss(result, key: str = "loss") -> float:
+    """The last logged ``loss`` (mean over the last logging window) or ``eval_loss`` of a
+    TrainResult; NaN when none was logged (a run shorter than ``logging_steps``)."""
+    values = result.losses(key)[1]
+    return float(values[-1]) if len(values) else float("nan")
 
 
-def overrides(cfg: DucklingConfig) -> dict:
-    """``{"section.field": value}`` for every setting of ``cfg`` that differs from the defaults."""
-    base, new = DucklingConfig().to_dict(), cfg.to_dict()
-    return {f"{s}.{k}": v for s in new for k, v in new[s].items() if base[s].get(k) != v}
-
-
-# ---------------------------------------------------------------- data
-def load_tokenizer(mapping=None):
-    """The token mapping at ``mapping`` (default: the committed ``token_mapping.json``)."""
-    from .vocab import CompactTokenizer
-
-    return CompactTokenizer.from_file(path(mapping, DataConfig().mapping_path))
-
-
-def build_mapping(data=None, out=None, max_stories: int | None = None):
-    """Count GPT-2 tokens over ``data`` and build a compact mapping from the counts (as
-    ``duckling vocab`` does); saved to ``out`` when given. Returns (tokenizer, counts (50257,))."""
-    from .data import count_tokens, describe_source, resolve_source
-    from .vocab import CompactTokenizer
-
-    source = resolve_source(path(data))
-    stats: dict = {}
-    counts = count_tokens(source, max_stories=max_stories, stats=stats)
-    prov = {"corpus": describe_source(source), "source": describe_source(source), "n_stories": stats["n_stories"],
-            "n_tokens": int(counts.sum()), "text_sha256": stats["sha256"]}
-    if max_stories:
-        prov["max_stories"] = max_stories
-    tok = CompactTokenizer.from_counts(counts, prov)
-    if out is not None:
-        out = path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tok.save(out)
-    return tok, counts
-
-
-def prepare_data(data=None, *, seq_len: int | None = None, dataset_dir=None, mapping=None,
-                 max_stories: int | None = None, split: str = "train", progress: bool = False):
-    """(tokenizer, dataset folder): load the token mapping (default: the committed one) and build
-    the tokenized dataset unless it is already up to date (``build_dataset`` is idempotent).
-
-    data: a text file or folder; None = $DUCKLING_DATA, else the hub's TinyStories."""
-    from .data import build_dataset
-
-    defaults = DataConfig()
-    tok = load_tokenizer(mapping)
-    out = path(dataset_dir, defaults.dataset_dir)
-    build_dataset(path(data), tok, out, seq_len=seq_len or defaults.seq_len, split=split,
-                  max_stories=max_stories, progress=progress)
-    return tok, out
-
-
-def text_rows(data, tok, seq_len: int | None = None, max_rows: int | None = None,
-              split: str = "validation") -> np.ndarray | None:
-    """Held-out text as packed (N, seq_len) uint16 rows in memory (for ``train(eval_dataset=)``);
-    None when ``data`` is None. Stories are encoded like ``build_dataset`` does (EOT after each)."""
-    if data is None:
-        return None
-    from .data import encode_stream, iter_stories, resolve_source
-
-    seq_len = seq_len or DataConfig().seq_len
-    need = None if max_rows is None else max_rows * seq_len
-    parts, n = [], 0
-    for ids in encode_stream(iter_stories(resolve_source(path(data), split)), tok.lut, num_proc=1):
-        parts.append(ids)
-        n += len(ids)
-        if need is not None and n >= need:
-            break
-    flat = np.concatenate(parts)
-    rows = len(flat) // seq_len if need is None else min(len(flat) // seq_len, max_rows)
-    if rows == 0:
-        raise DucklingError(f"The held-out text holds {len(flat)} tokens, fewer than one {seq_len}-token row.")
-    return flat[: rows * seq_len].reshape(rows, seq_len)  # (N, T)
-
-
-# ---------------------------------------------------------------- timing
 def _time_budget_class():
     from transformers import TrainerCallback
 
@@ -267,19 +200,13 @@ def _time_budget_class():
 
 
 def time_budget(seconds: float | None = None):
-    """A TrainerCallback for ``train(callbacks=[...])``: per-step wall-clock, and an optional stop
-    after ``seconds`` (a sweep that gives every setting the same time)."""
+    """A TrainerCallback for ``train(callbacks=[...])`` giving every run the same wall-clock budget
+    (notebook 05): it stops after ``seconds`` and notes when each step ended, which the trainer's
+    own steps/s (measured after 10 warm-up steps) cannot give for a run of 4 steps."""
     return _time_budget_class()(seconds)
 
 
-def final_loss(result, key: str = "loss") -> float:
-    """The last logged ``loss`` (mean over the last logging window) or ``eval_loss`` of a
-    TrainResult; NaN when none was logged (a run shorter than ``logging_steps``)."""
-    values = result.losses(key)[1]
-    return float(values[-1]) if len(values) else float("nan")
-
-
-# ---------------------------------------------------------------- figures and results
+# ---------------------------------------------------------------- figures and files
 def plot_curves(curves: dict, xlabel: str = "training step", ylabel: str = "training loss",
                 title: str = "", logx: bool = False, logy: bool = False, hline=None, ax=None):
     """Line plot of ``{label: (x, y)}``; ``hline=(y, label)`` draws a reference level. Returns the
@@ -317,39 +244,9 @@ def smooth(y, k: int) -> np.ndarray:
     return (c[i + h + 1] - c[i - h]) / (2 * h + 1)
 
 
-class Table:
-    """A list of dicts shown as a table: HTML in a notebook, aligned text elsewhere (no pandas).
-
-    Floats are shown with ``digits`` significant digits; ``rows`` keeps the raw values."""
-
-    def __init__(self, rows: list[dict], digits: int = 4):
-        self.rows, self.digits = [dict(r) for r in rows], digits
-        self.columns = list(dict.fromkeys(k for r in self.rows for k in r))
-
-    def _cell(self, v) -> str:
-        if isinstance(v, (float, np.floating)):
-            return "nan" if not np.isfinite(v) else f"{v:,.{self.digits}g}" if abs(v) < 1e4 else f"{v:,.0f}"
-        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-            return f"{v:,}"
-        return "" if v is None else str(v)
-
-    def _grid(self) -> list[list[str]]:
-        return [[self._cell(r.get(c)) for c in self.columns] for r in self.rows]
-
-    def __repr__(self) -> str:
-        grid = [list(map(str, self.columns))] + self._grid()
-        width = [max(len(row[j]) for row in grid) for j in range(len(self.columns))]
-        return "\n".join("  ".join(x.rjust(w) for x, w in zip(row, width)) for row in grid)
-
-    def _repr_html_(self) -> str:
-        from html import escape
-
-        head = "".join(f"<th>{escape(str(c))}</th>" for c in self.columns)
-        body = "".join("<tr>" + "".join(f"<td>{escape(x)}</td>" for x in row) + "</tr>" for row in self._grid())
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def _jsonable(x):
+    if hasattr(x, "to_dict") and hasattr(x, "columns"):  # a DataFrame: its rows
+        return _jsonable(x.to_dict("records"))
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -366,7 +263,8 @@ def _jsonable(x):
 
 
 def save_json(file, obj) -> Path:
-    """Write ``obj`` (numpy values, paths and NaN allowed: NaN becomes null) as JSON; returns the path."""
+    """Write ``obj`` (numpy values, DataFrames as lists of rows, paths and NaN allowed: NaN becomes
+    null) as JSON; returns the path."""
     file = path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(file.name + ".tmp")
