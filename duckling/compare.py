@@ -36,7 +36,7 @@ FIG_METRICS = ("final_train_loss", "final_eval_loss", "dead_norm_over_null", "de
 DPI = 110
 
 
-def _summary(run_dir: Path, refresh: bool) -> dict:
+def _summary(run_dir: Path, refresh: bool, progress: bool = False) -> dict:
     """The run's report summary.json, computed (with its figures) when missing or older than the run."""
     from .report import report
 
@@ -44,11 +44,13 @@ def _summary(run_dir: Path, refresh: bool) -> dict:
     newest = max((p.stat().st_mtime for p in (run_dir / "final" / "trainer_state.json",
                                                run_dir / "run_info.json") if p.is_file()), default=0)
     if refresh or not path.is_file() or path.stat().st_mtime < newest:
+        if progress:
+            print(f"computing the report of {run_dir.name} (duckling report {run_dir})", flush=True)
         return report(run_dir)
     return json.loads(path.read_text())
 
 
-def compare(out, *, write: bool = True, refresh_reports: bool = False):
+def compare(out, *, write: bool = True, refresh_reports: bool = False, progress: bool = True):
     """The comparison table of a sweep folder (a pandas DataFrame, one row per run).
 
     Columns: name, the swept fields (dotted names), seed, status, steps, train_loss, eval_loss and
@@ -65,7 +67,7 @@ def compare(out, *, write: bool = True, refresh_reports: bool = False):
         run_dir = out / entry["path"]
         row = {"name": entry["name"], **entry["point"], "seed": entry["seed"], "status": entry["status"]}
         if (run_dir / "recording").is_dir() and (run_dir / "final").is_dir():
-            s = _summary(run_dir, refresh_reports)
+            s = _summary(run_dir, refresh_reports, progress)
             row["status"] = "complete"
             row["steps"] = s.get("last_scalar_step")
             row.update({col: s.get(key) for key, (col, _) in METRICS.items()})
@@ -110,12 +112,25 @@ def by_config(table):
     return agg.reset_index()
 
 
+def _mean_std_table(agg, swept: list):
+    """``by_config`` with each metric as one "mean ± std" cell (the markdown view)."""
+    import pandas as pd
+
+    keep = [c for c in [*swept, "seeds"] if c in agg]
+    cols = {c.rsplit(" ", 1)[0] for c in agg.columns if c.endswith(" mean")}
+    view = pd.DataFrame({c: agg[c] for c in keep})
+    for c in [m for m, _ in METRICS.values() if m in cols]:
+        view[c] = [f"{m:.4g} ± {s:.2g}" if s == s else f"{m:.4g}" for m, s in zip(agg[f"{c} mean"], agg[f"{c} std"])]
+    return view
+
+
 def _write(out: Path, table, swept: list) -> list[str]:
     table.to_csv(out / "compare.csv", index=False)
     show = table.drop(columns=[c for c, _ in METRICS.values() if table[c].isna().all()])
     md = [f"# Sweep {out.name}: {len(table)} runs\n", "## Mean (std) over seeds per configuration\n"]
     agg = by_config(table)
-    md += [markdown(agg) if len(agg) else "(no complete run yet)\n", "\n## Every run\n", markdown(show)]
+    md += [markdown(_mean_std_table(agg, swept)) if len(agg) else "(no complete run yet)\n",
+           "\n## Every run\n", markdown(show)]
     (out / "compare.md").write_text("\n".join(md), encoding="utf-8")
     files = ["compare.csv", "compare.md"]
     done = table[table["status"] == "complete"]
@@ -134,14 +149,13 @@ def _write(out: Path, table, swept: list) -> list[str]:
 
 
 # ---------------------------------------------------------------- figures
-def _positions(values) -> tuple[dict, bool]:
-    """x position of each distinct value: the value itself when numeric (log-spaced values get
-    even spacing), else its rank; returns ({value: x}, categorical)."""
+def _positions(values) -> dict:
+    """{value: x}: evenly spaced in sorted order (swept values are often log-spaced), or in the
+    order given when they are not all numbers."""
     uniq = list(dict.fromkeys(values))
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in uniq)
-    if numeric:
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in uniq):
         uniq = sorted(uniq)
-    return {v: i for i, v in enumerate(uniq)}, True
+    return {v: i for i, v in enumerate(uniq)}
 
 
 def plot_metric_vs(done, field: str, swept: list, metrics=FIG_METRICS):
@@ -158,7 +172,7 @@ def plot_metric_vs(done, field: str, swept: list, metrics=FIG_METRICS):
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     others = [f for f in swept if f != field]
     groups = list(done.groupby(others, sort=False)) if others else [((), done)]
-    xs, _ = _positions(done[field].tolist())
+    xs = _positions(done[field].tolist())
     n_seeds = done.groupby(swept)["seed"].nunique().max() if swept else len(done)
     fig.suptitle(f"Sweep: metrics vs {field} (dots: {n_seeds} seed{'s' if n_seeds != 1 else ''}; "
                  "line: mean; bar: min-max over seeds)", fontsize=9)

@@ -25,7 +25,7 @@ import traceback
 from pathlib import Path
 
 from .errors import DucklingError
-from .runs import last_checkpoint
+from .runs import LOCK, check_unlocked, last_checkpoint
 from .sweep_spec import DEFAULT_GPUS, Spec, load_spec
 
 MANIFEST = "sweep.json"
@@ -45,7 +45,7 @@ def run_state(run_dir) -> str:
             return "complete"
     if last_checkpoint(run_dir) is not None:
         return "resumable"
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+    if not run_dir.is_dir() or not any(p.name != LOCK for p in run_dir.iterdir()):
         return "fresh"
     return "restart"
 
@@ -56,8 +56,9 @@ def _clear_for_restart(run_dir: Path, cfg_dict: dict) -> None:
     Nothing is lost: without a checkpoint the run cannot continue, and a run is deterministic
     (seeded init, dropout and data order), so the restart recomputes the same steps. Only a folder
     that this very run created (same config.json) is emptied."""
+    check_unlocked(run_dir)  # a live writer (another sweep on this folder) is never disturbed
     cfg_file = run_dir / "config.json"
-    held = sorted(p.name for p in run_dir.iterdir())
+    held = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK)
     if held and held != ["config.json"] and not cfg_file.is_file():
         raise DucklingError(f"{run_dir} holds files ({', '.join(held[:4])}) but is not a Duckling run folder; "
                             "the sweep will not overwrite it. Move it away and run the sweep again.")

@@ -25,11 +25,15 @@ import json
 import math
 import re
 import shutil
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 
 from .config import DucklingConfig
 from .errors import DucklingError
