@@ -147,10 +147,10 @@ def test_time_budget_stops_training(tiny):
 # ---------------------------------------------------------------- the notebooks
 def test_01_token_frequency(repo_root, tmp_path, tiny):
     res = tmp_path / "01.json"
-    out = run_notebook(repo_root, tmp_path, "01_token_frequency", DATA=tiny["DATA"],
+    out = run_notebook(repo_root, tmp_path, "01_token_frequency", DATA="sample",  # the bundled text, by name
                        VALID_DATA=tiny["VALID_DATA"], RESULTS=str(res))
     r = json.loads(res.read_text())
-    assert r["n_stories"] == 60 and r["n_tokens"] > 60 * 20
+    assert r["data"] == "sample" and r["n_stories"] == 500 and r["n_tokens"] > 500 * 20
     need = [r["min_vocab"][k] for k in sorted(r["min_vocab"], key=float)]
     assert need == sorted(need) and 1 <= need[0] and need[-1] <= r["distinct_tokens"]
     assert r["live_coverage"]["this corpus"] > 0.95 and 0.5 < r["live_coverage"]["held-out text"] <= 1
