@@ -36,7 +36,9 @@ BASE_ENCODING = "gpt2"  # tiktoken encoding the compact ids are drawn from
 HUB_DATASET = "roneneldan/TinyStories"
 LR_SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
                 "polynomial", "inverse_sqrt")
-OPTIMIZERS = ("adamw",)
+OPTIMIZERS = ("adamw", "sgd", "coupled_adam")  # duckling/optim.py
+# train.learning_rate's default follows the optimizer (sgd's from the sweep in sweeps/sgd_lr.toml, README)
+LR_DEFAULTS = {"adamw": 1e-4, "coupled_adam": 1e-4, "sgd": 0.3}
 
 
 def spec(default, help: str, *, lo=None, hi=None, lo_open=False, hi_open=False, choices=None,
@@ -163,9 +165,12 @@ class TrainConfig(_Checked):
     """Optimisation defaults of the mission (AdamW, linear decay, bf16 mixed precision)."""
 
     _prefix = "train."
-    optimizer: str = spec("adamw", "the optimizer", choices=OPTIMIZERS)
+    optimizer: str = spec("adamw", "adamw | sgd (momentum, decoupled weight decay) | coupled_adam (second moment of "
+                          "W averaged over the vocabulary)", choices=OPTIMIZERS, flag="optimizer")
     batch_size: int = spec(2, "sequences per step", lo=1, flag="batch-size")
-    learning_rate: float = spec(1e-4, "peak learning rate", lo=0.0, lo_open=True, flag="lr")
+    learning_rate: float = spec(LR_DEFAULTS["adamw"], "peak learning rate (its default follows train.optimizer: "
+                                "adamw/coupled_adam 1e-4, sgd 0.3)", lo=0.0, lo_open=True, flag="lr")
+    sgd_momentum: float = spec(0.9, "SGD's momentum (train.optimizer = sgd)", lo=0.0, hi=1.0, hi_open=True)
     weight_decay: float = spec(0.01, "decoupled weight decay", lo=0.0, flag="weight-decay")
     max_steps: int = spec(10_000, "optimizer steps", lo=1, flag="max-steps")
     warmup_steps: int = spec(0, "linear warm-up steps", lo=0)
@@ -288,6 +293,10 @@ class DucklingConfig:
                                     f"'train.weight_decay'; `duckling train --help` lists them all.")
             section, _, key = name.partition(".")
             parts[section][key] = value
+        new_opt = parts["train"].get("optimizer", self.train.optimizer)
+        if "learning_rate" not in parts["train"] and new_opt in LR_DEFAULTS and \
+                self.train.learning_rate == LR_DEFAULTS.get(self.train.optimizer):
+            parts["train"]["learning_rate"] = LR_DEFAULTS[new_opt]  # the default follows the optimizer
         return DucklingConfig(**{s: dataclasses.replace(getattr(self, s), **parts[s]) if parts[s]
                                  else getattr(self, s) for s in SECTIONS})
 

@@ -174,8 +174,11 @@ def _fit(cfg, model, rows, eval_rows, run_dir, ckpt, callbacks, device, precisio
     args = training_arguments(cfg, run_dir or tmp.name, device, precision, save=run_dir is not None,
                               evaluate=eval_rows is not None, progress=progress, compile_mode=compile_mode)
     own = [stop.callback, *extra, sync_recording(run_dir)] if run_dir is not None else []
+    from .optim import optimizer_cls_and_kwargs
+
     trainer = DucklingTrainer(model=model, args=args, train_dataset=rows, eval_dataset=eval_rows,
-                              data_collator=collate, callbacks=[*own, timer, *callbacks])
+                              data_collator=collate, callbacks=[*own, timer, *callbacks],
+                              optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(cfg.train, cfg.model.vocab_size))
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)  # logs are in log_history, never printed per step
     if progress:
