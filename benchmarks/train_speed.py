@@ -1,6 +1,6 @@
 """Training speed: Duckling's Trainer set-up against a plain loop, a naive Trainer, and with recording.
 
-    python benchmarks/train_speed.py [--quick] [--device cpu|cuda|mps] [--compile]
+    python benchmarks/train_speed.py [--quick] [--device cpu|cuda|mps] [--compile] [--json PATH]
 
 Each configuration runs in its own worker process (so allocator or compile state cannot leak
 between them) and pauses every ``block`` steps; the parent lets the workers run one block each in
@@ -13,7 +13,8 @@ Configurations (default DucklingConfig: batch 2 x 512, 2 layers, dropout 0.1, pr
 compile auto = CUDA graphs on CUDA, eager elsewhere):
   duckling   duckling.train.train(cfg, run_dir=None): no recording
   plain      a hand-written loop doing the same math: same model and seed, batch, fused AdamW,
-             linear decay, grad clipping, autocast, compile mode, CPU allocator setting
+             linear decay, grad clipping, autocast, compile mode, CPU allocator setting, and the
+             same graph-friendly model (duckling.trainer.graph_friendly)
   recording  duckling.train.train(cfg, run_dir=TMP) recording W at every step in bf16
   naive      transformers.Trainer with only the mission's hyperparameters (batch 2, lr 1e-4,
              wd 0.01, seed 42, bf16 as configured) on a datasets.Dataset of python lists with the
@@ -33,6 +34,8 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 
 import argparse
 import dataclasses
+import json
+import platform
 import multiprocessing as mp
 import statistics
 import tempfile
@@ -133,13 +136,13 @@ def _plain(cfg, data, conn, block: int, device: str, precision: str, compile_mod
     import torch
 
     from duckling.model import build_model
-    from duckling.train import fused_adamw_available, tune_cpu_allocator
+    from duckling.trainer import fused_adamw_available, graph_friendly, tune_cpu_allocator
 
     if device == "cpu":
         tune_cpu_allocator()
     t = cfg.train
     torch.manual_seed(t.seed)
-    model = build_model(cfg.model, seed=t.seed).to(device).train()
+    model = graph_friendly(build_model(cfg.model, seed=t.seed)).to(device).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]  # the Trainer's grouping: no decay on
     rest = [p for n, p in model.named_parameters() if p.ndim < 2]  # biases and LayerNorm weights
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}],
@@ -179,6 +182,8 @@ def main(argv=None) -> int:
     p.add_argument("--block", type=int, default=None, help="steps per block")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (after one warm-up round)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per worker (default: torch's)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the figures, the device name and the versions to this JSON file")
     a = p.parse_args(argv)
 
     from duckling.config import DucklingConfig
@@ -217,22 +222,61 @@ def main(argv=None) -> int:
         proc.join(timeout=120)
     t = {k: np.array(v[1:]) for k, v in times.items()}  # drop the warm-up round
 
-    def ratio(num: str, den: str) -> str:
+    def ratio(num: str, den: str) -> dict:
         """steps/s(num) / steps/s(den) from each one's fastest block (other load only ever adds time),
-        then the median and range of the per-round ratios."""
+        with the median and range of the per-round ratios."""
         r = t[den] / t[num]
-        return f"{t[den].min() / t[num].min():.3f} (per-round median {statistics.median(r):.3f}, " \
-               f"range {r.min():.3f}-{r.max():.3f})"
+        return {"best": float(t[den].min() / t[num].min()), "median": float(statistics.median(r)),
+                "min": float(r.min()), "max": float(r.max())}
 
+    def show(name: str, x: dict) -> None:
+        print(f"{name}: {x['best']:.3f} (per-round median {x['median']:.3f}, range {x['min']:.3f}-{x['max']:.3f})")
+
+    speed = {k: {"best_block": block / float(t[k].min()), "median": block / float(statistics.median(t[k]))}
+             for k in kinds}
     for k in kinds:
-        print(f"  {k:10s} {block / t[k].min():7.2f} steps/s best block, {block / statistics.median(t[k]):7.2f} median")
-    print(f"trainer_vs_plain_loop_ratio: {ratio('duckling', 'plain')}")
-    print(f"recording_overhead_ratio: {ratio('recording', 'duckling')}")
-    print(f"speedup_vs_naive_trainer: {ratio('duckling', 'naive')}")
+        print(f"  {k:10s} {speed[k]['best_block']:7.2f} steps/s best block, {speed[k]['median']:7.2f} median")
+    ratios = {"trainer_vs_plain_loop_ratio": ratio("duckling", "plain"),
+              "recording_overhead_ratio": ratio("recording", "duckling"),
+              "speedup_vs_naive_trainer": ratio("duckling", "naive")}
     if a.compile:  # steady state only: the compile itself (tens of seconds) is in the discarded warm-up
-        print(f"compile_speedup: {ratio('duckling', 'eager') if compiled else ratio('compiled', 'duckling')}")
+        ratios["compile_speedup"] = ratio("duckling", "eager") if compiled else ratio("compiled", "duckling")
+    for name, x in ratios.items():
+        show(name, x)
+    print(f"recording_steps_per_s: {speed['recording']['best_block']:.1f} (single run, every-step bf16 recording)")
     print(f"(timed part {time.perf_counter() - t_start:.0f} s)")
+    if a.json:
+        _write_json(a.json, device, pick_precision(cfg.train.compute_dtype, device), compiled, block, rounds,
+                    speed, ratios, a.threads)
     return 0
+
+
+def _write_json(path: str, device: str, precision: str, compiled, block: int, rounds: int,
+                speed: dict, ratios: dict, threads) -> None:
+    import subprocess
+
+    import torch
+    import transformers
+
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = platform.processor() or platform.machine()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        commit = ""
+    out = {"benchmark": "train_speed", "device": device, "device_name": name, "precision": precision,
+           "compile": compiled or "off", "block_steps": block, "rounds": rounds,
+           "threads_per_worker": threads or "torch default", "steps_per_s": speed, "ratios": ratios,
+           "recording_steps_per_s": speed["recording"]["best_block"],
+           "torch": torch.__version__, "transformers": transformers.__version__, "commit": commit,
+           "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

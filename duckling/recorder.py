@@ -70,6 +70,15 @@ def update_math(ws, prevs, grads, adam_vs, rows, bits, hidden_parts, hidden, fir
         hidden.fill_(NAN)
 
 
+def probe_mass(model, ids: torch.Tensor, n_live: int) -> torch.Tensor:
+    """(2,) [total dead softmax mass (mean over positions), max dead prob] of ``model`` on ``ids``,
+    left on the device. Compiled, transformers' eager-only input checks (a padding scan and a packed-
+    sequence scan, each a host sync) are skipped, so nothing waits for the device."""
+    probs = torch.softmax(model(input_ids=ids).logits.float(), dim=-1)  # (B, T, V)
+    dead = probs[..., n_live:]
+    return torch.stack([dead.sum(-1).mean(), dead.max()])
+
+
 class _SyncSink:
     """CPU/MPS: write each step as it comes (tensors -> numpy, no extra copy on CPU)."""
 
@@ -179,7 +188,8 @@ class WRecorder(TrainerCallback):
     """
 
     default_async: bool | None = None  # writer thread when async_write is None: None = on CUDA only
-    fuse: bool | None = None  # compile update_math: None = on CUDA when the Trainer compiles the model
+    fuse: bool | None = None  # compile update_math and the probe: None = on CUDA when the model is compiled
+    compile_backend = "inductor"  # (the tests use "aot_eager": same graphs, no code generation)
 
     def __init__(self, run_dir, record_cfg: RecordConfig | None = None, n_live: int = N_LIVE,
                  probe_ids: torch.Tensor | None = None, extra_meta: dict | None = None,
@@ -216,7 +226,9 @@ class WRecorder(TrainerCallback):
         use_thread = next(x for x in (self.async_write, self.default_async, cuda) if x is not None)
         self.sink = _AsyncSink(self.writer, self.cfg.queue_size, cuda) if use_thread else _SyncSink(self.writer)
         fuse = next(x for x in (self.fuse, cuda and bool(getattr(args, "torch_compile", False))) if x is not None)
-        self.math = torch.compile(update_math, fullgraph=True, dynamic=False) if fuse else update_math
+        compiled = lambda f: torch.compile(f, fullgraph=True, dynamic=False, backend=self.compile_backend)  # noqa: E731
+        self.math = compiled(update_math) if fuse else update_math
+        self.probe_fn = compiled(probe_mass) if fuse else probe_mass
         # Preallocated device buffers: the per-step math allocates little and syncs nothing.
         dev, n_m = w.device, len(self.mats)
         self.prev = [p.detach().float().clone() for p in self.mats.values()]  # W_{N-1}, float32
@@ -291,14 +303,12 @@ class WRecorder(TrainerCallback):
 
     @torch.no_grad()
     def _probe(self) -> torch.Tensor:
-        """(2,) [total dead softmax mass, max dead prob] on the fixed probe batch, left on the device
-        (eval mode: no dropout, no RNG use; the uncompiled model, so no recompilation)."""
+        """The probe on the fixed batch, in eval mode (no dropout, no RNG use), with the uncompiled
+        model object (the Trainer's compiled training graph is not touched)."""
         was_training = self.model.training
         self.model.eval()
         try:
-            probs = torch.softmax(self.model(input_ids=self.probe_dev).logits.float(), dim=-1)  # (B, T, V)
-            dead = probs[..., self.n_live:]
-            return torch.stack([dead.sum(-1).mean(), dead.max()])
+            return self.probe_fn(self.model, self.probe_dev, self.n_live)
         finally:
             self.model.train(was_training)
 
