@@ -17,7 +17,8 @@ import numpy as np
 from .config import N_LIVE, VOCAB_SIZE, ModelConfig, RecordConfig
 from .errors import DucklingError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written by default; format 1 (uncompressed) stays readable
+READABLE = (1, 2)
 FIELDS = ("norm", "update_norm", "grad_norm", "adam_v")  # per-row scalars, in file order
 SUBDIR = "recording"
 SHAPE = (VOCAB_SIZE, ModelConfig.n_embd)  # W: (V, d)
@@ -51,26 +52,36 @@ def snapshot_parts(precision: str, n_rows: int, n_live: int) -> list[tuple[str, 
     raise DucklingError(f"unknown recording precision {precision!r}: use 'bf16', 'float32' or 'mixed'.")
 
 
-def recorded_snapshot_steps(start: int, end: int, every: int) -> list[int]:
-    """Snapshot steps in (start, end]: multiples of ``every``, plus the last step ``end``."""
-    steps = list(range((start // every + 1) * every, end + 1, every))
-    if end > start and (not steps or steps[-1] != end):
-        steps.append(end)
-    return steps
+def n_snapshot_steps(start: int, end: int, every: int) -> int:
+    """How many snapshot steps lie in (start, end]: multiples of ``every``, plus the last step ``end``
+    (arithmetic, constant memory whatever the number of steps)."""
+    if end <= start:
+        return 0
+    return end // every - start // every + (end % every != 0)
+
+
+RAW_TRAILER = 16  # format 2: bytes after each raw record (step, crc32, magic)
+BLOCK_SLACK = 1.01  # a zstd block is at most ~0.4% larger than its raw records; 1% is the bound used
 
 
 def recording_bytes(record_cfg, n_steps: int, shape=SHAPE, n_live: int = N_LIVE,
-                    n_matrices: int = 1, start_step: int = 0, every: int | None = None) -> int:
-    """Bytes a recording of steps ``start_step..n_steps`` adds to disk (step 0 included if start is 0)."""
+                    n_matrices: int = 1, start_step: int = 0, every: int | None = None,
+                    block_steps: int = 64) -> int:
+    """Bytes a recording of steps ``start_step..n_steps`` can add to disk (step 0 included if start
+    is 0), constant memory. An upper bound for format 2: every record counted raw (compression's
+    ratio is unknown before the run), plus the scratch of the largest compaction (a block is written
+    next to its raw chunk before the chunk is deleted; one at a time) at ``BLOCK_SLACK`` x its raw size."""
     n_rows, d = shape
     every = every or record_cfg.every
-    n_snap = len(recorded_snapshot_steps(start_step, n_steps, every)) + (start_step == 0)
+    n_snap = n_snapshot_steps(start_step, n_steps, every) + (start_step == 0)
     n_scalar = n_steps - start_step + (start_step == 0)
     per_snap = sum((sl.stop - sl.start) * d * np.dtype(dt).itemsize
-                   for _, sl, dt in snapshot_parts(record_cfg.dtype, n_rows, n_live))
-    per_scalar = n_matrices * len(FIELDS) * n_rows * 4 + d * 4 + 4 + 8  # rows + hidden + lr + step
-    probes = (n_scalar // record_cfg.probe_every + 1) * 12 if record_cfg.probe_every else 0
-    return n_snap * (n_matrices * per_snap + 8) + n_scalar * per_scalar + probes
+                   for _, sl, dt in snapshot_parts(record_cfg.dtype, n_rows, n_live)) + RAW_TRAILER
+    per_scalar = n_matrices * len(FIELDS) * n_rows * 4 + d * 4 + 4 + RAW_TRAILER  # rows + hidden + lr
+    n_probe = (n_scalar // record_cfg.probe_every + 1) if record_cfg.probe_every else 0
+    scratch = BLOCK_SLACK * max(min(block_steps, n_snap) * n_matrices * per_snap,  # one compaction at a time
+                                min(block_steps, n_scalar) * per_scalar) + 65536
+    return int(n_snap * n_matrices * per_snap + n_scalar * per_scalar + n_probe * (8 + RAW_TRAILER) + scratch)
 
 
 def _free_bytes(path: Path) -> int:
@@ -84,7 +95,9 @@ def check_budget(run_dir, record_cfg, n_steps: int, shape=SHAPE, n_live: int = N
                  n_matrices: int = 1, start_step: int = 0, extra_bytes: int = 0) -> int:
     """Refuse (DucklingError) a recording that exceeds ``record_cfg.budget_gb`` or the free disk.
 
+    ``extra_bytes``: what else the run writes (checkpoints, the final model), counted against both.
     Returns the bytes needed. The error names the bytes and the smallest stride that fits.
+    Constant memory, O(log n_steps) time.
     """
     args = dict(shape=shape, n_live=n_live, n_matrices=n_matrices, start_step=start_step)
     need = recording_bytes(record_cfg, n_steps, **args) + extra_bytes  # + checkpoints and final model
@@ -182,15 +195,27 @@ class Recording:
         if not (self.root / "meta.json").exists():
             raise DucklingError(f"no recording at {self.root} (meta.json missing). Pass a run folder "
                                 f"that was trained with recording enabled.")
-        self.meta = json.loads((self.root / "meta.json").read_text())
-        if self.meta.get("format_version") != FORMAT_VERSION:
-            raise DucklingError(f"{self.root} has recording format {self.meta.get('format_version')}; "
-                                f"this duckling reads format {FORMAT_VERSION}. Use a matching version.")
+        try:
+            self.meta = json.loads((self.root / "meta.json").read_text())
+        except ValueError as e:
+            raise DucklingError(f"{self.root}/meta.json is not valid JSON ({e}); restore it from a copy.") from None
+        if not isinstance(self.meta, dict) or self.meta.get("format_version") not in READABLE:
+            version = self.meta.get("format_version") if isinstance(self.meta, dict) else None
+            raise DucklingError(f"{self.root} has recording format {version}; this duckling reads "
+                                f"formats {READABLE}. Use a matching version.")
+        from .format_v2 import V2Reader, check_meta
+        if self.meta["format_version"] == 1:
+            check_meta(self.root, {**self.meta, "block_steps": self.meta.get("chunk_steps")})  # names, shapes
         self._lay = _Layout(self.root, self.meta)
+        self._v2 = V2Reader(self.root, self.meta, self._lay.parts) if self.meta["format_version"] == 2 else None
         self.reload()
 
     def reload(self) -> "Recording":
         """Re-read the file sizes (a recording that is still being written grows)."""
+        if self._v2 is not None:
+            self.scalar_steps, self.steps = self._v2.reload()
+            self._index = {int(s): i for i, s in enumerate(self.steps)}
+            return self
         n_scalar, n_snap = self._lay.counts()
         self.scalar_steps = np.fromfile(self.root / "scalar_steps.i64", np.int64, count=n_scalar)
         self.steps = np.fromfile(self.root / "snap_steps.i64", np.int64, count=n_snap) if n_snap \
@@ -218,6 +243,20 @@ class Recording:
     @property
     def bytes_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.root.iterdir() if p.is_file())
+
+    @property
+    def raw_bytes(self) -> int:
+        """Bytes the same steps take in format 1 (uncompressed), meta.json included."""
+        n_sc, V, d = len(self.scalar_steps), self._lay.n_rows, self._lay.d
+        per_snap = sum(self._lay.part_bytes(sl, dt) for _, sl, dt in self._lay.parts)
+        per_scalar = len(self.matrices) * len(FIELDS) * V * 4 + d * 4 + 4 + 8
+        return (len(self.steps) * (len(self.matrices) * per_snap + 8) + n_sc * per_scalar
+                + len(self.probe) * 12 + (self.root / "meta.json").stat().st_size)
+
+    @property
+    def compression_ratio(self) -> float:
+        """Format-1 bytes of this recording / its bytes on disk (1.0 for a format-1 recording)."""
+        return self.raw_bytes / max(self.bytes_on_disk, 1)
 
     # snapshots
     def _positions(self, steps) -> np.ndarray:
@@ -249,6 +288,8 @@ class Recording:
         if ids.size and (ids.min() < 0 or ids.max() >= self._lay.n_rows):
             raise DucklingError(f"token ids must lie in 0..{self._lay.n_rows - 1}.")
         pos = self._positions(steps)
+        if self._v2 is not None:
+            return self._v2.trajectory(ids, pos, matrix)
         out = np.empty((len(pos), len(ids), self._lay.d), np.float32)
         for c in np.unique(pos // self._lay.chunk):
             sel = np.nonzero(pos // self._lay.chunk == c)[0]
@@ -267,6 +308,8 @@ class Recording:
         if matrix not in self.matrices:
             raise DucklingError(f"matrix {matrix!r} was not recorded; this recording has {self.matrices}.")
         (pos,) = self._positions([step])
+        if self._v2 is not None:
+            return self._v2.snapshot(int(pos), matrix)
         c, local = divmod(int(pos), self._lay.chunk)
         out = np.empty((self._lay.n_rows, self._lay.d), np.float32)
         for ext, sl, dt in self._lay.parts:  # one contiguous read per part, no fancy indexing
@@ -285,6 +328,9 @@ class Recording:
         n = len(self.scalar_steps)
         if n == 0:
             return np.zeros((0, self._lay.n_rows), np.float32)
+        if self._v2 is not None:
+            view = self._v2.rows(FIELDS.index(field), self.matrices.index(matrix))
+            return view if steps is None else view[self._scalar_positions(steps)]
         mm = np.memmap(self.root / f"{matrix}.rows.f32", np.float32, "r", shape=(n, len(FIELDS), self._lay.n_rows))
         view = mm[:, FIELDS.index(field), :]
         return view if steps is None else view[self._scalar_positions(steps)]
@@ -306,16 +352,24 @@ class Recording:
     @property
     def hidden_mean(self) -> np.ndarray:
         """(n_scalar_steps, d) mean final hidden state (after ln_f) of the batch behind update N."""
+        if self._v2 is not None:
+            a = len(self.matrices) * len(FIELDS) * self._lay.n_rows
+            return self._v2.per_step(slice(a, a + self._lay.d))
         return self._per_step("hidden_mean.f32", self._lay.d)
 
     @property
     def lr(self) -> np.ndarray:
         """(n_scalar_steps,) learning rate used by update N (NaN at step 0)."""
+        if self._v2 is not None:
+            a = len(self.matrices) * len(FIELDS) * self._lay.n_rows + self._lay.d
+            return self._v2.per_step(slice(a, a + 1))[:, 0]
         return self._per_step("lr.f32", 1)[:, 0]
 
     @property
     def probe(self) -> np.ndarray:
         """(n_probes, 3) float32: [step, total dead softmax mass, max dead prob] on the probe batch."""
+        if self._v2 is not None:
+            return self._v2.probe()
         p = self.root / "probe.f32"
         if not p.exists():
             return np.zeros((0, 3), np.float32)

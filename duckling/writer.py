@@ -6,6 +6,7 @@ A step is complete once all of its files are appended; the reader ignores a torn
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -14,8 +15,10 @@ import numpy as np
 
 from .config import N_LIVE, RecordConfig
 from .errors import DucklingError
-from .recording import (FIELDS, FORMAT_VERSION, SHAPE, SUBDIR, _atomic_json, _count, _Layout,
-                        f32_to_bf16_bits, snapshot_parts)
+from .format_v2 import BLOCK_STEPS, FORMAT_V2, make_streams
+from .recording import (FIELDS, SHAPE, SUBDIR, _atomic_json, _count, _Layout, f32_to_bf16_bits,
+                        snapshot_parts)
+from .streams import pack_trailer
 
 
 class RecordingWriter:
@@ -23,20 +26,32 @@ class RecordingWriter:
 
     ``resume_step=None`` starts a new recording (refuses to overwrite one); ``resume_step=k`` opens
     an existing recording, drops every record after step k (and any torn tail), and appends from k+1.
+    ``format_version=2`` (default) compacts every ``block_steps`` records into a checksummed block
+    on this thread (in ``append_step``) and the last partial block in ``close``; ``format_version=1``
+    writes the old uncompressed layout (kept for tests and for converting with ``compact``).
     """
 
     def __init__(self, run_dir, shape=SHAPE, n_live: int = N_LIVE, precision: str = RecordConfig.dtype,
                  every: int = RecordConfig.every, chunk_steps: int = RecordConfig.chunk_steps,
                  matrices=("wte",), extra_meta=None,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, format_version: int = FORMAT_V2,
+                 block_steps: int = BLOCK_STEPS):
         root = Path(run_dir) / SUBDIR
-        meta = {"format_version": FORMAT_VERSION, "matrices": list(matrices), "shape": list(shape),
+        if format_version not in (1, FORMAT_V2):
+            raise DucklingError(f"unknown recording format_version {format_version}: use 1 or 2.")
+        self.v2 = format_version == FORMAT_V2
+        meta = {"format_version": format_version, "matrices": list(matrices), "shape": list(shape),
                 "precision": precision, "every": int(every), "chunk_steps": int(chunk_steps),
                 "n_live": int(n_live), "n_dead": int(shape[0] - n_live), "fields": list(FIELDS),
                 "probe_columns": ["step", "dead_mass", "max_dead_prob"], **(extra_meta or {})}
+        if self.v2:
+            meta["block_steps"] = int(block_steps)
         snapshot_parts(precision, shape[0], n_live)  # validates precision
-        if every < 1 or chunk_steps < 1:
-            raise DucklingError(f"recording stride ({every}) and chunk_steps ({chunk_steps}) must be >= 1.")
+        if every < 1 or chunk_steps < 1 or block_steps < 1:
+            raise DucklingError(f"recording stride ({every}), chunk_steps ({chunk_steps}) and "
+                                f"block_steps ({block_steps}) must be >= 1.")
+        self._fds: dict[str, int] = {}
+        self._lock_fd = None
         try:
             if resume_step is None:
                 if (root / "meta.json").exists():
@@ -44,19 +59,78 @@ class RecordingWriter:
                         f"{root} already holds a recording. Resume the run (--resume) or choose a new "
                         f"run folder; a recording is never overwritten.")
                 root.mkdir(parents=True, exist_ok=True)
+                self._lock(root)
                 meta["status"] = "recording"
                 _atomic_json(root / "meta.json", meta)
                 self.layout, self.n_scalar, self.n_snap = _Layout(root, meta), 0, 0
+                if self.v2:
+                    self._streams(root, meta)
             else:
-                self._open_existing(root, meta, resume_step)
-            self._fds: dict[str, int] = {}
+                if (root / "meta.json").exists():
+                    self._lock(root)
+                if self.v2:
+                    self._open_existing_v2(root, meta, resume_step)
+                else:
+                    self._open_existing(root, meta, resume_step)
             self.failed = False  # a write failed: the recording ends at last_step
-            self.last_step = self._last_scalar_step()
+            self.last_step = self.n_scalar - 1 if self.v2 else self._last_scalar_step()
         except PermissionError as e:
+            self._unlock()
             raise DucklingError(f"cannot write the recording in {root} ({e.strerror}). Choose a run "
                                 f"folder on a writable disk.") from e
+        except BaseException:
+            self._unlock()
+            raise
 
     # open / truncate -------------------------------------------------------------------------
+    def _lock(self, root: Path) -> None:
+        """Hold an exclusive lock on recording/writer.lock while writing (``compact`` and a second
+        writer refuse a locked recording; a killed writer's lock goes with its process)."""
+        fd = os.open(root / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock_fd = fd
+        except BlockingIOError:
+            os.close(fd)
+            raise DucklingError(f"{root} is being written by another process; wait for that run to "
+                                f"end (or stop it) before writing this recording.") from None
+
+    def _streams(self, root: Path, meta: dict) -> None:
+        self.snaps, self.scalars, self.probe = make_streams(root, meta, self.layout.parts)
+        self.counts = {s.name: 0 for s in self._all_streams()}
+
+    def _all_streams(self):
+        return [*self.snaps.values(), self.scalars, self.probe]
+
+    def _open_existing_v2(self, root: Path, meta: dict, k: int) -> None:
+        if not (root / "meta.json").exists():
+            raise DucklingError(f"cannot resume: {root} holds no recording. Start a new run instead.")
+        old = json.loads((root / "meta.json").read_text())
+        for key in ("format_version", "matrices", "shape", "precision", "every", "n_live", "block_steps"):
+            if old.get(key) != meta[key]:
+                raise DucklingError(
+                    f"cannot resume the recording in {root}: its {key} is {old.get(key)!r} but this run "
+                    f"asks for {meta[key]!r}. Resume with the run's original recording settings.")
+        self.layout = _Layout(root, old)
+        self._streams(root, old)
+        for st in self._all_streams():
+            st.tidy()
+        _, sc = self.scalars.scan()
+        if len(sc) == 0 or sc[-1] < k:
+            last = int(sc[-1]) if len(sc) else None
+            raise DucklingError(
+                f"cannot resume at step {k}: the recording in {root} ends at step {last}, so steps "
+                f"after it would be missing. Resume from a checkpoint at or before step {last}, or "
+                f"start a new run.")
+        for st in self._all_streams():
+            _, steps = st.scan()
+            keep = int(np.searchsorted(steps, k, side="right"))
+            st.truncate(keep)
+            self.counts[st.name] = keep
+        self.n_scalar = self.counts["scalars"]
+        old.update(meta, status="recording")
+        _atomic_json(root / "meta.json", old)
+
     def _open_existing(self, root: Path, meta: dict, k: int) -> None:
         if not (root / "meta.json").exists():
             raise DucklingError(f"cannot resume: {root} holds no recording. Start a new run instead.")
@@ -130,6 +204,8 @@ class RecordingWriter:
         if step != self.last_step + 1:
             raise DucklingError(f"recording step {step} after step {self.last_step} would leave a gap "
                                 f"or a duplicate; steps must be appended in order.")
+        if self.v2:
+            return self._append_v2(step, rows, hidden_mean, lr, snapshot)
         if snapshot is not None:  # snapshot first: scalar_steps.i64, written last, commits the step
             c = self.n_snap // lay.chunk
             for m in lay.matrices:
@@ -154,15 +230,80 @@ class RecordingWriter:
         self.last_step = step
 
     def append_probe(self, step: int, dead_mass: float, max_dead_prob: float) -> None:
+        if self.v2:
+            self._record(self.probe, step, np.array([dead_mass, max_dead_prob], np.float32))
+            self._compact_full([self.probe])
+            return
         self._write("probe.f32", np.array([step, dead_mass, max_dead_prob], np.float32))
+
+    # v2 --------------------------------------------------------------------------------------
+    def _record(self, stream, step: int, arr: np.ndarray) -> None:
+        """Append one raw record (payload + checksummed trailer) to the stream's open chunk."""
+        c = self.counts[stream.name] // stream.block
+        payload = memoryview(np.ascontiguousarray(arr)).cast("B")
+        if len(payload) != stream.payload:
+            raise DucklingError(f"a {stream.name} record of {len(payload)} bytes was appended; the "
+                                f"recording's shape needs {stream.payload}.")
+        self._write(stream.raw_path(c).name, np.frombuffer(payload, np.uint8))
+        self._write(stream.raw_path(c).name, np.frombuffer(pack_trailer(step, payload), np.uint8))
+        self.counts[stream.name] += 1
+
+    def _append_v2(self, step, rows, hidden_mean, lr, snapshot) -> None:
+        lay = self.layout
+        if snapshot is not None:  # snapshot first: the scalars record, written last, commits the step
+            for m in lay.matrices:
+                parts = snapshot[m]
+                for ext, sl, dt in lay.parts:
+                    arr = parts[ext] if isinstance(parts, dict) else parts[sl]
+                    if ext == "u16" and arr.dtype != np.uint16:
+                        arr = f32_to_bf16_bits(arr)
+                    self._record(self.snaps[(m, ext)], step, arr.astype(dt, copy=False))
+        hm = np.full(lay.d, np.nan, np.float32) if hidden_mean is None else hidden_mean
+        self._record(self.scalars, step, np.concatenate(
+            [np.asarray(rows[m], np.float32).reshape(-1) for m in lay.matrices]
+            + [np.asarray(hm, np.float32).reshape(lay.d), np.array([lr], np.float32)]))
+        self.n_scalar += 1
+        self.last_step = step
+        self._compact_full(self._all_streams())
+
+    def _compact_full(self, streams) -> None:
+        """Compact every chunk that just filled (this thread; the step is committed already)."""
+        for st in streams:
+            n = self.counts[st.name]
+            if n and n % st.block == 0 and st.raw_path(n // st.block - 1).exists():
+                self._compact(st, n // st.block - 1, st.block)
+
+    def _compact(self, st, c: int, n: int) -> None:
+        fd = self._fds.pop(st.raw_path(c).name, None)
+        if fd is not None:
+            os.close(fd)
+        try:
+            st.compact(c, n)
+        except OSError as e:
+            self.failed = True
+            raise DucklingError(
+                f"compacting {st.raw_path(c)} failed ({e.strerror}); steps 0..{self.last_step} are kept "
+                f"and readable in {self.layout.root}. Free disk space and resume from the last "
+                f"checkpoint with --resume.") from e
 
     def close(self, status: str = "complete") -> None:
         """Close the files and record the final status in meta.json (counts stay in the files)."""
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
+        if self.v2 and not self.failed and status != "failed":  # every byte verifiable: compact the tails
+            for st in self._all_streams():
+                n = self.counts[st.name]
+                if n % st.block:
+                    self._compact(st, n // st.block, n % st.block)
         meta = dict(self.layout.meta, status=status, last_step=self.last_step)
         try:
             _atomic_json(self.layout.root / "meta.json", meta)
         except OSError:  # a full or read-only disk: the data files are what counts
             pass
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

@@ -23,11 +23,11 @@ def _bf16(x: np.ndarray) -> np.ndarray:
     return torch.from_numpy(np.ascontiguousarray(x)).bfloat16().float().numpy()
 
 
-def _write_synthetic(run_dir, precision="bf16", n_steps=11, every=2, chunk=3, seed=0):
-    """Random W_0..W_{n_steps-1} and rows; returns what was written."""
+def _write_synthetic(run_dir, precision="bf16", n_steps=11, every=2, chunk=3, seed=0, fmt=2):
+    """Random W_0..W_{n_steps-1} and rows; returns what was written (format ``fmt``, blocks of ``chunk``)."""
     rng = np.random.default_rng(seed)
     w = RecordingWriter(run_dir, shape=(V, D), n_live=N_LIVE, precision=precision, every=every,
-                        chunk_steps=chunk)
+                        chunk_steps=chunk, format_version=fmt, block_steps=chunk)
     Ws, rows = [], []
     for s in range(n_steps):
         Ws.append(rng.standard_normal((V, D)).astype(np.float32))
@@ -47,9 +47,10 @@ def test_bf16_bits_match_torch_rounding():
     assert np.array_equal(bf16_bits_to_f32(ref), _bf16(x))
 
 
+@pytest.mark.parametrize("fmt", [1, 2])
 @pytest.mark.parametrize("precision", ["bf16", "float32", "mixed"])
-def test_roundtrip_every_precision(tmp_path, precision):
-    Ws, rows = _write_synthetic(tmp_path, precision)
+def test_roundtrip_every_precision(tmp_path, precision, fmt):
+    Ws, rows = _write_synthetic(tmp_path, precision, fmt=fmt)
     rec = Recording(tmp_path)
     assert list(rec.steps) == [0, 2, 4, 6, 8, 10] and len(rec) == 6  # chunks of 3: two files
     assert list(rec.scalar_steps) == list(range(11))
@@ -88,7 +89,8 @@ def test_reader_errors_are_clear(tmp_path):
 
 
 def test_torn_tail_is_ignored_and_truncated_on_resume(tmp_path):
-    Ws, _ = _write_synthetic(tmp_path, n_steps=9)  # snapshots 0,2,4,6,8
+    """Format 1 (tests/test_recording_v2.py has the format-2 version)."""
+    Ws, _ = _write_synthetic(tmp_path, n_steps=9, fmt=1)  # snapshots 0,2,4,6,8
     root = tmp_path / "recording"
     with open(root / "wte.00002.u16", "ab") as f:  # a crash mid-way through snapshot 10
         f.write(b"\1" * 100)
@@ -97,7 +99,8 @@ def test_torn_tail_is_ignored_and_truncated_on_resume(tmp_path):
     rec = Recording(tmp_path)
     assert rec.steps[-1] == 8 and rec.scalar_steps[-1] == 8
     # resume at step 4 drops steps 5..8 and the torn bytes; appending 5 continues without a gap
-    w = RecordingWriter(tmp_path, shape=(V, D), n_live=N_LIVE, every=2, chunk_steps=3, resume_step=4)
+    w = RecordingWriter(tmp_path, shape=(V, D), n_live=N_LIVE, every=2, chunk_steps=3, resume_step=4,
+                        format_version=1)
     w.append_step(5, {"wte": np.zeros((4, V), np.float32)})
     w.append_step(6, {"wte": np.zeros((4, V), np.float32)}, snapshot={"wte": Ws[0]})
     w.close()
@@ -111,12 +114,14 @@ def test_writer_refuses_overwrite_gap_and_mismatch(tmp_path):
     _write_synthetic(tmp_path, n_steps=5)
     with pytest.raises(DucklingError, match="already holds a recording"):
         RecordingWriter(tmp_path, shape=(V, D), n_live=N_LIVE)
+    kw = dict(shape=(V, D), n_live=N_LIVE, every=2, chunk_steps=3, block_steps=3)
     with pytest.raises(DucklingError, match="ends at step 4"):
-        RecordingWriter(tmp_path, shape=(V, D), n_live=N_LIVE, every=2, chunk_steps=3, resume_step=7)
+        RecordingWriter(tmp_path, resume_step=7, **kw)
     with pytest.raises(DucklingError, match="precision"):
-        RecordingWriter(tmp_path, shape=(V, D), n_live=N_LIVE, precision="float32", every=2,
-                        chunk_steps=3, resume_step=2)
-    w = RecordingWriter(tmp_path, shape=(V, D), n_live=N_LIVE, every=2, chunk_steps=3, resume_step=4)
+        RecordingWriter(tmp_path, precision="float32", resume_step=2, **kw)
+    w = RecordingWriter(tmp_path, resume_step=4, **kw)
+    with pytest.raises(DucklingError, match="another process"):  # one writer at a time
+        RecordingWriter(tmp_path, resume_step=4, **kw)
     with pytest.raises(DucklingError, match="gap"):
         w.append_step(6, {"wte": np.zeros((4, V), np.float32)})
 
@@ -195,7 +200,7 @@ def rows_data(n=24, seed=0) -> np.ndarray:
 
 
 def run(cfg, run_dir=None, callbacks=()):
-    return train(cfg, dataset=rows_data(), run_dir=run_dir, tokenizer=None, callbacks=callbacks, progress=False)
+    return train(cfg, dataset=rows_data(), run_dir=run_dir, tokenizer=False, callbacks=callbacks, progress=False)
 
 
 class Reference(TrainerCallback):
@@ -270,7 +275,7 @@ def test_train_two_cpu_runs_give_identical_recordings(tiny_runs, monkeypatch):
     again = run(tiny("bf16"), base / "bf16-again").run_dir / "recording"
     first = recs["bf16"].root
     names = sorted(p.name for p in first.iterdir())
-    assert names == sorted(p.name for p in again.iterdir()) and "wte.00000.u16" in names
+    assert names == sorted(p.name for p in again.iterdir()) and "wte.u16.00000.blk" in names
     for name in names:
         assert (first / name).read_bytes() == (again / name).read_bytes(), name
 
@@ -297,7 +302,7 @@ def test_train_stride_resume_continues_without_gap(tmp_path, monkeypatch, stride
     cut = Recording(tmp_path / "cut")
     assert cut.steps.tolist() == [0, 2, 4] and cut.scalar_steps.tolist() == list(range(5))
     assert cut.meta["status"] == "interrupted"
-    run_resumed = train(cfg, dataset=rows_data(), run_dir=tmp_path / "cut", resume=True, progress=False)
+    run_resumed = train(cfg, dataset=rows_data(), run_dir=tmp_path / "cut", resume=True, tokenizer=False, progress=False)
     assert run_resumed.global_step == 5  # resumed from checkpoint-3: the recording was cut back to 3
     cut.reload()
     assert cut.steps.tolist() == full.steps.tolist() and cut.scalar_steps.tolist() == list(range(6))
@@ -310,7 +315,7 @@ def test_train_stride_resume_continues_without_gap(tmp_path, monkeypatch, stride
 
 def test_train_over_budget_is_refused_before_the_first_step(tmp_path):
     with pytest.raises(DucklingError, match=r"needs .* bytes.*--record-every \d+"):
-        run(tiny(budget_gb=0.02, max_steps=100), tmp_path / "run")
+        run(tiny(budget_gb=0.04, max_steps=100), tmp_path / "run")
     assert not (tmp_path / "run" / "recording").exists()
     assert not list((tmp_path / "run").glob("checkpoint-*"))
 

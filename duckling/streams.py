@@ -1,0 +1,221 @@
+"""Streams of recording format v2: fixed-size records in chunks of ``block`` records.
+
+Chunk c of stream S holds records c*block .. (c+1)*block - 1, either compacted in ``S.<c:05d>.blk``
+(codec.py) or still raw in ``S.<c:05d>.raw`` (append-only records, each followed by a 16-byte
+trailer: step, crc32, magic). When both exist (a kill between writing a block and deleting its raw
+chunk), the block wins and the raw chunk is stale. Only the last chunk may be partial or raw.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from .codec import TRAILER, CorruptBlock, check_record, decode_groups, encode_block, pack_trailer, read_header
+from .errors import DucklingError
+
+CACHE_BYTES = 160 << 20  # decoded frames kept per stream (one 64-step bf16 block of W fits)
+
+
+class Stream:
+    def __init__(self, root: Path, name: str, width: int, dtype, widths: list[int], block: int):
+        self.root, self.name, self.width, self.dtype = Path(root), name, int(width), np.dtype(dtype)
+        self.widths, self.block = list(widths), int(block)
+        self.bounds = np.cumsum([0] + self.widths)  # column group edges
+        self.payload = self.width * self.dtype.itemsize
+        self.rec_bytes = self.payload + TRAILER.itemsize
+        self._cache: OrderedDict = OrderedDict()
+        self._headers: dict = {}
+
+    def raw_path(self, c: int) -> Path:
+        return self.root / f"{self.name}.{c:05d}.raw"
+
+    def blk_path(self, c: int) -> Path:
+        return self.root / f"{self.name}.{c:05d}.blk"
+
+    # --- structure ------------------------------------------------------------------------------
+    def _header(self, c: int) -> tuple[dict, list[int]]:
+        p = self.blk_path(c)
+        size = p.stat().st_size
+        key = (c, size, p.stat().st_mtime_ns)
+        if self._headers.get(c, (None,))[0] != key:
+            with open(p, "rb") as f:
+                head = f.read(1 << 16)
+            try:
+                h, offsets = read_header(head, size)
+            except CorruptBlock as e:
+                raise DucklingError(f"{p} is corrupt ({e}); the steps of chunk {c} (records "
+                                    f"{c * self.block}..{(c + 1) * self.block - 1}) are unreadable; the "
+                                    f"other blocks stay readable.") from None
+            if h["k"] != self.width or h["itemsize"] != self.dtype.itemsize or h["n"] > self.block:
+                raise DucklingError(f"{p} holds blocks of shape ({h['n']}, {h['k']}) x {h['itemsize']} "
+                                    f"bytes; meta.json implies at most ({self.block}, {self.width}) x "
+                                    f"{self.dtype.itemsize}. The metadata or the block was edited.")
+            self._headers[c] = (key, h, offsets)
+        return self._headers[c][1], self._headers[c][2]
+
+    def scan(self) -> tuple[list[tuple[str, int]], np.ndarray]:
+        """([(kind, n records)] per chunk, every record's step); a torn last raw record is ignored."""
+        chunks, steps, c = [], [], 0
+        while True:
+            if self.blk_path(c).exists():
+                h, _ = self._header(c)
+                chunks.append(("blk", h["n"]))
+                steps.append(np.asarray(h["steps"], np.int64))
+            elif self.raw_path(c).exists():
+                n = min(self.raw_path(c).stat().st_size // self.rec_bytes, self.block)
+                chunks.append(("raw", n))
+                steps.append(self._raw_trailers(c, n)["step"].astype(np.int64))
+            else:
+                break
+            c += 1
+        for i, (kind, n) in enumerate(chunks[:-1]):
+            if n != self.block:
+                raise DucklingError(f"chunk {i} of {self.root / self.name} holds {n} records, not "
+                                    f"{self.block}, but is not the last chunk: the recording is damaged.")
+        return chunks, (np.concatenate(steps) if steps else np.zeros(0, np.int64))
+
+    def _raw_trailers(self, c: int, n: int) -> np.ndarray:
+        if n == 0:
+            return np.zeros(0, TRAILER)
+        mm = np.memmap(self.raw_path(c), np.uint8, "r", shape=(n, self.rec_bytes))
+        return np.ascontiguousarray(mm[:, self.payload:]).view(TRAILER)[:, 0]
+
+    # --- reading --------------------------------------------------------------------------------
+    def read(self, positions: np.ndarray, cols: slice | np.ndarray, steps: np.ndarray) -> np.ndarray:
+        """Records at ``positions`` (indices into the stream), columns ``cols``: (len, n_cols) dtype.
+
+        ``steps`` is the stream's step array (for error messages). Verifies every byte it uses."""
+        positions = np.asarray(positions, np.int64)
+        cols = np.arange(self.width)[cols] if isinstance(cols, slice) else np.asarray(cols, np.int64)
+        out = np.empty((len(positions), len(cols)), self.dtype)
+        chunk_of = positions // self.block
+        for c in np.unique(chunk_of):
+            sel = np.nonzero(chunk_of == c)[0]
+            local = positions[sel] - c * self.block
+            lo, hi = c * self.block, min((c + 1) * self.block, len(steps)) - 1
+            try:
+                if self.blk_path(int(c)).exists():
+                    out[sel] = self._read_blk(int(c), local, cols)
+                else:
+                    out[sel] = self._read_raw(int(c), local, cols)
+            except CorruptBlock as e:
+                raise DucklingError(
+                    f"corrupt recording data in {self.root / self.name} chunk {int(c)}, covering steps "
+                    f"{steps[lo]}..{steps[hi]} ({e}). Those steps are unreadable; other steps still read. "
+                    f"Restore the file from a copy, or re-record the run.") from None
+        return out
+
+    def _read_raw(self, c: int, local: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        mm = np.memmap(self.raw_path(c), np.uint8, "r")
+        res = np.empty((len(local), len(cols)), self.dtype)
+        for j, i in enumerate(local):
+            rec = np.asarray(mm[i * self.rec_bytes:(i + 1) * self.rec_bytes])
+            check_record(rec)
+            res[j] = rec[:self.payload].view(self.dtype)[cols]
+        return res
+
+    def _read_blk(self, c: int, local: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        h, offsets = self._header(c)
+        if local.max() >= h["n"]:
+            raise CorruptBlock(f"block holds {h['n']} records, position {int(local.max())} asked")
+        g_of = np.searchsorted(self.bounds, cols, side="right") - 1
+        groups = [int(g) for g in np.unique(g_of)]
+        single = len(local) == 1 and any((c, g) not in self._cache for g in groups)
+        with open(self.blk_path(c), "rb") as f:
+            buf = f.read()
+        todo = [g for g in groups if single or (c, g) not in self._cache]
+        got = decode_groups(buf, h, offsets, todo, at=int(local[0]) if single else None)
+        res = np.empty((len(local), len(cols)), self.dtype)
+        for g in groups:
+            mine = np.nonzero(g_of == g)[0]
+            inner = cols[mine] - self.bounds[g]
+            if single:  # one record of a block not in the cache: sum the differences up to it only
+                res[0, mine] = got[g].view(self.dtype)[inner]
+                continue
+            if g in got:
+                self._remember((c, g), got[g])
+            arr = self._cache[(c, g)]
+            self._cache.move_to_end((c, g))
+            res[:, mine] = arr[local[:, None], inner[None, :]].view(self.dtype)
+        return res
+
+    def _remember(self, key, arr: np.ndarray) -> None:
+        self._cache[key] = arr
+        while sum(a.nbytes for a in self._cache.values()) > CACHE_BYTES and len(self._cache) > 1:
+            self._cache.popitem(last=False)
+
+    # --- writing --------------------------------------------------------------------------------
+    def raw_records(self, c: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(n, width) payloads and steps of raw chunk c, every record checked."""
+        mm = np.memmap(self.raw_path(c), np.uint8, "r", shape=(n, self.rec_bytes))
+        data = np.array(mm)
+        for i in range(n):
+            check_record(data[i])
+        steps = np.ascontiguousarray(data[:, self.payload:]).view(TRAILER)[:, 0]["step"]
+        return np.ascontiguousarray(data[:, :self.payload]).view(self.dtype), steps
+
+    def write_block(self, c: int, records: np.ndarray, steps) -> int:
+        """Write block c atomically (tmp, fsync, rename); returns its size."""
+        blob = encode_block(records, steps, self.widths)
+        tmp = self.blk_path(c).with_suffix(".blk.tmp")
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.blk_path(c))
+        self._headers.pop(c, None)
+        for key in [k for k in self._cache if k[0] == c]:
+            del self._cache[key]
+        return len(blob)
+
+    def compact(self, c: int, n: int) -> None:
+        """Raw chunk c (n records) -> block c, then the raw chunk is deleted."""
+        records, steps = self.raw_records(c, n)
+        self.write_block(c, records, steps)
+        self.raw_path(c).unlink()
+
+    def decode_all(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every record of block c: ((n, width) dtype, steps)."""
+        h, offsets = self._header(c)
+        got = decode_groups(open(self.blk_path(c), "rb").read(), h, offsets, range(len(h["frames"])))
+        data = np.concatenate([got[g] for g in range(len(h["frames"]))], axis=1)
+        return data.view(self.dtype), np.asarray(h["steps"], np.int64)
+
+    def tidy(self) -> None:
+        """Remove what a kill can leave behind: *.tmp and raw chunks whose block exists."""
+        for p in self.root.glob(f"{self.name}.*.tmp"):
+            p.unlink()
+        c = 0
+        while self.blk_path(c).exists() or self.raw_path(c).exists():
+            if self.blk_path(c).exists() and self.raw_path(c).exists():
+                self.raw_path(c).unlink()
+            c += 1
+
+    def truncate(self, keep: int) -> None:
+        """Keep the first ``keep`` records: later chunks deleted (last first), the boundary chunk
+        made raw with exactly the kept records (a block is decoded back into a raw chunk)."""
+        self.tidy()
+        chunks, _ = self.scan()
+        for c in range(len(chunks) - 1, -1, -1):
+            n_keep = min(max(keep - c * self.block, 0), self.block)
+            kind, n = chunks[c]
+            if n_keep == 0:
+                for p in (self.blk_path(c), self.raw_path(c)):
+                    p.unlink(missing_ok=True)
+            elif kind == "raw":
+                os.truncate(self.raw_path(c), n_keep * self.rec_bytes)
+            elif n_keep < self.block:  # partial block: back to raw so that appends can continue
+                data, steps = self.decode_all(c)
+                tmp = self.raw_path(c).with_suffix(".raw.tmp")
+                with open(tmp, "wb") as f:
+                    for i in range(n_keep):
+                        payload = memoryview(np.ascontiguousarray(data[i])).cast("B")
+                        f.write(payload)
+                        f.write(pack_trailer(int(steps[i]), payload))
+                os.replace(tmp, self.raw_path(c))
+                self.blk_path(c).unlink()
+        self._headers.clear()
+        self._cache.clear()
