@@ -81,6 +81,9 @@ class V2Reader:
                 raise DucklingError(f"snapshot steps of {m}.{ext} in {self.root} are not strictly "
                                     f"increasing: the recording is damaged or edited.")
             st = st[st <= last]
+            if last >= 0 and (len(st) == 0 or st[0] != 0):  # snapshot 0 is written before scalars 0
+                raise DucklingError(f"{self.root} has no snapshot 0 of {m}.{ext} although its step 0 is "
+                                    f"complete: meta.json (precision, matrices) does not match the files.")
             if snap is not None and not np.array_equal(st[:len(snap)], snap[:len(st)]):
                 raise DucklingError(f"the snapshot streams in {self.root} disagree on their steps: "
                                     f"the recording is damaged or edited.")
