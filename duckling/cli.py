@@ -161,10 +161,20 @@ def cli_build(args) -> int:
     """``duckling build``: tokenize and pack a corpus into a tokenized dataset folder."""
     from .data import build_dataset
 
-    if not Path(args.mapping).is_file():
+    mapping = args.mapping
+    if not Path(mapping).is_file() and args.data == "sample" and mapping == C.DataConfig().mapping_path:
+        import tempfile
+
+        from .quickstart import _write_mapping  # the bundled copy of the committed mapping
+        from .vocab import CompactTokenizer
+
+        with tempfile.TemporaryDirectory() as tmp:
+            mapping = CompactTokenizer.from_file(_write_mapping(Path(tmp) / "token_mapping.json"))
+        print("using the bundled copy of the committed token_mapping.json")
+    elif not Path(mapping).is_file():
         raise DucklingError(f"Token mapping {_abs(args.mapping)} not found. Use the committed "
                             "token_mapping.json (run from the repository root) or pass --mapping PATH.")
-    build_dataset(args.data, args.mapping, args.out, seq_len=args.seq_len, split=args.split,
+    build_dataset(args.data, mapping, args.out, seq_len=args.seq_len, split=args.split,
                   max_stories=args.max_stories, num_proc=args.num_proc, force=args.force)
     return 0
 

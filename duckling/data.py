@@ -133,8 +133,9 @@ def _hub_stories(source: Source, pbar=None) -> Iterator[str]:
         raise DucklingError(
             f"Could not load {source.name!r} (split {source.split!r}) from the Hugging Face hub "
             f"({type(e).__name__}: {str(e)[:200]}). Without internet, pass local text instead: --data PATH "
-            "(or DUCKLING_DATA=PATH), a .txt file or folder of .txt files with stories separated by "
-            f"{EOT_TEXT} lines, e.g. ../shared/data/tinystories/train.") from e
+            "(DUCKLING_DATA=PATH; in a notebook, the DATA parameter), a .txt file or folder of .txt files with "
+            f"stories separated by {EOT_TEXT} lines, or --data sample (DATA = \"sample\") for the bundled "
+            "500-story sample.") from e
     if pbar is not None:
         pbar.reset(total=len(ds))
         pbar.unit = " stories"
