@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="default: RUN/report")
     s.add_argument("--max-points", type=int, default=None,
                    help="snapshot steps evaluated per curve (default: analysis.MAX_POINTS; 0 = every recorded step)")
+    s = sub.add_parser("compact", help="convert a v1 recording to the compressed, checksummed v2 format, in place")
+    s.add_argument("run", help="run folder (or its recording/ folder)")
+
     s = sub.add_parser("quickstart", help="offline first run: the bundled sample, a short recorded run, its report")
     s.add_argument("--out", default="runs/quickstart", help="folder for the dataset, run and report (default runs/quickstart)")
     s.add_argument("--steps", type=_positive_int("--steps"), default=None,
@@ -278,6 +281,16 @@ def cli_report(args) -> int:
     return 0
 
 
+def cli_compact(args) -> int:
+    from .compact import compact
+
+    r = compact(args.run)
+    print(f"compacted {r['run']}: {r['steps']:,} steps, {r['snapshots']:,} snapshots, "
+          f"{r['bytes_before'] / 1e9:.3f} GB -> {r['bytes_after'] / 1e9:.3f} GB "
+          f"({r['compression_ratio']:.2f}x, verified) in {r['seconds']:.1f} s")
+    return 0
+
+
 def cli_quickstart(args) -> int:
     from .quickstart import format_summary, quickstart
 
@@ -311,7 +324,7 @@ def cli_compare(args) -> int:
 
 
 HANDLERS = {"vocab": cli_vocab, "build": cli_build, "train": cli_train, "generate": cli_generate,
-            "report": cli_report, "quickstart": cli_quickstart, "sweep": cli_sweep, "compare": cli_compare}
+            "report": cli_report, "compact": cli_compact, "quickstart": cli_quickstart, "sweep": cli_sweep, "compare": cli_compare}
 
 
 def _paths_from_env() -> None:
