@@ -10,6 +10,7 @@ import operator
 import threading
 
 import numpy as np
+import pytest
 import torch
 import torch._dynamo as dynamo
 from transformers import TrainerCallback
@@ -238,3 +239,33 @@ def test_no_host_sync_on_the_training_thread(tmp_path, monkeypatch):
     assert hits == []
     assert sum(drains) == 3  # before checkpoints 2 and 4 and after the last step only
     assert rec.probe[:, 0].tolist() == [0, 1, 2, 3, 4, 5] and rec.scalar_steps.tolist() == list(range(6))
+
+
+# --- on a GPU (skipped elsewhere): what the CPU checks stand in for --------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_compiled_step_keeps_cuda_graphs_and_never_syncs(tmp_path, monkeypatch):
+    """A compiled (CUDA graphs) recorded run: no graph break, no CUDA-graph skip, and, after warm-up
+    (compilation), not one host sync inside the recorder's per-step work, probe steps included."""
+    from torch._dynamo.utils import counters
+
+    calls = {"n": 0}
+    for name in ("observe_hidden", "on_optimizer_step", "on_step_end"):
+        orig = getattr(WRecorder, name)
+
+        def wrapped(self, *a, _orig=orig, **k):
+            calls["n"] += 1
+            if calls["n"] <= 40:  # warm-up: the first steps compile
+                return _orig(self, *a, **k)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return _orig(self, *a, **k)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        monkeypatch.setattr(WRecorder, name, wrapped)
+    cfg = tiny(max_steps=40, probe_every=10)
+    cfg.train.device, cfg.train.compile, cfg.train.save_steps = "cuda", "auto", 1000
+    counters.clear()
+    rec = Recording(run(cfg, tmp_path / "run").run_dir)
+    assert dict(counters["graph_break"]) == {}
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert rec.probe[:, 0].tolist() == [0, 10, 20, 30, 40] and np.isfinite(rec.hidden_mean[1:]).all()
