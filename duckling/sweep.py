@@ -136,19 +136,6 @@ def _Reporter(actor, name):  # noqa: N802 - a class built lazily (transformers i
     return _reporter_class()(actor, name)
 
 
-class _Steps:
-    """Progress actor: the latest step of every running run."""
-
-    def __init__(self):
-        self.steps = {}
-
-    def update(self, name, step):
-        self.steps[name] = step
-
-    def get(self):
-        return dict(self.steps)
-
-
 def start_ray(address: str | None = None) -> bool:
     """Connect to Ray: ``address`` / $RAY_ADDRESS (e.g. "auto" for a running cluster), else a fresh
     local instance with every CPU of this machine, no dashboard and no worker log forwarding.
@@ -162,8 +149,8 @@ def start_ray(address: str | None = None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     kw = dict(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
               logging_level=logging.ERROR)
-    if address == "local":
-        kw["num_cpus"] = os.cpu_count()
+    if address == "local":  # a fresh instance: all CPUs, runs at normal priority (Ray's default nices workers to 15)
+        kw.update(num_cpus=os.cpu_count(), _system_config={"worker_niceness": 0})
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence Ray's future-default warning
     try:
@@ -290,13 +277,13 @@ def _gpus(spec: Spec) -> float:
 def _execute(spec, out, manifest, todo, address, progress, max_retries, callbacks):
     import ray
 
-    from .sweep_progress import Board
+    from .sweep_progress import Board, Steps
 
     started = start_ray(address)
     try:
         gpus = _gpus(spec)
         task = ray.remote(_run_task).options(num_cpus=spec.cpus, num_gpus=gpus, max_retries=0)
-        actor = ray.remote(_Steps).options(num_cpus=0).remote()
+        actor = ray.remote(Steps).options(num_cpus=0).remote()  # a light process: no torch
         data = [ray.put(d) if d is not None and not isinstance(d, str) else d
                 for d in (spec.dataset, spec.eval_dataset)]
         entries = {e["name"]: e for e in manifest["runs"]}

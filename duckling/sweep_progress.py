@@ -87,3 +87,17 @@ class Board:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class Steps:
+    """The progress actor: the latest step of every running run (this module imports nothing heavy,
+    so the actor's process stays small)."""
+
+    def __init__(self):
+        self.steps = {}
+
+    def update(self, name, step):
+        self.steps[name] = step
+
+    def get(self):
+        return dict(self.steps)
