@@ -355,9 +355,11 @@ def build_dataset(data=None, tokenizer=None, out=None, seq_len: int | None = Non
             print(f"{out} is up to date ({old['n_rows']:,} rows from {old['source']}); nothing to do "
                   "(--force rebuilds).")
             return {**old, "skipped": True}
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    done = False
     try:
         (tmp / "work").mkdir(parents=True)
         stats: dict = {}
@@ -383,8 +385,12 @@ def build_dataset(data=None, tokenizer=None, out=None, seq_len: int | None = Non
             if (tmp / "old").exists():
                 os.replace(tmp / "old", out)
             raise
+        done = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in made if not done else ():  # a failed build leaves no folder it created behind
+            with contextlib.suppress(OSError):
+                p.rmdir()
     print(f"wrote {out}: {record['n_rows']:,} rows x {seq_len} tokens from {record['n_stories']:,} stories, "
           f"unk {record['unk_fraction']:.3%}, no dead ids (checked every token)")
     return {**record, "skipped": False}

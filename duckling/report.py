@@ -63,7 +63,11 @@ def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS) -> dict:
         raise DucklingError(f"the recording in {run_dir} holds {len(rec.steps)} snapshot(s); the report "
                             "needs at least two (step 0 and a later one): train for more steps.")
     out = Path(out) if out is not None else run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, a read-only disk
+        raise DucklingError(f"Cannot write the report into {out.resolve()} ({e.strerror or e}): pass --out a "
+                            "writable folder path (not a file).") from e
     steps = A.thin(rec.steps, max_points or None)
     S: dict = {"run": str(run_dir), "last_snapshot_step": int(rec.steps[-1]),
                "last_scalar_step": int(rec.scalar_steps[-1]), "n_snapshots": len(rec.steps),

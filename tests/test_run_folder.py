@@ -1,0 +1,290 @@
+"""A run folder's life (issue 9): kill -9 mid-append, two writers, a full disk, Ctrl-C, a refused run.
+
+Every run is a 1-layer, 64-token Duckling trained in fp32 (bit-exact resumes) for a few steps.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from corpus import make_stories, write_corpus
+import duckling.writer as writer_mod
+from duckling.cli import main
+from duckling.config import N_LIVE, DucklingConfig
+from duckling.errors import DucklingError, RunInterrupted
+from duckling.recording import Recording
+from duckling.runs import LOCK
+from duckling.train import train
+
+T = 64
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"model.n_layer": 1, "model.n_positions": T, "train.compute_dtype": "fp32", "train.compile": False,
+        "train.logging_steps": 3, "train.save_steps": 3, "train.max_steps": 6, "record.probe_every": 2}
+# --set wins over shorthand flags whatever the order: the tests give max_steps and save_steps as flags
+CLI_TINY = [a for k, v in TINY.items() if k not in ("train.max_steps", "train.save_steps")
+            for a in ("--set", f"{k}={str(v).lower()}")]
+
+
+def tiny(**kw) -> DucklingConfig:
+    return DucklingConfig().override({**TINY, **kw})
+
+
+def live_rows(n: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, N_LIVE, size=(n, T), dtype=np.uint16)  # (n, T)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, tok):
+    """A built 64-token dataset folder and the mapping beside it (for the CLI and subprocesses)."""
+    from duckling.data import build_dataset
+
+    root = tmp_path_factory.mktemp("run_folder")
+    mapping = tok.save(root / "token_mapping.json")
+    build_dataset(write_corpus(root / "c.txt", make_stories(120)), tok, root / "ds", seq_len=T, progress=False,
+                  num_proc=1)
+    return root / "ds", mapping
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+
+
+def _wait(pred, proc, timeout=240.0, what=""):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the training process ended (rc {proc.returncode}) before {what}: "
+                                 f"{proc.stderr.read() if proc.stderr else ''}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _no_tmp(run: Path) -> list[str]:
+    return [str(p) for p in run.rglob("*.tmp*")]
+
+
+# ---------------------------------------------------------------- (1) kill -9 mid-append
+def test_sigkill_mid_append_keeps_a_readable_contiguous_recording(dataset, tok, tmp_path):
+    ds, mapping = dataset
+    run = tmp_path / "run"
+    steps = 400
+    cmd = [sys.executable, "-m", "duckling.cli", "train", "--run", str(run), "--dataset", str(ds), "--mapping",
+           str(mapping), "--max-steps", str(steps), "--save-steps", "3", *CLI_TINY]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        _wait(lambda: (run / "checkpoint-6" / "trainer_state.json").is_file(), proc, what="checkpoint-6")
+        # ...and a little more: the recorder appends after every step, so the kill lands mid-run, mostly mid-append
+        size = lambda: sum(p.stat().st_size for p in (run / "recording").iterdir() if p.is_file())  # noqa: E731
+        grown = size() + 3 * 131072
+        _wait(lambda: size() > grown, proc, what="more steps")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    rec = Recording(run)  # readable after kill -9
+    n = len(rec.scalar_steps)
+    assert n >= 7 and rec.scalar_steps.tolist() == list(range(n))  # contiguous from step 0
+    assert rec.steps.tolist() == list(range(len(rec.steps))) and len(rec.steps) >= 7
+    assert rec.snapshot(int(rec.steps[-1])).shape == (tok.vocab_size, 128)
+    assert n < steps + 1, "the run finished before it was killed"
+    # --resume continues from the last checkpoint with no gap (the recording is cut back to it first)
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["status"] == "running"  # what a kill -9 leaves: nobody could write anything else
+    cfg = tiny(**{"train.max_steps": steps, "data.dataset_dir": str(ds), "data.mapping_path": str(mapping)})
+    ckpt_step = max(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
+    seen = []
+
+    class First(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            seen.append(state.global_step)
+            if len(seen) == 3:  # enough to see where it continued; stop cleanly
+                control.should_training_stop = True
+
+    res = train(cfg, run_dir=run, resume=True, tokenizer=mapping,
+                callbacks=[First()], progress=False)
+    assert seen[0] == ckpt_step + 1
+    rec = Recording(run)
+    assert rec.scalar_steps.tolist() == list(range(res.global_step + 1))
+    assert rec.steps.tolist() == list(range(res.global_step + 1))
+
+
+# ---------------------------------------------------------------- (2) one writer per run folder
+def test_second_writer_is_refused_and_named(dataset, tmp_path, capsys):
+    ds, mapping = dataset
+    run = tmp_path / "run"
+    argv = ["train", "--run", str(run), "--dataset", str(ds), "--mapping", str(mapping), "--no-record",
+            "--max-steps", "100000", *CLI_TINY, "--save-steps", "100000"]
+    proc = subprocess.Popen([sys.executable, "-m", "duckling.cli", *argv], cwd=tmp_path, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = run / LOCK
+        _wait(lambda: lock.is_file() and "process" in lock.read_text() and (run / "run_info.json").is_file(),
+              proc, what="the run's lock")
+        before = _files(run)
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"process {proc.pid}" in err and "one writer" in err and "Traceback" not in err
+        assert main(["train", "--run", str(run), "--resume", "--dataset", str(ds), "--mapping", str(mapping)]) == 2
+        err = capsys.readouterr().err
+        assert f"process {proc.pid}" in err and "Traceback" not in err
+        assert _files(run) == before  # neither refusal touched the folder
+    finally:
+        proc.kill()
+        proc.wait()
+    # the killed holder's lock never blocks: the folder is free (nothing to resume without a checkpoint)
+    capsys.readouterr()
+    assert main(["train", "--run", str(run), "--resume", "--dataset", str(ds), "--mapping", str(mapping),
+                 "--no-record", "--max-steps", "100000", *CLI_TINY, "--save-steps", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert "no complete checkpoint" in err and "being written" not in err
+
+
+# ---------------------------------------------------------------- (3) a full disk, injected
+class _FailingOs:
+    """``os`` for duckling.writer whose ``write`` fails with ENOSPC once ``armed``."""
+
+    def __init__(self):
+        self.armed = False
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def write(self, fd, data):
+        if self.armed:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return os.write(fd, data)
+
+
+class ArmAt(TrainerCallback):
+    def __init__(self, fake: _FailingOs, k: int):
+        self.fake, self.k = fake, k
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.k:  # step k is recorded; step k + 1's append fails
+            self.fake.armed = True
+
+
+@pytest.mark.parametrize("fail_after,save_steps", [(4, 3), (2, 100)], ids=["with-checkpoint", "no-checkpoint"])
+def test_full_disk_leaves_failed_status_no_tmp_and_fitting_advice(fail_after, save_steps, tok, tmp_path,
+                                                                  monkeypatch):
+    fake = _FailingOs()
+    monkeypatch.setattr(writer_mod, "os", fake)
+    run = tmp_path / "run"
+    cfg = tiny(**{"train.save_steps": save_steps})
+    with pytest.raises(DucklingError) as e:
+        train(cfg, dataset=live_rows(), run_dir=run, tokenizer=tok, callbacks=[ArmAt(fake, fail_after)],
+              progress=False)
+    msg = str(e.value)
+    assert "disk is full" in msg and str(run.resolve()) in msg
+    assert json.loads((run / "run_info.json").read_text())["status"] == "failed"
+    assert json.loads((run / "recording" / "meta.json").read_text())["status"] == "failed"
+    assert _no_tmp(run) == []
+    fake.armed = False
+    rec = Recording(run)
+    assert rec.scalar_steps.tolist() == list(range(fail_after + 1))  # every completed step is kept
+    if save_steps < fail_after:
+        assert "checkpoint-3" in msg and "--resume" in msg
+        # the advice works: once the disk has room, --resume finishes the run
+        res = train(cfg, dataset=live_rows(), run_dir=run, tokenizer=tok, resume=True, progress=False)
+        assert res.global_step == 6 and Recording(run).scalar_steps.tolist() == list(range(7))
+        assert json.loads((run / "run_info.json").read_text())["status"] == "complete"
+    else:
+        assert "no checkpoint" in msg and "new folder" in msg and "--resume" not in msg.replace("resume=True", "")
+
+
+def test_full_disk_before_the_first_step_leaves_no_folder(tok, tmp_path, monkeypatch):
+    fake = _FailingOs()
+    fake.armed = True  # step 0's snapshot cannot be written
+    monkeypatch.setattr(writer_mod, "os", fake)
+    run = tmp_path / "run"
+    with pytest.raises(DucklingError, match="disk is full") as e:
+        train(tiny(), dataset=live_rows(), run_dir=run, tokenizer=tok, progress=False)
+    assert not run.exists() and "same command" in str(e.value)
+    fake.armed = False
+    assert train(tiny(), dataset=live_rows(), run_dir=run, tokenizer=tok, progress=False).global_step == 6
+
+
+# ---------------------------------------------------------------- (4) Ctrl-C
+class CtrlC(TrainerCallback):
+    """SIGINT to ourselves while step ``k`` runs (as a user's Ctrl-C would arrive)."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == self.k - 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+class Steps(TrainerCallback):
+    def __init__(self):
+        self.seen = []
+
+    def on_step_end(self, args, state, control, **kw):
+        self.seen.append(state.global_step)
+
+
+def test_ctrl_c_checkpoints_at_the_step_and_resume_is_byte_identical(tok, tmp_path):
+    k = 4
+    ref = tmp_path / "ref"
+    train(tiny(), dataset=live_rows(), run_dir=ref, tokenizer=tok, progress=False)
+    run = tmp_path / "run"
+    with pytest.raises(RunInterrupted, match=f"checkpoint-{k}.*--resume"):
+        train(tiny(), dataset=live_rows(), run_dir=run, tokenizer=tok, callbacks=[CtrlC(k)], progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    assert (run / f"checkpoint-{k}" / "trainer_state.json").is_file()
+    assert json.loads((run / "run_info.json").read_text())["status"] == "interrupted"
+    assert Recording(run).scalar_steps.tolist() == list(range(k + 1))
+    steps = Steps()
+    res = train(tiny(), dataset=live_rows(), run_dir=run, tokenizer=tok, resume=True, callbacks=[steps],
+                progress=False)
+    assert steps.seen == list(range(k + 1, 7)) and res.global_step == 6  # exactly from k + 1, nothing redone
+    a, b = _files(ref / "recording"), _files(run / "recording")
+    assert a.keys() == b.keys()
+    for name in a:
+        if name != "meta.json":
+            assert a[name] == b[name], name
+    ma, mb = json.loads(a["meta.json"]), json.loads(b["meta.json"])
+    assert ma == mb, {k_: (ma.get(k_), mb.get(k_)) for k_ in set(ma) | set(mb) if ma.get(k_) != mb.get(k_)}
+    assert (ref / "final" / "model.safetensors").read_bytes() == (run / "final" / "model.safetensors").read_bytes()
+
+
+# ---------------------------------------------------------------- (5) a refused run, then its retry
+def test_budget_refusal_leaves_no_folder_and_its_retry_works(dataset, tmp_path, capsys, monkeypatch):
+    ds, mapping = dataset
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--run", "runs/a", "--dataset", str(ds), "--mapping", str(mapping), "--max-steps", "30",
+            *CLI_TINY, "--save-steps", "100", "--budget-gb", "0.08"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # not even runs/
+    m = re.search(r"--record-every (\d+)", err)
+    assert m and re.search(r"\d+ bytes", err), err
+    assert main([*argv, "--record-every", m.group(1)]) == 0  # the retry the message suggests, as written
+    rec = Recording(tmp_path / "runs" / "a")
+    assert rec.scalar_steps.tolist() == list(range(31)) and rec.every == int(m.group(1))
+    assert rec.bytes_on_disk < 0.08e9
