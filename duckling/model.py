@@ -14,6 +14,7 @@ def build_model(cfg: ModelConfig | None = None, seed: int | None = None):
     if seed is not None:
         torch.manual_seed(seed)
     model = GPT2LMHeadModel(cfg.to_gpt2_config())
+    model.loss_type = "ForCausalLM"  # the class name matches no loss type: every forward would log (a graph break when compiled)
     tied = model.lm_head.weight is model.transformer.wte.weight
     if tied != cfg.tie_word_embeddings:  # guard against a transformers default changing under us
         raise RuntimeError(f"expected tie_word_embeddings={cfg.tie_word_embeddings}, got tied={tied}")

@@ -314,7 +314,7 @@ class WRecorder(TrainerCallback):
 
     # --- the end --------------------------------------------------------------------------------
     def on_train_end(self, args, state, control, **kwargs):
-        self._ended = True
+        self._ended = state.global_step >= state.max_steps  # else stopped early (Ctrl-C): interrupted
         self.close()
 
     def close(self, status: str | None = None) -> None:

@@ -124,6 +124,8 @@ def train(cfg: DucklingConfig | None = None, dataset=None, run_dir=None, *, eval
     elif (model.config.vocab_size, model.config.n_positions) != (cfg.model.vocab_size, cfg.model.n_positions):
         raise DucklingError("The model passed to train() does not match cfg.model (vocab_size, n_positions).")
     check_trainable_dtype(model, cfg.train.allow_bf16_params)
+    if device == "cpu":
+        tune_cpu_allocator()
     if run_dir is None:
         return _fit(cfg, model, rows, eval_rows, None, None, callbacks, device, precision, compile_mode, progress)
 
@@ -133,8 +135,6 @@ def train(cfg: DucklingConfig | None = None, dataset=None, run_dir=None, *, eval
     ckpt, old_info = check_run_dir(run_dir, cfg, tok, resume)
     start = _ckpt_step(ckpt) if ckpt else 0
     check_disk(run_dir, cfg, model, start, record, tuple(model.get_input_embeddings().weight.shape), n_live)
-    if device == "cpu":
-        tune_cpu_allocator()
     info = {"device": device, "device_name": _device_name(device), "precision": precision,
             "compile": compile_mode or "off", "optimizer": cfg.train.optimizer, "threads": torch.get_num_threads(),
             "n_train_rows": len(rows), "seq_len": rows.seq_len,
