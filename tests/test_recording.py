@@ -72,7 +72,8 @@ def test_roundtrip_every_precision(tmp_path, precision, fmt):
     assert np.array_equal(rec.rows("norm", steps=[3, 5]), np.stack([rows[3][0], rows[5][0]]))
     assert np.allclose(rec.lr, 0.5 * np.arange(11)) and rec.hidden_mean.shape == (11, D)
     assert list(rec.dead_ids) == list(range(N_LIVE, V)) and len(rec.live_ids) == N_LIVE
-    assert rec.meta["status"] == "complete" and rec.bytes_on_disk > 0
+    assert rec.meta["status"] == "complete"
+    assert rec.bytes_on_disk == sum(p.stat().st_size for p in rec.root.rglob("*") if p.is_file())  # every file
 
 
 def test_reader_errors_are_clear(tmp_path):
@@ -315,7 +316,7 @@ def test_train_stride_resume_continues_without_gap(tmp_path, monkeypatch, stride
 
 def test_train_over_budget_is_refused_before_the_first_step(tmp_path):
     with pytest.raises(DucklingError, match=r"needs .* bytes.*--record-every \d+"):
-        run(tiny(budget_gb=0.1, max_steps=100), tmp_path / "run")  # ~55 MB of it go to checkpoints + final model
+        run(tiny(budget_gb=0.04, max_steps=100), tmp_path / "run")
     assert not (tmp_path / "run" / "recording").exists()
     assert not list((tmp_path / "run").glob("checkpoint-*"))
 
