@@ -38,7 +38,7 @@ LR_SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_
                 "polynomial", "inverse_sqrt")
 OPTIMIZERS = ("adamw", "sgd", "coupled_adam")  # duckling/optim.py
 # train.learning_rate's default follows the optimizer (sgd's from the sweep in sweeps/sgd_lr.toml, README)
-LR_DEFAULTS = {"adamw": 1e-4, "coupled_adam": 1e-4, "sgd": 0.3}
+LR_DEFAULTS = {"adamw": 1e-4, "coupled_adam": 1e-4, "sgd": 0.1}
 
 
 def spec(default, help: str, *, lo=None, hi=None, lo_open=False, hi_open=False, choices=None,
@@ -169,7 +169,7 @@ class TrainConfig(_Checked):
                           "W averaged over the vocabulary)", choices=OPTIMIZERS, flag="optimizer")
     batch_size: int = spec(2, "sequences per step", lo=1, flag="batch-size")
     learning_rate: float = spec(LR_DEFAULTS["adamw"], "peak learning rate (its default follows train.optimizer: "
-                                "adamw/coupled_adam 1e-4, sgd 0.3)", lo=0.0, lo_open=True, flag="lr")
+                                "adamw/coupled_adam 1e-4, sgd 0.1)", lo=0.0, lo_open=True, flag="lr")
     sgd_momentum: float = spec(0.9, "SGD's momentum (train.optimizer = sgd)", lo=0.0, hi=1.0, hi_open=True)
     weight_decay: float = spec(0.01, "decoupled weight decay", lo=0.0, flag="weight-decay")
     max_steps: int = spec(10_000, "optimizer steps", lo=1, flag="max-steps")
