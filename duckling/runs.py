@@ -256,7 +256,11 @@ def load_run(run_dir, checkpoint: str | None = None):
     if not (run_dir / "config.json").is_file():
         raise DucklingError(f"{str(run_dir)!r} is not a Duckling run folder (no config.json). Train one with "
                             "`duckling train --run DIR`.")
-    cfg = DucklingConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    try:
+        cfg = DucklingConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DucklingError(f"{str((run_dir / 'config.json').resolve())!r} is not valid JSON ({e}); the run's config "
+                            "was edited or damaged. Restore it, or pick another run.") from e
     src = run_dir / checkpoint if checkpoint else run_dir / "final"
     if not checkpoint and not (src / "model.safetensors").is_file():
         src = last_checkpoint(run_dir)
