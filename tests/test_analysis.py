@@ -146,7 +146,11 @@ def test_separated_groups_give_auroc_one(tmp_path):
     det = A.detectability(write(tmp_path / "run", W, lr))
     assert det["auroc"]["norm"][-1] == 1.0
     assert det["auroc"]["cos_dead_mean"][-1] == 1.0
-    assert min(det["auroc"]["pc1"][-1], det["auroc"]["cos_all_mean"][-1]) >= 0.5
+    # unsupervised scores report max(A, 1 - A) (>= 0.5 by construction): check the values they reach here.
+    # The shared 0.01 offset makes the dead rows' direction stand out from the mean (~0.90), while PC1 is
+    # dominated by the live rows' spread and barely separates (~0.56).
+    assert det["auroc"]["cos_all_mean"][-1] > 0.85
+    assert det["auroc"]["pc1"][-1] == pytest.approx(0.559, abs=0.03)
 
 
 def test_report_untied_writes_both_matrices(tmp_path):

@@ -336,7 +336,7 @@ CASES = [
 
 # Refusals that still give a traceback: the fix is proposed in /work/notes/bad_input_fixes.md (files this battery's
 # author does not own). strict: once fixed, the xfail mark must go.
-KNOWN = {"gen-bad-config-json": "runs.load_run reads config.json without catching JSONDecodeError"}
+KNOWN: dict[str, str] = {}  # id -> reason (gen-bad-config-json was one: fixed in runs.load_run)
 
 
 @pytest.mark.parametrize("argv,names,argparse_ok", [
