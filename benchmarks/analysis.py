@@ -1,8 +1,12 @@
-"""How long does `duckling report` take, relative to reading the recording's bytes once?
+"""How long does `duckling report` take, relative to reading the recording once?
 
-Synthesizes a recording (default 5,000 steps of an 8192 x 128 bf16 W, ~10 GB) with
-RecordingWriter, or reuses it when it is already complete under --dir, then times
-  read:   `cat` of every recording file to /dev/null
+Synthesizes a recording (default 5,000 steps of an 8192 x 128 bf16 W) with RecordingWriter, or
+reuses a complete one under --dir (a real training run's folder works too), then times
+  read:   format 1: `cat` of every recording file to /dev/null. Format 2 (compressed): `cat` of every
+          file plus decoding every block of every stream once (every snapshot and every per-step
+          scalar back to its exact bits, in this process, the codec's two decode threads) - the cost
+          of getting the recording's content into memory once, which for a compressed recording
+          is no longer the cost of its bytes alone
   report: `python -m duckling.cli report RUN --out ...` (a fresh process, imports included)
 both from a cold page cache (the files are evicted with posix_fadvise(DONTNEED) before each, which
 needs no root), and prints report_vs_read_ratio: report time / read time. Target <= 3.
@@ -49,8 +53,7 @@ def synthesize(run: Path, steps: int, precision: str, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     W = rng.normal(0, cfg.model.initializer_range, (VOCAB_SIZE, d)).astype(np.float32)  # (V, d)
     h = rng.normal(size=d).astype(np.float32)  # mean hidden direction
-    w = RecordingWriter(run, shape=W.shape, n_live=N_LIVE, precision=precision,
-                        chunk_steps=cfg.record.chunk_steps)
+    w = RecordingWriter(run, shape=W.shape, n_live=N_LIVE, precision=precision)  # format 2
     nan = np.full(VOCAB_SIZE, np.nan, np.float32)
     w.append_step(0, {"wte": np.stack([np.linalg.norm(W, axis=1), np.zeros(VOCAB_SIZE), nan, nan])},
                   snapshot={"wte": W})
@@ -70,6 +73,21 @@ def synthesize(run: Path, steps: int, precision: str, seed: int = 0) -> None:
         if t % 500 == 0:
             print(f"  synthesized {t}/{steps} steps", flush=True)
     w.close()
+
+
+def decode_everything(run: Path) -> int:
+    """Format 2: decode every block (and check every raw record) of every stream once; values decoded."""
+    from duckling.format_v2 import make_streams
+
+    rec = Recording(run)
+    snaps, scalars, probe = make_streams(rec.root, rec.meta, rec._lay.parts)
+    n = 0
+    for st in [*snaps.values(), scalars, probe]:
+        chunks, steps = st.scan()
+        for c, (kind, k) in enumerate(chunks):
+            data = st.decode_all(c)[0] if kind == "blk" else st.raw_records(c, k)[0]
+            n += data.size
+    return n
 
 
 def evict(files) -> None:
@@ -112,8 +130,11 @@ def main() -> None:
 
     if not a.warm:
         evict(files)
+    fmt = Recording(run).meta["format_version"]
     t0 = time.perf_counter()
     subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+    if fmt == 2:
+        decode_everything(run)
     t_read = time.perf_counter() - t0
 
     with tempfile.TemporaryDirectory() as out:
@@ -125,9 +146,10 @@ def main() -> None:
                        check=True, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL)
         t_report = time.perf_counter() - t0
         n_png = len(list(Path(out).glob("*.png")))
-    print(f"recording: {steps} steps, {a.precision}, {nbytes / 1e9:.2f} GB in {len(files)} files "
+    print(f"recording: {steps} steps, {a.precision}, format {fmt}, {nbytes / 1e9:.2f} GB in {len(files)} files "
           f"({'warm' if a.warm else 'cold'} page cache)")
-    print(f"read (cat): {t_read:.2f} s = {nbytes / 1e9 / t_read:.2f} GB/s")
+    how = "cat + decode every block" if fmt == 2 else "cat"
+    print(f"read ({how}): {t_read:.2f} s = {nbytes / 1e9 / t_read:.2f} GB/s on disk")
     print(f"duckling report{' --max-points ' + str(a.max_points) if a.max_points is not None else ''}: "
           f"{t_report:.2f} s ({n_png} figures)")
     print(f"report_vs_read_ratio: {t_report / t_read:.2f}")

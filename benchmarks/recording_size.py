@@ -1,15 +1,22 @@
 """Recording format v2: size, speed of training with it, and read speed, on a real training run.
 
-    python -P benchmarks/recording_size.py --quick      # 300 steps (~2 x 40 s of training)
-    python -P benchmarks/recording_size.py              # 2,000 steps (~2 x 4-5 min on a 2-core CPU)
+    python -P benchmarks/recording_size.py --quick      # 300 steps
+    python -P benchmarks/recording_size.py              # 2,000 steps
     python -P benchmarks/recording_size.py --steps 10000
 
-Trains the default configuration (CPU: no compile) twice for the same number of steps: once without
-a recording (in memory), once with every-step bf16 recording in format 2. Then prints
+Two worker processes train the default configuration (CPU: no compile) on the same real text: one
+without a recording, one with every-step bf16 recording in format 2. They take turns, one block of
+``--block`` steps each (64 = one compaction per block), the first of each round alternating, so
+machine noise hits both alike (like benchmarks/train_speed.py). At the end of each recorded block
+the worker waits until the writer's background compaction is idle before it stops the clock, so a
+block's time includes all the compaction it started (none of it leaks into the other worker's turn).
+The first round is warm-up and is dropped. Then it prints
   snapshot_compression_ratio:  raw bf16 bytes of the W snapshots / their v2 bytes on disk
-  recording_compression_ratio: format-1 bytes of the whole recording / format-2 bytes
-  compressed_recording_overhead_ratio: steps/s recorded / steps/s plain (steps 10..N of each run)
-  snapshot_read_ms:            median time to read one random snapshot (a fresh reader each time)
+  recording_compression_ratio: format-1 bytes of the whole recording / format-2 bytes on disk
+  compressed_recording_overhead_ratio: steps/s recorded / steps/s plain (total time of the timed
+      blocks; the median of the per-round ratios follows)
+  snapshot_read_ms:            median time to read one random snapshot with a fresh ``Recording``
+                               (nothing decoded yet; files in the page cache)
   trajectory_read_ratio:       time to read 16 dead rows over every step, v2 / v1 (a v1 copy is
                                written from the v2 recording; both warm in the page cache)
 and the snapshot ratio per 64-step block at a few places. Run it under the CPU lock:
@@ -25,43 +32,96 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 
 import argparse
 import json
+import multiprocessing as mp
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from transformers import TrainerCallback
-
-from duckling.config import DucklingConfig
-from duckling.recording import FIELDS, Recording
-from duckling.writer import RecordingWriter
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-class StepClock(TrainerCallback):
-    def __init__(self):
-        self.t = []
+def _worker(kind: str, conn, cfg_dict: dict, block: int, dataset: str, run_dir: str | None) -> None:
+    from transformers import TrainerCallback
 
-    def on_step_end(self, args, state, control, **kw):
-        self.t.append(time.perf_counter())
+    import duckling.recorder as recorder_mod
+    from duckling.config import DucklingConfig
+    from duckling.train import train
+    from duckling.writer import RecordingWriter
+
+    writers = []
+
+    class Registered(RecordingWriter):  # so that the gate can wait for the writer's compaction
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            writers.append(self)
+
+    recorder_mod.RecordingWriter = Registered
+
+    class Gate(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            conn.recv()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step % block == 0:
+                for w in writers:
+                    w.wait_compaction()
+                conn.send(time.perf_counter() - self.t0)
+                conn.recv()
+                self.t0 = time.perf_counter()
+
+    train(DucklingConfig.from_dict(cfg_dict), dataset=dataset, run_dir=run_dir,
+          tokenizer=REPO / "token_mapping.json", callbacks=[Gate()], progress=False)
+    conn.close()
 
 
-def steps_per_s(clock: StepClock, skip: int = 10) -> float:
-    t = clock.t[skip:]
-    return (len(t) - 1) / (t[-1] - t[0])
+def interleaved(cfg, dataset: Path, run_dir: Path, block: int, n: int) -> dict:
+    """Train plain and recorded in alternating blocks; block times in seconds per kind."""
+    ctx = mp.get_context("spawn")
+    kinds = {"plain": None, "recorded": str(run_dir)}
+    workers = {}
+    for k, rd in kinds.items():
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(k, child, cfg.to_dict(), block, str(dataset), rd), daemon=True)
+        proc.start()
+        workers[k] = (proc, parent)
+    times = {k: [] for k in kinds}
+    order = list(kinds)
+    for r in range(n // block):
+        for k in (order if r % 2 == 0 else order[::-1]):
+            workers[k][1].send("go")
+            times[k].append(workers[k][1].recv())
+    for proc, conn in workers.values():
+        conn.send("go")  # the rest of the steps, then the end of training (the recording is closed)
+    for proc, conn in workers.values():
+        proc.join()
+        if proc.exitcode:
+            raise SystemExit(f"a training worker failed (exit code {proc.exitcode})")
+    return {k: np.array(v[1:]) for k, v in times.items()}  # round 0 is warm-up
 
 
-def write_v1_copy(rec: Recording, out: Path) -> Recording:
+def write_v1_copy(rec, out: Path):
     """The same steps in format 1 (bit-identical content), for the read-speed comparison."""
+    from duckling.recording import FIELDS, Recording
+    from duckling.writer import RecordingWriter
+
     V, d = rec.shape
     w = RecordingWriter(out, shape=(V, d), n_live=rec.n_live, precision=rec.precision, every=rec.every,
-                        chunk_steps=256, matrices=tuple(rec.matrices), format_version=1)
+                        matrices=tuple(rec.matrices), format_version=1)
     rows = {m: np.stack([np.asarray(rec.rows(f, matrix=m)) for f in FIELDS], 1) for m in rec.matrices}
-    hm, lr, snaps = rec.hidden_mean, rec.lr, set(int(s) for s in rec.steps)
+    hm, lr, snap_pos = rec.hidden_mean, rec.lr, {int(s): i for i, s in enumerate(rec.steps)}
+    B, cur = 64, {}
     for i, s in enumerate(rec.scalar_steps):
-        snap = {m: rec.snapshot(int(s), m) for m in rec.matrices} if int(s) in snaps else None
+        snap = None
+        if int(s) in snap_pos:
+            j = snap_pos[int(s)]
+            if j % B == 0:  # a block of snapshots at a time (one decode per block, not per step)
+                cur = {m: rec.trajectory(np.arange(V), rec.steps[j:j + B], matrix=m) for m in rec.matrices}
+            snap = {m: cur[m][j % B] for m in rec.matrices}
         w.append_step(int(s), {m: rows[m][i] for m in rec.matrices}, hm[i], float(lr[i]), snap)
     for s, mass, top in rec.probe:
         w.append_probe(int(s), mass, top)
@@ -73,36 +133,40 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="300 steps")
     ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--block", type=int, default=64, help="steps per timed block (default: one compaction)")
     ap.add_argument("--data", default="/work/shared/data/tinystories/train",
                     help="text for the dataset (default: the shared TinyStories slice, else 'sample')")
     ap.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (the recording)")
     a = ap.parse_args()
     n = 300 if a.quick else a.steps
+    from duckling.config import DucklingConfig
     from duckling.data import build_dataset
-    from duckling.train import train
+    from duckling.recording import Recording
 
     work = Path(a.dir or tempfile.mkdtemp(prefix="duckling-recsize-"))
     data = a.data if Path(a.data).exists() else "sample"
-    build_dataset(data, REPO / "token_mapping.json", work / "ds", progress=False)
+    if not (work / "ds").exists():
+        build_dataset(data, REPO / "token_mapping.json", work / "ds", progress=False)
     cfg = DucklingConfig().override({"train.max_steps": n, "train.compile": False,
                                      "train.save_steps": n + 1, "record.dtype": "bf16", "record.every": 1})
-    clocks = {}
-    for name, run_dir in (("plain", None), ("recorded", work / "run")):
-        clocks[name] = StepClock()
-        if run_dir is not None and run_dir.exists():
-            shutil.rmtree(run_dir)
-        train(cfg, dataset=work / "ds", run_dir=run_dir, tokenizer=REPO / "token_mapping.json",
-              callbacks=[clocks[name]], progress=False)
+    for p in (work / "run", work / "v1"):
+        shutil.rmtree(p, ignore_errors=True)
+    t_train = time.perf_counter()
+    t = interleaved(cfg, work / "ds", work / "run", a.block, n)
+    t_train = time.perf_counter() - t_train
+    per_round = t["plain"] / t["recorded"]
     rec = Recording(work / "run")
     V, d = rec.shape
     blk = [p for p in rec.root.iterdir() if p.name.startswith("wte.u16.")]
     snap_raw = len(rec.steps) * V * d * 2
     snap_disk = sum(p.stat().st_size for p in blk)
+    B = rec.meta["block_steps"]
     per_block = {}
     for c in sorted({0, len(blk) // 2, len(blk) - 2} - {-1}):
         p = rec.root / f"wte.u16.{c:05d}.blk"
         if p.exists() and c >= 0:
-            per_block[f"steps {c * 64}-{c * 64 + 63}"] = round(64 * V * d * 2 / p.stat().st_size, 2)
+            per_block[f"steps {c * B}-{c * B + B - 1}"] = round(B * V * d * 2 / p.stat().st_size, 2)
     rng = np.random.default_rng(0)
     times = []
     for s in rng.choice(rec.steps, size=min(21, len(rec.steps)), replace=False):
@@ -110,10 +174,12 @@ def main() -> None:
         t0 = time.perf_counter()
         fresh.snapshot(int(s))
         times.append(time.perf_counter() - t0)
+    t_v1 = time.perf_counter()
     v1 = write_v1_copy(rec, work / "v1")
+    t_v1 = time.perf_counter() - t_v1
     ids = rng.choice(rec.dead_ids, size=16, replace=False)
 
-    def traj_time(r: Recording) -> float:
+    def traj_time(r) -> float:
         best = []
         for _ in range(3):
             fresh = Recording(r.root)
@@ -124,23 +190,29 @@ def main() -> None:
 
     assert np.array_equal(v1.trajectory(ids), rec.trajectory(ids))  # same bits either way
     t1, t2 = traj_time(v1), traj_time(rec)
+    plain_sps, rec_sps = a.block * len(t["plain"]) / t["plain"].sum(), a.block * len(t["recorded"]) / t["recorded"].sum()
     figures = {
         "steps": n, "snapshot_compression_ratio": round(snap_raw / snap_disk, 2),
         "recording_compression_ratio": round(v1.bytes_on_disk / rec.bytes_on_disk, 2),
-        "compressed_recording_overhead_ratio": round(steps_per_s(clocks["recorded"]) / steps_per_s(clocks["plain"]), 3),
-        "plain_steps_per_s": round(steps_per_s(clocks["plain"]), 2),
-        "recorded_steps_per_s": round(steps_per_s(clocks["recorded"]), 2),
+        "compressed_recording_overhead_ratio": round(rec_sps / plain_sps, 3),
+        "overhead_ratio_per_round_median": round(float(statistics.median(per_round)), 3),
+        "overhead_ratio_per_round_range": [round(float(per_round.min()), 3), round(float(per_round.max()), 3)],
+        "timed_rounds": len(per_round), "block_steps_timed": a.block,
+        "plain_steps_per_s": round(plain_sps, 2), "recorded_steps_per_s": round(rec_sps, 2),
         "snapshot_read_ms": round(float(np.median(times)) * 1e3, 1),
         "trajectory_read_ratio": round(t2 / t1, 2), "trajectory_v1_ms": round(t1 * 1e3, 1),
         "trajectory_v2_ms": round(t2 * 1e3, 1),
         "v1_bytes": v1.bytes_on_disk, "v2_bytes": rec.bytes_on_disk,
+        "v2_bytes_per_step": round(rec.bytes_on_disk / len(rec.scalar_steps)),
         "v2_snapshots_per_gb": round(len(rec.steps) / (rec.bytes_on_disk / 1e9)),
+        "v1_snapshots_per_gb": round(len(v1.steps) / (v1.bytes_on_disk / 1e9)),
         "snapshot_ratio_per_block": per_block,
+        "seconds": {"training_both": round(t_train), "v1_copy": round(t_v1)},
     }
     for k, v in figures.items():
         print(f"{k}: {v}")
     print(json.dumps(figures))
-    if a.dir is None:
+    if a.dir is None and not a.keep:
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -2,7 +2,8 @@
 
     python benchmarks/recording_write.py [--steps 40] [--precision bf16] [--device cpu]
 
-Prints the ms per step of (1) RecordingWriter.append_step alone (full 8192x128 W + scalars),
+Prints the ms per step of (1) RecordingWriter.append_step alone (full 8192x128 W + scalars, format 2:
+raw records, a block compacted every 64 steps on the writer's background thread, close() included),
 (2) a plain training step of the Duckling (batch 2 x 512, AdamW, forward/backward/step),
 (3) the same step with the WRecorder hooks writing synchronously and (4) with its writer thread;
 short blocks of each alternate so that load from other processes hits all of them. The ratio
@@ -37,7 +38,7 @@ from duckling.writer import RecordingWriter
 def bench_writer(tmp: str, precision: str, n: int) -> float:
     cfg = DucklingConfig()
     V, d = cfg.model.vocab_size, cfg.model.n_embd
-    w = RecordingWriter(f"{tmp}/writer", shape=(V, d), precision=precision, chunk_steps=cfg.record.chunk_steps)
+    w = RecordingWriter(f"{tmp}/writer", shape=(V, d), precision=precision)  # format 2, background compaction
     W = torch.randn(V, d) * 0.02
     rows = np.zeros((len(FIELDS), V), np.float32)
     t0 = time.perf_counter()
@@ -51,7 +52,7 @@ def bench_writer(tmp: str, precision: str, n: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40, help="measured steps per variant")
-    ap.add_argument("--precision", default=RecordConfig.precision)
+    ap.add_argument("--precision", default=RecordConfig.dtype, choices=["bf16", "float32", "mixed"])
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
     cfg = DucklingConfig()
@@ -67,7 +68,7 @@ def main() -> None:
     control = SimpleNamespace(should_save=False, should_training_stop=False)
     variants = {"plain": None}
     for name, thread in (("sync write", False), ("writer thread", True)):
-        rec = WRecorder(f"{tmp}/{name}", RecordConfig(precision=a.precision), async_write=thread)
+        rec = WRecorder(f"{tmp}/{name}", RecordConfig(dtype=a.precision), async_write=thread)
         state = SimpleNamespace(global_step=0, max_steps=2000)
         rec.on_train_begin(args, state, control, model=model, optimizer=opt)
         variants[name] = (rec, state)
@@ -101,13 +102,15 @@ def main() -> None:
     for _ in range(a.steps // block):
         for name, v in variants.items():
             if v:
-                v[0].sink.drain()  # a variant's queued writes are paid inside its own blocks
+                v[0].sink.drain()  # a variant's queued writes and compaction are paid inside its own blocks
+                v[0].writer.wait_compaction()
             sync()
             t0 = time.perf_counter()
             for _ in range(block):
                 step(v, name)
             if v:
                 v[0].sink.drain()
+                v[0].writer.wait_compaction()
             sync()
             times[name] += time.perf_counter() - t0
     n = a.steps // block * block

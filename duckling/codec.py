@@ -106,12 +106,14 @@ def decode_frame(frame: bytes, n: int, width: int, w: int, at: int | None = None
     if len(raw) != n * width * w:
         raise CorruptBlock("frame holds the wrong number of bytes")
     planes = np.frombuffer(raw, np.uint8).reshape(w, width, n)
-    z = np.empty((width, n, w), np.uint8)
-    for i in range(w):
-        z[..., i] = planes[i]
-    z = _undo_zigzag(z.view(_UINT[w]).reshape(width, n))
+    if at is not None:
+        planes = planes[:, :, :at + 1]  # only the differences up to record ``at`` are needed
+    z = planes[0].astype(_UINT[w])
+    for i in range(1, w):
+        z |= planes[i].astype(_UINT[w]) << (8 * i)
+    z = _undo_zigzag(z)
     if at is not None:  # the sum wraps modulo 2**(8w), exactly like the difference did
-        return z[:, :at + 1].sum(axis=1, dtype=_UINT[w])
+        return z.sum(axis=1, dtype=_UINT[w])
     np.cumsum(z, axis=1, dtype=_UINT[w], out=z)
     return z.T
 

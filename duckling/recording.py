@@ -60,6 +60,7 @@ def n_snapshot_steps(start: int, end: int, every: int) -> int:
     return end // every - start // every + (end % every != 0)
 
 
+V1_CHUNK_STEPS = 256  # format 1: snapshots per file
 RAW_TRAILER = 16  # format 2: bytes after each raw record (step, crc32, magic)
 BLOCK_SLACK = 1.01  # a zstd block is at most ~0.4% larger than its raw records; 1% is the bound used
 
@@ -147,7 +148,7 @@ class _Layout:
         self.root, self.meta = root, meta
         self.n_rows, self.d = meta["shape"]
         self.matrices = list(meta["matrices"])
-        self.chunk = int(meta["chunk_steps"])
+        self.chunk = int(meta.get("chunk_steps") or V1_CHUNK_STEPS)  # format 1 only
         self.parts = snapshot_parts(meta["precision"], self.n_rows, int(meta["n_live"]))
 
     def chunk_path(self, m: str, c: int, ext: str) -> Path:

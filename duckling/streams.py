@@ -64,12 +64,16 @@ class Stream:
                 h, _ = self._header(c)
                 chunks.append(("blk", h["n"]))
                 steps.append(np.asarray(h["steps"], np.int64))
-            elif self.raw_path(c).exists():
-                n = min(self.raw_path(c).stat().st_size // self.rec_bytes, self.block)
-                chunks.append(("raw", n))
-                steps.append(self._raw_trailers(c, n)["step"].astype(np.int64))
             else:
-                break
+                try:
+                    n = min(self.raw_path(c).stat().st_size // self.rec_bytes, self.block)
+                    trailers = self._raw_trailers(c, n)
+                except FileNotFoundError:  # gone: compacted by a live writer meanwhile, or the end
+                    if self.blk_path(c).exists():
+                        continue
+                    break
+                chunks.append(("raw", n))
+                steps.append(trailers["step"].astype(np.int64))
             c += 1
         for i, (kind, n) in enumerate(chunks[:-1]):
             if n != self.block:
@@ -100,7 +104,10 @@ class Stream:
                 if self.blk_path(int(c)).exists():
                     out[sel] = self._read_blk(int(c), local, cols)
                 else:
-                    out[sel] = self._read_raw(int(c), local, cols)
+                    try:
+                        out[sel] = self._read_raw(int(c), local, cols)
+                    except FileNotFoundError:  # compacted by a live writer meanwhile
+                        out[sel] = self._read_blk(int(c), local, cols)
             except CorruptBlock as e:
                 raise DucklingError(
                     f"corrupt recording data in {self.root / self.name} chunk {int(c)}, covering steps "
@@ -158,8 +165,14 @@ class Stream:
         return np.ascontiguousarray(data[:, :self.payload]).view(self.dtype), steps
 
     def write_block(self, c: int, records: np.ndarray, steps) -> int:
-        """Write block c atomically (tmp, fsync, rename); returns its size."""
+        """Encode block c, decode it back and compare with ``records`` bit for bit, then write it
+        atomically (tmp, fsync, rename); returns its size."""
         blob = encode_block(records, steps, self.widths)
+        h, offsets = read_header(blob, len(blob))
+        got = decode_groups(blob, h, offsets, range(len(self.widths)))
+        u = records.view(np.uint16 if records.dtype.itemsize == 2 else np.uint32)
+        if not all(np.array_equal(got[g], u[:, self.bounds[g]:self.bounds[g + 1]]) for g in got):
+            raise CorruptBlock(f"{self.blk_path(c)}: the encoded block does not decode to its records")
         tmp = self.blk_path(c).with_suffix(".blk.tmp")
         with open(tmp, "wb") as f:
             f.write(blob)

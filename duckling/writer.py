@@ -9,16 +9,59 @@ import errno
 import fcntl
 import json
 import os
+import queue
+import threading
 from pathlib import Path
 
 import numpy as np
 
 from .config import N_LIVE, RecordConfig
 from .errors import DucklingError
-from .format_v2 import BLOCK_STEPS, FORMAT_V2, make_streams
-from .recording import (FIELDS, SHAPE, SUBDIR, _atomic_json, _count, _Layout, f32_to_bf16_bits,
-                        snapshot_parts)
-from .streams import pack_trailer
+from .format_v2 import BLOCK_STEPS, FORMAT_V2, GROUP_ROWS, LEGACY_GROUP_ROWS, make_streams
+from .recording import (FIELDS, SHAPE, SUBDIR, V1_CHUNK_STEPS, _atomic_json, _count, _Layout,
+                        f32_to_bf16_bits, snapshot_parts)
+from .streams import CorruptBlock, pack_trailer
+
+
+class _Compactor:
+    """One background thread that turns full raw chunks into blocks, in order, one at a time.
+
+    A job is committed data already (its raw chunk is complete and checksummed on disk); the raw chunk
+    is deleted only after its block is written, fsynced, renamed and read back (``Stream.compact``), so
+    a kill at any moment loses nothing. At most one job waits behind the running one: a writer that
+    outpaces compaction blocks in ``submit`` (memory and scratch disk stay bounded). The first failure
+    is kept in ``error`` (later jobs are skipped) and raised by the writer on its next call."""
+
+    def __init__(self):
+        self._q: queue.Queue = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="duckling-compact", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._q.get()
+            try:
+                if job is None:
+                    return
+                if self.error is None:
+                    job()
+            except BaseException as e:  # noqa: BLE001 - surfaced in the writer's thread
+                self.error = e
+            finally:
+                self._q.task_done()
+
+    def submit(self, job) -> None:
+        self._q.put(job)
+
+    def wait(self) -> None:
+        """Return once every submitted job has finished (or failed)."""
+        self._q.join()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
 
 
 class RecordingWriter:
@@ -26,26 +69,32 @@ class RecordingWriter:
 
     ``resume_step=None`` starts a new recording (refuses to overwrite one); ``resume_step=k`` opens
     an existing recording, drops every record after step k (and any torn tail), and appends from k+1.
-    ``format_version=2`` (default) compacts every ``block_steps`` records into a checksummed block
-    on this thread (in ``append_step``) and the last partial block in ``close``; ``format_version=1``
-    writes the old uncompressed layout (kept for tests and for converting with ``compact``).
+    ``format_version=2`` (default) compacts every ``block_steps`` records into a checksummed block,
+    on a background thread of its own (``background=True``, so the caller - the training thread on
+    CPU - does not wait for the codec) or inline in ``append_step`` (``background=False``), and the
+    last partial block in ``close`` (which first waits for pending compaction). ``format_version=1``
+    writes the old uncompressed layout in files of ``chunk_steps`` snapshots (kept for tests and for
+    converting with ``compact``).
     """
 
     def __init__(self, run_dir, shape=SHAPE, n_live: int = N_LIVE, precision: str = RecordConfig.dtype,
-                 every: int = RecordConfig.every, chunk_steps: int = RecordConfig.chunk_steps,
+                 every: int = RecordConfig.every, chunk_steps: int = V1_CHUNK_STEPS,
                  matrices=("wte",), extra_meta=None,
                  resume_step: int | None = None, format_version: int = FORMAT_V2,
-                 block_steps: int = BLOCK_STEPS):
+                 block_steps: int = BLOCK_STEPS, background: bool = True):
         root = Path(run_dir) / SUBDIR
         if format_version not in (1, FORMAT_V2):
             raise DucklingError(f"unknown recording format_version {format_version}: use 1 or 2.")
         self.v2 = format_version == FORMAT_V2
         meta = {"format_version": format_version, "matrices": list(matrices), "shape": list(shape),
-                "precision": precision, "every": int(every), "chunk_steps": int(chunk_steps),
+                "precision": precision, "every": int(every),
                 "n_live": int(n_live), "n_dead": int(shape[0] - n_live), "fields": list(FIELDS),
                 "probe_columns": ["step", "dead_mass", "max_dead_prob"], **(extra_meta or {})}
         if self.v2:
-            meta["block_steps"] = int(block_steps)
+            meta["block_steps"], meta["group_rows"] = int(block_steps), GROUP_ROWS
+        else:
+            meta["chunk_steps"] = int(chunk_steps)
+        self._compactor = None
         snapshot_parts(precision, shape[0], n_live)  # validates precision
         if every < 1 or chunk_steps < 1 or block_steps < 1:
             raise DucklingError(f"recording stride ({every}), chunk_steps ({chunk_steps}) and "
@@ -74,6 +123,11 @@ class RecordingWriter:
                     self._open_existing(root, meta, resume_step)
             self.failed = False  # a write failed: the recording ends at last_step
             self.last_step = self.n_scalar - 1 if self.v2 else self._last_scalar_step()
+            if self.v2:
+                self._handed = {st.name: 0 for st in self._all_streams()}
+                if background:  # started after any truncation: nothing can be pending then
+                    self._compactor = _Compactor()
+                self._compact_full(self._all_streams())  # full raw chunks a kill left behind
         except PermissionError as e:
             self._unlock()
             raise DucklingError(f"cannot write the recording in {root} ({e.strerror}). Choose a run "
@@ -128,6 +182,7 @@ class RecordingWriter:
             st.truncate(keep)
             self.counts[st.name] = keep
         self.n_scalar = self.counts["scalars"]
+        meta["group_rows"] = old.get("group_rows", LEGACY_GROUP_ROWS)  # the files' own frame layout
         old.update(meta, status="recording")
         _atomic_json(root / "meta.json", old)
 
@@ -201,6 +256,7 @@ class RecordingWriter:
         mean hidden state (d,), the lr, and optionally the snapshot ``{m: W}``. W is a float32
         (V, d) array (encoded here) or a dict ``{ext: array}`` already split per ``snapshot_parts``."""
         lay = self.layout
+        self._raise_compaction_error()
         if step != self.last_step + 1:
             raise DucklingError(f"recording step {step} after step {self.last_step} would leave a gap "
                                 f"or a duplicate; steps must be appended in order.")
@@ -231,6 +287,7 @@ class RecordingWriter:
 
     def append_probe(self, step: int, dead_mass: float, max_dead_prob: float) -> None:
         if self.v2:
+            self._raise_compaction_error()
             self._record(self.probe, step, np.array([dead_mass, max_dead_prob], np.float32))
             self._compact_full([self.probe])
             return
@@ -267,11 +324,34 @@ class RecordingWriter:
         self._compact_full(self._all_streams())
 
     def _compact_full(self, streams) -> None:
-        """Compact every chunk that just filled (this thread; the step is committed already)."""
+        """Compact every full chunk not handed over yet (its records are committed already): on the
+        background thread, or here when there is none. On resume this also picks up full raw chunks
+        that a kill left uncompacted."""
         for st in streams:
-            n = self.counts[st.name]
-            if n and n % st.block == 0 and st.raw_path(n // st.block - 1).exists():
-                self._compact(st, n // st.block - 1, st.block)
+            full = self.counts[st.name] // st.block
+            while self._handed[st.name] < full:
+                c = self._handed[st.name]
+                self._handed[st.name] += 1
+                if not st.raw_path(c).exists():  # compacted already
+                    continue
+                fd = self._fds.pop(st.raw_path(c).name, None)  # the chunk is full: no more appends
+                if fd is not None:
+                    os.close(fd)
+                if self._compactor is not None:
+                    self._compactor.submit(lambda st=st, c=c: self._compact(st, c, st.block))
+                else:
+                    self._compact(st, c, st.block)
+
+    def _raise_compaction_error(self) -> None:
+        err = self._compactor.error if self._compactor is not None else None
+        if err is not None:
+            self.failed = True
+            raise err
+
+    def wait_compaction(self) -> None:
+        """Block until every full chunk handed to the background thread is compacted (or failed)."""
+        if self._compactor is not None:
+            self._compactor.wait()
 
     def _compact(self, st, c: int, n: int) -> None:
         fd = self._fds.pop(st.raw_path(c).name, None)
@@ -279,29 +359,41 @@ class RecordingWriter:
             os.close(fd)
         try:
             st.compact(c, n)
-        except OSError as e:
+        except (OSError, CorruptBlock) as e:
             self.failed = True
             raise DucklingError(
-                f"compacting {st.raw_path(c)} failed ({e.strerror}); steps 0..{self.last_step} are kept "
-                f"and readable in {self.layout.root}. Free disk space and resume from the last "
-                f"checkpoint with --resume.") from e
+                f"compacting {st.raw_path(c)} failed ({getattr(e, 'strerror', None) or e}); steps "
+                f"0..{self.last_step} are kept and readable in {self.layout.root} (the raw records stay "
+                f"until their block is written and verified). Free disk space and resume from the "
+                f"last checkpoint with --resume.") from e
 
     def close(self, status: str = "complete") -> None:
         """Close the files and record the final status in meta.json (counts stay in the files)."""
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
-        if self.v2 and not self.failed and status != "failed":  # every byte verifiable: compact the tails
-            for st in self._all_streams():
-                n = self.counts[st.name]
-                if n % st.block:
-                    self._compact(st, n // st.block, n % st.block)
-        meta = dict(self.layout.meta, status=status, last_step=self.last_step)
+        err = None
+        if self._compactor is not None:  # finish pending compaction before the tails and the unlock
+            self._compactor.wait()
+            self._compactor.stop()
+            err = None if self.failed else self._compactor.error  # not yet raised to the caller
+            self._compactor = None
         try:
-            _atomic_json(self.layout.root / "meta.json", meta)
-        except OSError:  # a full or read-only disk: the data files are what counts
-            pass
-        self._unlock()
+            if self.v2 and err is None and not self.failed and status != "failed":
+                for st in self._all_streams():  # every byte verifiable: compact the tails
+                    n = self.counts[st.name]
+                    if n % st.block:
+                        self._compact(st, n // st.block, n % st.block)
+        finally:
+            meta = dict(self.layout.meta, status=status, last_step=self.last_step)
+            try:
+                _atomic_json(self.layout.root / "meta.json", meta)
+            except OSError:  # a full or read-only disk: the data files are what counts
+                pass
+            self._unlock()
+        if err is not None:  # the steps are all on disk (raw, checksummed); say why they are not compacted
+            self.failed = True
+            raise err
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:

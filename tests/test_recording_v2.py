@@ -1,6 +1,7 @@
 """Recording format 2: lossless against format 1, every byte checked, crash-safe compaction, compact()."""
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -23,11 +24,11 @@ from duckling.writer import RecordingWriter
 V, D, N_LIVE, B = 64, 8, 48, 4
 
 
-def write(run_dir, fmt=2, precision="bf16", steps=range(15), every=2, close="complete", seed=0):
+def write(run_dir, fmt=2, precision="bf16", steps=range(15), every=2, close="complete", seed=0, background=True):
     """A smooth random walk W (most bf16 values unchanged per step, like training); returns W per step."""
     rng = np.random.default_rng(seed)
     w = RecordingWriter(run_dir, shape=(V, D), n_live=N_LIVE, precision=precision, every=every,
-                        chunk_steps=B, format_version=fmt, block_steps=B,
+                        chunk_steps=B, format_version=fmt, block_steps=B, background=background,
                         resume_step=None if steps[0] == 0 else steps[0] - 1)
     W, out = rng.standard_normal((V, D)).astype(np.float32), {}
     for s in range(steps[-1] + 1):
@@ -42,6 +43,8 @@ def write(run_dir, fmt=2, precision="bf16", steps=range(15), every=2, close="com
             w.append_probe(s, 0.01 * s, 0.001 * s)
     if close:
         w.close(close)
+    else:  # "killed" once the background compaction of the full chunks is done (deterministic files)
+        w.wait_compaction()
     return out
 
 
@@ -113,8 +116,9 @@ def test_corrupt_block_header_names_the_chunk(tmp_path):
 STAGES = ["encode", "fsync", "replace", "unlink"]
 
 
+@pytest.mark.parametrize("background", [False, True])
 @pytest.mark.parametrize("stage", STAGES)
-def test_a_kill_during_compaction_loses_nothing(tmp_path, monkeypatch, stage):
+def test_a_kill_during_compaction_loses_nothing(tmp_path, monkeypatch, stage, background):
     ref = tmp_path / "ref"
     write(ref)
 
@@ -126,27 +130,77 @@ def test_a_kill_during_compaction_loses_nothing(tmp_path, monkeypatch, stage):
 
     target = {"encode": ("duckling.streams.encode_block", None), "fsync": ("os.fsync", None),
               "replace": ("os.replace", None), "unlink": ("pathlib.Path.unlink", None)}[stage][0]
-    w = RecordingWriter(tmp_path / "cut", shape=(V, D), n_live=N_LIVE, every=2, chunk_steps=B, block_steps=B)
+    w = RecordingWriter(tmp_path / "cut", shape=(V, D), n_live=N_LIVE, every=2, block_steps=B,
+                        background=background)
     ref_rec = Recording(ref)
     for s in range(8):
         snap = {"wte": ref_rec.snapshot(s)} if s % 2 == 0 else None
         if s == 7:
+            w.wait_compaction()  # background: steps 0..6's snapshot block is done; the kill hits step 7's
             monkeypatch.setattr(target, boom)
         rows = {"wte": np.stack([ref_rec.rows(f)[s] for f in FIELDS])}
         try:
             w.append_step(s, rows, ref_rec.hidden_mean[s], float(ref_rec.lr[s]), snap)
         except Kill:
             break
+    w.wait_compaction()  # background: the kill hit the compaction thread (step 7 was committed before)
+    assert isinstance(w._compactor.error, Kill) if background else w._compactor is None
     monkeypatch.undo()
     w._unlock()  # the process died: its lock goes with it
     cut = Recording(tmp_path / "cut")  # the kill came after step 7 was committed: nothing is lost
     assert cut.scalar_steps.tolist() == list(range(8)) and cut.steps.tolist() == [0, 2, 4, 6]
     assert np.array_equal(cut.rows("norm"), ref_rec.rows("norm")[:8])
-    w2 = RecordingWriter(tmp_path / "cut", shape=(V, D), n_live=N_LIVE, every=2, chunk_steps=B,
-                         block_steps=B, resume_step=7)
+    w2 = RecordingWriter(tmp_path / "cut", shape=(V, D), n_live=N_LIVE, every=2, block_steps=B, resume_step=7)
     w2.close()
     assert not list((tmp_path / "cut" / "recording").glob("*.tmp"))
     assert Recording(tmp_path / "cut").scalar_steps.tolist() == list(range(8))
+
+
+def test_background_compaction_runs_off_the_writers_thread_and_close_finishes_it(tmp_path, monkeypatch):
+    """append_step returns while a block is being compacted; a reader meanwhile sees every step (raw
+    chunk, or block once it is durable); close() waits for it; a failure there surfaces on the next call."""
+    import threading
+    import duckling.streams as S
+    gate, seen = threading.Event(), []
+    real = S.encode_block
+
+    def slow(*a, **k):
+        seen.append(threading.current_thread().name)
+        assert gate.wait(10)
+        return real(*a, **k)
+
+    monkeypatch.setattr(S, "encode_block", slow)
+    w = RecordingWriter(tmp_path / "bg", shape=(V, D), n_live=N_LIVE, every=1, block_steps=B)
+    W = np.zeros((V, D), np.float32)
+    for s in range(B + 2):  # chunk 0 fills at step B-1: its compaction waits on the gate
+        w.append_step(s, {"wte": np.full((4, V), s, np.float32)}, snapshot={"wte": W + s})
+    for _ in range(1000):  # the thread picks the job up on its own schedule
+        if seen:
+            break
+        threading.Event().wait(0.01)
+    assert seen and set(seen) == {"duckling-compact"}  # not the caller's thread
+    rec = Recording(tmp_path / "bg")  # mid-compaction: nothing is missing
+    assert rec.steps.tolist() == list(range(B + 2)) and rec.snapshot(1)[0, 0] == 1
+    assert (tmp_path / "bg" / "recording" / "wte.u16.00000.raw").exists()
+    gate.set()
+    w.close()
+    rec = Recording(tmp_path / "bg")
+    assert not list(rec.root.glob("*.raw")) and rec.steps.tolist() == list(range(B + 2))
+    assert rec.rows("norm")[B + 1, 0] == B + 1 and rec.snapshot(B)[3, 3] == B
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(S, "encode_block", full)
+    w = RecordingWriter(tmp_path / "bg", shape=(V, D), n_live=N_LIVE, every=1, block_steps=B, resume_step=B + 1)
+    for s in range(B + 2, 2 * B):
+        w.append_step(s, {"wte": np.full((4, V), s, np.float32)}, snapshot={"wte": W + s})
+    w.wait_compaction()
+    with pytest.raises(DucklingError, match="compacting .* failed.*steps 0..%d are kept" % (2 * B - 1)):
+        w.append_step(2 * B, {"wte": np.zeros((4, V), np.float32)}, snapshot={"wte": W})
+    w.close()
+    monkeypatch.undo()
+    assert Recording(tmp_path / "bg").steps.tolist() == list(range(2 * B))  # all there, raw and checksummed
 
 
 def _files(root) -> dict:
