@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -36,18 +37,53 @@ FIG_METRICS = ("final_train_loss", "final_eval_loss", "dead_norm_over_null", "de
 DPI = 110
 
 
-def _summary(run_dir: Path, refresh: bool, progress: bool = False) -> dict:
+def _summary(run_dir: Path, refresh: bool) -> dict:
     """The run's report summary.json, computed (with its figures) when missing or older than the run."""
     from .report import report
 
+    if refresh or _stale(run_dir):
+        return report(run_dir)
+    return json.loads((run_dir / "report" / "summary.json").read_text())
+
+
+def _stale(run_dir: Path) -> bool:
     path = run_dir / "report" / "summary.json"
     newest = max((p.stat().st_mtime for p in (run_dir / "final" / "trainer_state.json",
                                                run_dir / "run_info.json") if p.is_file()), default=0)
-    if refresh or not path.is_file() or path.stat().st_mtime < newest:
-        if progress:
-            print(f"computing the report of {run_dir.name} (duckling report {run_dir})", flush=True)
-        return report(run_dir)
-    return json.loads(path.read_text())
+    return not path.is_file() or path.stat().st_mtime < newest
+
+
+def _report_quietly(run_dir: Path) -> dict:
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    from .report import report
+
+    return report(run_dir)
+
+
+def _summaries(run_dirs: list, refresh: bool, progress: bool) -> dict:
+    """{run_dir: report summary}: missing or stale reports are computed, several at a time (one
+    process per CPU core; each report is single-threaded numpy work)."""
+    todo = [r for r in run_dirs if refresh or _stale(r)]
+    out = {r: json.loads((r / "report" / "summary.json").read_text()) for r in run_dirs if r not in todo}
+    if todo and progress:
+        print(f"computing {len(todo)} missing report(s) (duckling report RUN): {', '.join(r.name for r in todo)}",
+              flush=True)
+    workers = min(len(todo), os.cpu_count() or 1)
+    if workers <= 1:
+        out.update({r: _summary(r, refresh) for r in todo})
+        return out
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    env = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    os.environ.update({k: "1" for k in env})  # inherited by the spawned workers: no thread oversubscription
+    try:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            out.update(zip(todo, pool.map(_report_quietly, todo)))
+    finally:
+        for k, v in env.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return out
 
 
 def compare(out, *, write: bool = True, refresh_reports: bool = False, progress: bool = True):
@@ -63,11 +99,14 @@ def compare(out, *, write: bool = True, refresh_reports: bool = False, progress:
     manifest = read_manifest(out)
     swept = list(manifest.get("swept", []))
     rows = []
+    done = [out / e["path"] for e in manifest["runs"]
+            if (out / e["path"] / "recording").is_dir() and (out / e["path"] / "final").is_dir()]
+    summaries = _summaries(done, refresh_reports, progress)
     for entry in manifest["runs"]:
         run_dir = out / entry["path"]
         row = {"name": entry["name"], **entry["point"], "seed": entry["seed"], "status": entry["status"]}
-        if (run_dir / "recording").is_dir() and (run_dir / "final").is_dir():
-            s = _summary(run_dir, refresh_reports, progress)
+        if run_dir in summaries:
+            s = summaries[run_dir]
             row["status"] = "complete"
             row["steps"] = s.get("last_scalar_step")
             row.update({col: s.get(key) for key, (col, _) in METRICS.items()})

@@ -167,3 +167,23 @@ def test_toml_spec_names_and_other_spec_refused(tiny_sweep, data, tmp_path):
     (tmp_path / "stuff" / "notes.txt").write_text("mine")
     with pytest.raises(DucklingError, match="not a sweep folder"):
         sweep(toml, tmp_path / "stuff", progress=False)
+
+
+def test_compare_table_and_figures(tiny_sweep):
+    from duckling.compare import compare
+
+    out = tiny_sweep[0]
+    table = compare(out, progress=False)
+    assert len(table) == 4 and (table["status"] == "complete").all()
+    assert table["train_loss"].notna().all() and table["eval_loss"].notna().all()
+    assert table["dead_norm_over_null"].between(0.5, 2).all()
+    assert sorted(table.attrs["files"]) == sorted(["compare.csv", "compare.md", "compare_weight_decay.png",
+                                                   "compare_norms.png"])
+    for f in table.attrs["files"]:
+        assert (out / f).stat().st_size > 0
+    md = (out / "compare.md").read_text()
+    assert "| train.weight_decay | seeds |" in md and "weight_decay=0.1__seed=1" in md
+    summary = out / "weight_decay=0__seed=0" / "report" / "summary.json"
+    stamp = summary.stat().st_mtime_ns
+    compare(out, write=False, progress=False)  # reports are computed once
+    assert summary.stat().st_mtime_ns == stamp
