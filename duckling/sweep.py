@@ -219,6 +219,7 @@ def _table(out: Path, manifest: dict):
     rows = []
     for r in manifest["runs"]:
         rows.append({"name": r["name"], **r["point"], "seed": r["seed"], "status": r["status"],
+                     "on_disk": r.get("state_on_disk"),
                      "path": str(out / r["path"]), "overrides": r["overrides"], "attempts": r["attempts"],
                      **{k: r.get(k) for k in ("global_step", "steps_per_s", "loss", "eval_loss", "error")}})
     return pd.DataFrame(rows)
