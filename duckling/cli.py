@@ -119,10 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "else a local Ray on this machine")
     s.add_argument("--max-retries", type=int, default=1, help="restarts of a crashed run within this call (default 1)")
     s.add_argument("--dry-run", action="store_true", help="validate the spec and show the plan; train nothing")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (run state changes are still printed)")
 
     s = sub.add_parser("compare", help="table and figures across the runs of a sweep folder")
     s.add_argument("out", help="sweep folder")
-    s.add_argument("--refresh", action="store_true", help="recompute every run's report")
+    s.add_argument("--refresh-reports", action="store_true", help="recompute every run's report")
     return p
 
 
@@ -303,8 +304,9 @@ def cli_sweep(args) -> int:
 
     if args.max_retries < 0:
         raise DucklingError(f"--max-retries must be >= 0, not {args.max_retries}.")
-    table = sweep(args.spec, args.out, address=args.address, max_retries=args.max_retries, dry_run=args.dry_run)
-    cols = [c for c in ("name", "status", "global_step", "loss", "eval_loss") if c in table.columns]
+    table = sweep(args.spec, args.out, address=args.address, max_retries=args.max_retries, dry_run=args.dry_run,
+                  progress=not args.no_progress)
+    cols = [c for c in ("name", "status", "on_disk", "global_step", "loss", "eval_loss") if c in table.columns]
     print(table[cols].to_string(index=False))
     failed = int((table["status"] == "failed").sum()) if "status" in table.columns else 0
     if failed:
@@ -316,7 +318,7 @@ def cli_sweep(args) -> int:
 def cli_compare(args) -> int:
     from .compare import compare, markdown
 
-    table = compare(args.out, refresh_reports=args.refresh)
+    table = compare(args.out, refresh_reports=args.refresh_reports)
     print(markdown(table))
     for path in table.attrs.get("files", []):
         print(f"wrote {path}")
@@ -343,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     except DucklingError as e:
         print(f"duckling {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `duckling ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt as e:  # RunInterrupted carries how to resume
         print(f"duckling {args.command}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
