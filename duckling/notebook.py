@@ -151,59 +151,14 @@ def final_loss(result, key: str = "loss") -> float:
     return float(values[-1]) if len(values) else float("nan")
 
 
-def _time_budget_class():
-    from transformers import TrainerCallback
-
-    class TimeBudget(TrainerCallback):
-        """Stops training after ``seconds`` of wall-clock and notes when each step ended.
-
-        ``seconds_at(steps)``: seconds since training began at those steps; ``steps_per_s``: over
-        all steps but the first (warm-up). Two device syncs per run, none per step."""
-
-        def __init__(self, seconds: float | None):
-            self.seconds, self.device = seconds, "cpu"
-            self.t0, self.steps, self.times = None, [], []
-
-        def _sync(self):
-            import torch
-
-            if self.device == "cuda":
-                torch.cuda.synchronize()
-            elif self.device == "mps":
-                torch.mps.synchronize()
-
-        def on_train_begin(self, args, state, control, model=None, **kw):
-            if model is not None:
-                self.device = next(model.parameters()).device.type
-            self.t0, self.steps, self.times = time.perf_counter(), [], []
-
-        def on_step_end(self, args, state, control, **kw):
-            first = not self.times
-            over = self.seconds is not None and time.perf_counter() - self.t0 >= self.seconds
-            if first or over or state.global_step >= state.max_steps:
-                self._sync()
-            self.steps.append(state.global_step)
-            self.times.append(time.perf_counter() - self.t0)
-            if over:
-                control.should_training_stop = True
-
-        def seconds_at(self, steps) -> np.ndarray:
-            return np.interp(np.asarray(steps, float), self.steps, self.times)
-
-        @property
-        def steps_per_s(self) -> float:
-            if len(self.times) < 2:
-                return float("nan")
-            return (self.steps[-1] - self.steps[0]) / (self.times[-1] - self.times[0])
-
-    return TimeBudget
-
-
-def time_budget(seconds: float | None = None):
-    """A TrainerCallback for ``train(callbacks=[...])`` giving every run the same wall-clock budget
-    (notebook 05): it stops after ``seconds`` and notes when each step ended, which the trainer's
-    own steps/s (measured after 10 warm-up steps) cannot give for a run of 4 steps."""
-    return _time_budget_class()(seconds)
+def logged(run_dir, key: str = "loss") -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of a quantity the Trainer logged in a finished run folder (a sweep's run):
+    ``loss`` (training, mean over each logging window) or ``eval_loss``, from final/trainer_state.json."""
+    state = Path(run_dir) / "final" / "trainer_state.json"
+    if not state.is_file():
+        raise DucklingError(f"{state.resolve()} not found: the run has not finished. Run (or resume) it first.")
+    pts = [(h["step"], h[key]) for h in json.loads(state.read_text())["log_history"] if key in h]
+    return np.array([p[0] for p in pts], dtype=np.int64), np.array([p[1] for p in pts], dtype=np.float64)
 
 
 # ---------------------------------------------------------------- figures and files

@@ -134,16 +134,6 @@ def test_smooth_plot_and_json(tmp_path):
     assert len(fig.axes[0].lines) == 2
 
 
-def test_time_budget_stops_training(tiny):
-    from duckling.train import train
-
-    cfg = DucklingConfig().override({**TINY, "train.max_steps": 10_000})
-    clock = nb.time_budget(1.0)
-    r = train(cfg, tiny["DATASET_DIR"], tokenizer=tiny["tok"], callbacks=[clock], progress=False)
-    assert 1 <= r.global_step < 10_000 and clock.steps == list(range(1, r.global_step + 1))
-    assert clock.times[-1] >= 1.0 and np.all(np.diff(clock.seconds_at(clock.steps)) >= 0)
-
-
 # ---------------------------------------------------------------- the notebooks
 def test_01_token_frequency(repo_root, tmp_path, tiny):
     res = tmp_path / "01.json"
@@ -185,31 +175,53 @@ def test_03_bf16_check(repo_root, tmp_path, tiny):
 
 
 def test_04_layer_sweep(repo_root, tmp_path, tiny):
-    res = tmp_path / "04.json"
-    run_notebook(repo_root, tmp_path, "04_layer_sweep", DATA=tiny["DATA"], DATASET_DIR=tiny["DATASET_DIR"],
-                 VALID_DATA=tiny["VALID_DATA"], VALID_DATASET_DIR=str(tmp_path / "valid"), EVAL_ROWS=8, LAYERS=[1, 2],
-                 OVERRIDES={"model.n_positions": T, "train.max_steps": 6, "train.logging_steps": 2}, RESULTS=str(res))
-    rows = json.loads(res.read_text())["table"]
-    assert [row["layers"] for row in rows] == [1, 2] and rows[0]["speed vs first"] == 1
+    """Through the sweep engine (local Ray, 1 CPU per run): one run folder per depth, compared."""
+    res, sweep_dir = tmp_path / "04.json", tmp_path / "sweep04"
+    out = run_notebook(repo_root, tmp_path, "04_layer_sweep", DATASET_DIR=tiny["DATASET_DIR"],
+                       VALID_DATA=tiny["VALID_DATA"], VALID_DATASET_DIR=str(tmp_path / "valid"), LAYERS=[1, 2],
+                       CPUS=1, SWEEP_DIR=str(sweep_dir), RESULTS=str(res),
+                       OVERRIDES={"model.n_positions": T, "train.max_steps": 6, "train.logging_steps": 2,
+                                  "record.every": 2})
+    r = json.loads(res.read_text())
+    rows = r["table"]
+    assert r["steps"] == 6 and [row["layers"] for row in rows] == [1, 2] and rows[0]["speed vs first"] == 1
     assert rows[1]["parameters"] > rows[0]["parameters"]
     assert all(2 < row["loss"] < 10 and 2 < row["eval loss"] < 10 and row["steps/s"] > 0 for row in rows)
+    assert all(c["steps"] == [2, 4, 6] for c in r["curves"].values())
+    manifest = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [e["status"] for e in manifest["runs"]] == ["complete", "complete"]
+    for n in (1, 2):  # ordinary run folders, with the notebook's overrides and a recording
+        run = sweep_dir / f"n_layer={n}__seed=42"
+        c = json.loads((run / "config.json").read_text())
+        assert c["model"]["n_layer"] == n and c["model"]["n_positions"] == T and c["record"]["every"] == 2
+        assert (run / "recording").is_dir() and (run / "report" / "summary.json").is_file()
+    assert (sweep_dir / "compare.csv").is_file() and n_images(out) == 3 and n_tables(out) == 2
     from duckling.data import load_dataset_dir
 
     assert len(load_dataset_dir(tmp_path / "valid", tiny["tok"], fmt=None)[0]["input_ids"]) == T  # held out, T-token rows
 
 
 def test_05_batch_sweep(repo_root, tmp_path, tiny):
-    res = tmp_path / "05.json"
-    run_notebook(repo_root, tmp_path, "05_batch_sweep", DATA=tiny["DATA"], DATASET_DIR=tiny["DATASET_DIR"],
-                 BATCH_SIZES=[1, 4], SECONDS=1.0, RESULTS=str(res),
-                 OVERRIDES={**TINY, "train.max_steps": 40, "train.lr_scheduler_type": "constant", "train.logging_steps": 1})
+    """Through the sweep engine: the same steps per batch size, loss per step and per second."""
+    res, sweep_dir = tmp_path / "05.json", tmp_path / "sweep05"
+    out = run_notebook(repo_root, tmp_path, "05_batch_sweep", DATASET_DIR=tiny["DATASET_DIR"], VALID_DATASET_DIR=None,
+                       BATCH_SIZES=[1, 4], CPUS=1, SWEEP_DIR=str(sweep_dir), RESULTS=str(res),
+                       OVERRIDES={**TINY, "train.max_steps": 10, "train.lr_scheduler_type": "constant",
+                                  "train.logging_steps": 2, "record.every": 5})
     r = json.loads(res.read_text())
     assert [row["batch"] for row in r["table"]] == [1, 4]
     for row in r["table"]:
-        assert 1 <= row["steps"] <= 40 and row["tokens seen"] == row["steps"] * row["batch"] * T
-        assert row["tokens/s"] == pytest.approx(row["steps/s"] * row["batch"] * T) and 2 < row["loss (last 10%)"] < 10
-        curve = r["curves"][str(row["batch"])]
-        assert curve["steps"] == list(range(1, row["steps"] + 1)) and curve["seconds"] == sorted(curve["seconds"])
+        assert row["steps"] == 10 and row["tokens seen"] == 10 * row["batch"] * T and row["eval loss"] is None
+        assert row["tokens/s"] == pytest.approx(row["steps/s"] * row["batch"] * T) and 2 < row["loss"] < 10
+        assert row["seconds"] == pytest.approx(10 / row["steps/s"])
+    t_eq = min(row["seconds"] for row in r["table"])
+    col = next(k for k in r["table"][0] if k.startswith("loss at "))
+    assert col == f"loss at {t_eq:.0f}s" and all(2 < row[col] < 10 for row in r["table"])
+    for name, c in r["curves"].items():
+        assert c["steps"] == [2, 4, 6, 8, 10] and c["seconds"] == sorted(c["seconds"]) and len(c["loss"]) == 5
+        c = json.loads((sweep_dir / name / "config.json").read_text())
+        assert c["train"]["lr_scheduler_type"] == "constant" and c["model"]["n_layer"] == 1
+    assert n_images(out) == 3 and n_tables(out) == 2
 
 
 def test_06_long_run(repo_root, tmp_path, tiny):
