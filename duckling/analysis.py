@@ -61,6 +61,10 @@ def _cos(a, b) -> float:
     return float(a @ b / (na * nb)) if na > 0 and nb > 0 else float("nan")
 
 
+def _untied(rec) -> bool:
+    return "lm_head" in rec.meta.get("matrices", ["wte"])
+
+
 def _check(rec, matrix: str) -> None:
     mats = rec.meta.get("matrices", ["wte"])
     if matrix not in mats:
@@ -303,17 +307,38 @@ def trajectory_map(rec, matrix: str = "wte", steps=None, n_fit_steps: int = 8, n
 
 
 # ---------------------------------------------------------------- 6. detectability
-SUPERVISED = ("cos_dead_mean", "cos_dead_mean_nopc1")
+# Label-free indicators, each with the fixed direction it is read in (higher score = "looks dead"):
+# what a user without the dead labels would compute. Their AUROC is reported as is: < 0.5 means the
+# stated direction is wrong for this run (the opposite one would have separated).
+LABEL_FREE = {"norm": "small row norm => dead",
+              "cos_all_mean": "high cosine to the mean row => dead",
+              "pc1": "far out on the long tail of the PC1 projection => dead"}
+OPPOSITE = {"norm": "large row norm => dead", "cos_all_mean": "low cosine to the mean row => dead",
+            "pc1": "on the short side of the PC1 projection => dead"}
+# Indicators that use the dead labels (their reference is built from the known dead rows): an upper
+# bound on what such a reference can do, not a detector.
+LABEL_USING = {"cos_dead_mean": "cosine to the mean dead row (uses the dead labels)",
+               "cos_dead_mean_nopc1": "Magikarp: cosine to the mean known-unused row after removing the first "
+                                      "principal component (uses the dead labels)"}
+SUPERVISED = tuple(LABEL_USING)  # the name older callers use
+
+
+def _skew_sign(x) -> float:
+    """+1 if the distribution of x has its long tail on the positive side (or is symmetric), else -1."""
+    c = np.asarray(x, np.float64) - np.mean(x)
+    return 1.0 if (c ** 3).mean() >= 0 else -1.0
 
 
 def indicators(W, is_dead) -> dict:
-    """Magikarp-style scores for every row of W (V, d), higher = "looks dead".
+    """Magikarp-style scores for every row of W (V, d), higher = "looks dead" (``LABEL_FREE`` gives each
+    label-free score's direction; ``LABEL_USING`` names the two that use the labels).
 
-    norm: minus the row norm (dead rows expected small). cos_dead_mean / cos_dead_mean_nopc1:
-    cosine to the mean dead row, raw and after removing the first principal component; these
-    LEAK LABELS (the reference is the mean of the known dead rows), so their AUROC is an upper
-    bound, not a detector. Unsupervised: cos_all_mean (cosine to the mean of all rows) and pc1
-    (projection on the first PC) need no labels but have no known sign (see ``detectability``)."""
+    norm: minus the row norm. cos_all_mean: cosine to the mean of all rows. pc1: projection on the
+    first principal component of the centred rows, oriented (without labels) so that its long tail
+    is positive: an eigenvector's sign is arbitrary, and dead tokens are expected to be the minority
+    out on a tail. cos_dead_mean / cos_dead_mean_nopc1: cosine to the mean dead row, raw and after
+    removing the first principal component (Land & Bartolo 2024, whose reference is the mean of
+    known-unused rows); these LEAK LABELS, so their AUROC is an upper bound, not a detector."""
     W = np.asarray(W, np.float32)  # (V, d)
     U = W / np.maximum(_norms(W), 1e-30)[:, None]  # unit rows
     mean = W.mean(0, dtype=np.float64).astype(np.float32)
@@ -325,18 +350,16 @@ def indicators(W, is_dead) -> dict:
     m = Wc[is_dead].mean(0) - p1[is_dead].mean() * v1  # mean dead row of Wr
     nr = np.sqrt(np.maximum(np.einsum("ij,ij->i", Wc, Wc) - p1 * p1, 1e-30))
     return {"norm": -_norms(W),
-            "cos_dead_mean": U @ _unit(W[is_dead].mean(0)),
-            "cos_dead_mean_nopc1": (Wc @ m - p1 * (v1 @ m)) / (nr * max(np.linalg.norm(m), 1e-30)),
             "cos_all_mean": U @ _unit(mean),
-            "pc1": p1}
+            "pc1": p1 * _skew_sign(p1),
+            "cos_dead_mean": U @ _unit(W[is_dead].mean(0)),
+            "cos_dead_mean_nopc1": (Wc @ m - p1 * (v1 @ m)) / (nr * max(np.linalg.norm(m), 1e-30))}
 
 
 def detectability(rec, matrix: str = "wte", steps=None) -> dict:
-    """Analysis 6: AUROC of each indicator (dead = positive) at every evaluated step.
-
-    Signed indicators (norm and the supervised ones) report their AUROC as is (< 0.5 = the opposite
-    of the expected direction). The unsupervised ones have no sign a priori and report
-    max(A, 1 - A), i.e. their separability."""
+    """Analysis 6: AUROC of each indicator (dead = positive) at every evaluated step, in the fixed
+    direction of ``indicators`` (never max(A, 1 - A)). ``label_free`` / ``label_using`` name the two
+    groups with their directions / descriptions."""
     _check(rec, matrix)
     steps = thin(rec.steps) if steps is None else np.asarray(steps)
     V = rec.meta.get("shape", [None])[0] or len(rec.live_ids) + len(rec.dead_ids)
@@ -345,10 +368,24 @@ def detectability(rec, matrix: str = "wte", steps=None) -> dict:
     out: dict[str, np.ndarray] = {}
     for j, n in enumerate(steps):
         for name, s in indicators(rec.snapshot(int(n), matrix=matrix), is_dead).items():
-            a = auroc(s, is_dead)
-            out.setdefault(name, np.empty(len(steps)))[j] = a if name in SUPERVISED or name == "norm" \
-                else max(a, 1 - a)
-    return {"steps": steps, "auroc": out, "supervised": SUPERVISED}
+            out.setdefault(name, np.empty(len(steps)))[j] = auroc(s, is_dead)
+    return {"steps": steps, "auroc": out, "supervised": SUPERVISED, "label_free": LABEL_FREE,
+            "label_using": LABEL_USING, "matrix": matrix, "untied": _untied(rec)}
+
+
+def first_separable(steps, auroc_curve, threshold: float = 0.9, opposite: bool = False) -> dict:
+    """First evaluated step whose AUROC reaches ``threshold`` (or, ``opposite``, falls to 1 - threshold),
+    with the evaluated step before it: separation happened somewhere in (after_step, step]."""
+    a = np.asarray(auroc_curve)
+    hit = np.flatnonzero(a <= 1 - threshold if opposite else a >= threshold)
+    if not len(hit):
+        return {"step": None, "after_step": int(steps[-1]),
+                "resolution": f"not separable at any evaluated step up to {int(steps[-1])}"}
+    k = int(hit[0])
+    if k == 0:
+        return {"step": int(steps[0]), "after_step": None, "resolution": f"already at step {int(steps[0])}"}
+    return {"step": int(steps[k]), "after_step": int(steps[k - 1]),
+            "resolution": f"between step {int(steps[k - 1])} and {int(steps[k])}"}
 
 
 # ---------------------------------------------------------------- 7. output mass

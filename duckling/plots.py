@@ -9,8 +9,9 @@ from matplotlib.figure import Figure
 
 DEAD, LIVE, NULL = "tab:red", "tab:blue", "black"
 NAMED = ("tab:orange", "tab:purple", "tab:brown", "tab:olive")  # individually named tokens
-FIGSIZE = (6, 4)
+FIGSIZE = (7, 5)
 STEP_LABEL = "training step (updates)"
+LEGEND_PT = 8  # smallest legend text
 
 
 def _fig(nrows: int = 1, ncols: int = 1, title: str = "", sharex: bool = True):
@@ -51,20 +52,25 @@ def _label(ax, ylabel: str, *, steps: bool = False, log: bool = False, **legend)
     ax.set_ylabel(ylabel, fontsize=8)
     if steps:
         ax.set_xlabel(STEP_LABEL, fontsize=8)
-    ax.legend(**{"fontsize": 6, **legend})
+    ax.legend(**{"fontsize": LEGEND_PT, **legend})
 
 
-def _suffix(matrix: str) -> str:
+def _suffix(matrix: str, res=None) -> str:
+    """Which matrix a figure shows: untied runs have an input (wte) and an output (lm_head) embedding."""
+    if matrix == "lm_head":
+        return "\noutput embedding (lm_head, untied run)"
+    if res is not None and res.get("untied"):
+        return "\ninput embedding (wte, untied run)"
     return "" if matrix == "wte" else f" [{matrix}]"
 
 
 def plot_norms(res, matrix: str = "wte") -> Figure:
     """Analysis 1: dead-row norms vs pure weight decay (top) and their ratio to it (bottom)."""
-    fig, (ax, ax2) = _fig(2, 1, f"Row norms vs weight-decay null model{_suffix(matrix)}")
+    fig, (ax, ax2) = _fig(2, 1, f"Row norms vs weight-decay null model{_suffix(matrix, res)}")
     x = res["steps"]
     _band(ax, res["live"], LIVE, "live")
     _band(ax, res["dead"], DEAD, "dead")
-    ax.plot(x, res["null_mean"], color=NULL, ls="--", lw=1, label="null: ||w0||·Π(1-lr·wd)")
+    ax.plot(x, res["null_mean"], color=NULL, ls="--", lw=1, label="weight decay alone: ||w0||·Π(1-lr·wd)")
     _named(ax, x, res["per_dead"], res)
     _label(ax, "row L2 norm", ncol=2)
     ax2.plot(x, res["ratio"], color=DEAD, lw=1.2, label="mean dead norm / null")
@@ -79,22 +85,22 @@ def plot_norms(res, matrix: str = "wte") -> Figure:
 
 def plot_displacement(res, matrix: str = "wte") -> Figure:
     """Analysis 2: distance from init (top) and per-step update norm (bottom, log scale)."""
-    fig, (ax, ax2) = _fig(2, 1, f"Displacement from init and per-step update{_suffix(matrix)}")
+    fig, (ax, ax2) = _fig(2, 1, f"Displacement from init and per-step update{_suffix(matrix, res)}")
     _band(ax, res["live"], LIVE, "live", median=True)
     _band(ax, res["dead"], DEAD, "dead", median=True)
     _named(ax, res["steps"], res["per_dead"], res)
     ax.plot(res["update"]["dead"]["steps"], res["dead_path_mean"], color=DEAD, ls=":", lw=1,
             label="dead: mean path length Σ||Δw||")
-    _label(ax, "||w_N - w_0||", ncol=2)
+    _label(ax, "distance from init\n||w_N − w_0||", ncol=2)
     for who, color in (("live", LIVE), ("dead", DEAD)):
         _band(ax2, res["update"][who], color, who, median=True, skip0=True)
-    _label(ax2, "||w_N - w_{N-1}||", steps=True, log=True)
+    _label(ax2, "size of one update\n||w_N − w_(N−1)||", steps=True, log=True)
     return fig
 
 
 def plot_drift(res, matrix: str = "wte") -> Figure:
     """Analysis 3: alignment of the mean dead displacement (top), dead-row projections on it (bottom)."""
-    fig, (ax, ax2) = _fig(2, 1, f"Drift direction of dead rows{_suffix(matrix)}")
+    fig, (ax, ax2) = _fig(2, 1, f"Drift direction of dead rows{_suffix(matrix, res)}")
     x = res["steps"]
     ax.plot(x, res["cos_hidden"], color="tab:green", lw=1.2, label="cos(mean dead Δw, −mean hidden)")
     ax.plot(x, res["cos_live"], color=LIVE, lw=1.2, label="cos(mean dead Δw, −mean live row)")
@@ -103,63 +109,82 @@ def plot_drift(res, matrix: str = "wte") -> Figure:
     _label(ax, "cosine")
     _band(ax2, res["proj_stats"], DEAD, "dead rows", median=True)
     _named(ax2, x, res["proj"], res)
-    _label(ax2, "(w_N - w_0)·u_final", steps=True)
+    _label(ax2, "displacement along the final\nmean dead direction", steps=True)
     return fig
 
 
 def plot_collapse(res, matrix: str = "wte") -> Figure:
-    """Analysis 4: mean pairwise cosine (top) and variance on the top PCs of dead rows (bottom)."""
-    fig, (ax, ax2) = _fig(2, 1, f"Collapse of dead rows{_suffix(matrix)}")
+    """Analysis 4: mean pairwise cosine (top) and variance on the top PCs of dead rows (bottom).
+    Both axes start at 0 (cosine: -0.1), so that a flat curve near 0 does not fill the panel with noise."""
+    fig, (ax, ax2) = _fig(2, 1, f"Collapse of dead rows onto one direction{_suffix(matrix, res)}")
     x = res["steps"]
     ax.plot(x, res["dead_cos"], color=DEAD, lw=1.2, label="dead: mean pairwise cosine")
     ax.plot(x, res["dead_cos_to_mean"], color=DEAD, ls="--", lw=1, label="dead: mean cosine to mean dead row")
     ax.plot(x, res["live_cos"], color=LIVE, lw=1.2, label="live: mean pairwise cosine")
-    _label(ax, "cosine")
+    lo = min(-0.1, float(np.nanmin([res["dead_cos"], res["live_cos"], res["dead_cos_to_mean"]])) - 0.05)
+    ax.set_ylim(lo, 1.05)
+    _label(ax, "cosine (1 = one direction)", loc="center right")
     for k in range(res["pc_var"].shape[1]):
         ax2.plot(x, res["pc_var"][:, k], color=DEAD, alpha=1 - 0.3 * k, lw=1.2, ls=("-", "--", ":")[k % 3],
-                 label=f"PC{k + 1}")
+                 label=f"dead rows' principal component {k + 1}")
     n, d = res["n_dead"], res["d"]
-    ax2.axhline((1 + (d / n) ** 0.5) ** 2 / d, color=NULL, ls="--", lw=1,
-                label="top PC of isotropic noise (Marchenko-Pastur edge)")
-    _label(ax2, "fraction of centred\ndead-row variance", steps=True)
+    edge = (1 + (d / n) ** 0.5) ** 2 / d
+    ax2.axhline(edge, color=NULL, ls="--", lw=1, label="largest component of isotropic noise")
+    ax2.set_ylim(0, max(2 * edge, 1.2 * float(np.nanmax(res["pc_var"]))))
+    _label(ax2, "share of the dead rows'\nvariance (after centring)", steps=True, loc="upper right")
     return fig
-
 
 def plot_trajectories(res, matrix: str = "wte") -> Figure:
-    """Analysis 5: 2-D PCA map: rows at the first (faint) and last step, group means and named tokens over time."""
-    fig, (ax,) = _fig(title=f"Trajectories in the top-2 PCA plane ({res['explained']:.0%} of variance)"
-                      f"{_suffix(matrix)}\nnamed tokens: path from init to the dot (final step)")
+    """Analysis 5: 2-D PCA map: rows at the first (hollow) and last step (filled), the group means'
+    paths and named tokens' paths, each named token in the legend (labels at the end points pile up
+    where dead rows collapse together)."""
+    fig = Figure(figsize=(9, 5.5), layout="constrained")
+    ax = fig.subplots()
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=8)
+    fig.suptitle(f"Trajectories in the top-2 PCA plane ({res['explained']:.0%} of variance)"
+                 f"{_suffix(matrix, res)}", fontsize=10)
     d = res["cloud_is_dead"]
-    for xy, a, when in ((res["cloud_first"], 0.08, "init"), (res["cloud_last"], 0.3, "final")):
-        ax.scatter(*xy[~d].T, s=2, color=LIVE, alpha=a, lw=0, label=f"live ({when}, sample)")
-        ax.scatter(*xy[d].T, s=2, color=DEAD, alpha=a, lw=0, label=f"dead ({when})")
-    ax.plot(*res["dead_mean"].T, color=DEAD, lw=2, label="mean dead row")
-    ax.plot(*res["live_mean"].T, color=LIVE, lw=2, label="mean live row")
+    for xy, when, kw in ((res["cloud_first"], "init", dict(facecolors="none", s=10, lw=0.5, alpha=0.5)),
+                         (res["cloud_last"], "final", dict(s=6, lw=0, alpha=0.5))):
+        ax.scatter(*xy[~d].T, edgecolors=LIVE if when == "init" else None,
+                   **({"color": LIVE} if when == "final" else {}), label=f"live rows at {when} (sample)", **kw)
+        ax.scatter(*xy[d].T, edgecolors=DEAD if when == "init" else None,
+                   **({"color": DEAD} if when == "final" else {}), label=f"dead rows at {when}", **kw)
+    ax.plot(*res["dead_mean"].T, color=DEAD, lw=2.5, label="mean dead row (path)")
+    ax.plot(*res["live_mean"].T, color=LIVE, lw=2.5, label="mean live row (path)")
+    dead_c, live_c = iter(("tab:orange", "tab:red", "tab:brown", "tab:pink")), \
+        iter(("tab:cyan", "tab:purple", "tab:green", "tab:olive"))
     for i, (lab, is_dead) in enumerate(zip(res["named_labels"], res["named_dead"])):
-        t = res["track"][:, i]
-        ax.plot(*t.T, color=DEAD if is_dead else LIVE, lw=0.6, alpha=0.8)
-        ax.plot(*t[-1], "o", ms=2.5, color=DEAD if is_dead else LIVE)
-        ax.annotate(lab, t[-1], fontsize=6, color=DEAD if is_dead else LIVE)
-    ax.set_xlabel("PC1 (embedding units)", fontsize=8)
-    ax.set_ylabel("PC2 (embedding units)", fontsize=8)
-    ax.legend(fontsize=5, ncol=2, markerscale=3)
+        t, c = res["track"][:, i], next(dead_c if is_dead else live_c)
+        ax.plot(*t.T, color=c, lw=0.9, alpha=0.9, marker="o", markevery=[len(t) - 1], ms=4,
+                label=f"{'dead' if is_dead else 'live'} {lab!r}")
+        ax.plot(*t[0], "x", ms=5, color=c)
+    ax.set_xlabel("principal component 1 (embedding units)", fontsize=8)
+    ax.set_ylabel("principal component 2 (embedding units)", fontsize=8)
+    ax.legend(fontsize=LEGEND_PT, loc="upper left", bbox_to_anchor=(1.01, 1.0), markerscale=1.5,
+              title="x = init, • = final step", title_fontsize=LEGEND_PT)
     return fig
-
 
 def plot_detectability(res, matrix: str = "wte") -> Figure:
-    """Analysis 6: AUROC of each dead-token indicator over steps (dashed = uses the dead labels)."""
-    fig, (ax,) = _fig(title=f"Detectability of dead rows{_suffix(matrix)}")
-    names = {"norm": "−row norm", "cos_dead_mean": "cos to mean dead row (leaks labels)",
-             "cos_dead_mean_nopc1": "same, PC1 removed (leaks labels)",
-             "cos_all_mean": "cos to mean row (unsupervised, |·|)", "pc1": "PC1 projection (unsupervised, |·|)"}
-    for (key, a), c in zip(res["auroc"].items(), ("black", "tab:red", "tab:orange", "tab:green", "tab:cyan")):
-        ax.plot(res["steps"], a, color=c, lw=1.2, ls="--" if key in res["supervised"] else "-",
-                label=names.get(key, key))
+    """Analysis 6: AUROC of each indicator over steps, each in its fixed direction (solid: label-free,
+    as a user without labels reads it; dashed: uses the dead labels). AUROC < 0.5: the stated
+    direction is wrong for this run."""
+    fig, (ax,) = _fig(title=f"Detectability of dead rows{_suffix(matrix, res)}")
+    free, using = res.get("label_free", {}), res.get("label_using", {})
+    colors = {"norm": "black", "cos_all_mean": "tab:green", "pc1": "tab:cyan", "cos_dead_mean": "tab:red",
+              "cos_dead_mean_nopc1": "tab:orange"}
+    short = {"cos_dead_mean": "cosine to mean dead row", "cos_dead_mean_nopc1": "Magikarp (PC1 removed)"}
+    for key, a in res["auroc"].items():
+        lab = free.get(key) or f"{short.get(key, key)} [uses labels]"
+        ax.plot(res["steps"], a, color=colors.get(key, "grey"), lw=1.2, ls="--" if key in using else "-", label=lab)
     ax.axhline(0.5, color="grey", lw=0.5)
+    ax.axhspan(0.9, 1.02, color="tab:green", alpha=0.06, lw=0)
+    ax.axhspan(-0.02, 0.1, color="tab:red", alpha=0.06, lw=0)
     ax.set_ylim(-0.02, 1.02)
-    _label(ax, "AUROC (dead = positive)", steps=True)
+    _label(ax, "AUROC in the stated direction\n(1 = separates, 0 = separates the other way)", steps=True,
+           loc="center right")
     return fig
-
 
 def plot_output_mass(res) -> Figure:
     """Analysis 7: total and maximum softmax probability on dead tokens, fixed probe batch."""
@@ -175,26 +200,28 @@ def plot_output_mass(res) -> Figure:
 
 def plot_gradients(res, matrix: str = "wte") -> Figure:
     """Analysis 8: per-row gradient norms (top) and sqrt of Adam's second moment (bottom), log scale."""
-    fig, (ax, ax2) = _fig(2, 1, f"Gradient channel{_suffix(matrix)}")
-    for field, a, unit in (("grad_norm", ax, "||g|| per row"), ("adam_v", ax2, "sqrt(mean exp_avg_sq)")):
+    fig, (ax, ax2) = _fig(2, 1, f"Gradient channel{_suffix(matrix, res)}")
+    for field, a, unit in (("grad_norm", ax, "gradient norm of a row\n||g||"),
+                           ("adam_v", ax2, "Adam's second moment\nsqrt(row mean of v)")):
         for who, color in (("live", LIVE), ("dead", DEAD)):
             st = res[field][who]  # step 0 holds NaN: no gradient yet
             if not np.nanmax(st["mean"], initial=0) > 0:  # e.g. untied input rows: exactly zero, invisible on log axes
-                a.text(0.02, 0.05 if who == "dead" else 0.15, f"{who}: exactly 0 at every step",
-                       color=color, transform=a.transAxes, fontsize=7)
+                a.text(0.02, 0.05 if who == "dead" else 0.15, f"{who}: exactly 0 (or no Adam state) at every step",
+                       color=color, transform=a.transAxes, fontsize=LEGEND_PT)
                 continue
             # mean, not median: with untied input rows most live rows get no gradient in a step
             _band(a, st, color, who, f=np.sqrt if field == "adam_v" else None, skip0=True)
         if a.lines:
             a.set_yscale("log")
-            a.legend(fontsize=6)
         a.set_ylabel(unit, fontsize=8)
     if res.get("adam_epsilon"):
-        ax2.axhline(res["adam_epsilon"], color=NULL, ls="--", lw=1, label="Adam eps")
-        ax2.legend(fontsize=6)
-    ax2.set_xlabel(STEP_LABEL, fontsize=8)
+        ax2.axhline(res["adam_epsilon"], color=NULL, ls="--", lw=1, label="Adam eps (update stops growing below it)")
+    for a in (ax, ax2):
+        if a.lines:
+            a.legend(fontsize=LEGEND_PT)
+    ax2.set_xlabel(STEP_LABEL + "\nv = Adam's running mean of squared gradients (exp_avg_sq), beta2 = 0.999 per step",
+                   fontsize=8)
     return fig
-
 
 def plot_loss(log_history: list[dict]) -> Figure:
     """Training loss (mean over each logging window) and evaluation loss from the Trainer's
@@ -207,4 +234,29 @@ def plot_loss(log_history: list[dict]) -> Figure:
             x, y = np.array(pts).T
             ax.plot(x, y, color=color, lw=1.2, marker=marker, ms=3, label=label)
     _label(ax, "cross-entropy (nats/token)", steps=True)
+    return fig
+
+
+def plot_update_rule(res, matrix: str = "wte") -> Figure:
+    """Question 2: measured mean dead-row update size against the update rule's prediction (top, log)
+    and their ratio per step (bottom; 1 = the rule, fed the recorded norms, predicts the update)."""
+    fig, (ax, ax2) = _fig(2, 1, f"Update rule vs measured dead-row updates ({res['optimizer']})"
+                          f"{_suffix(matrix, res)}")
+    x, ok = res["steps"], res["steps"] > 0
+    ax.plot(x[ok], res["measured"][ok], color=DEAD, lw=1.4, label="measured ||Δw|| (mean over dead rows)")
+    ax.plot(x[ok], res["coherent"][ok], color=NULL, ls="--", lw=1,
+            label="predicted, gradient keeps its direction (upper)")
+    ax.plot(x[ok], res["incoherent"][ok], color="grey", ls=":", lw=1.2,
+            label="predicted, gradient directions uncorrelated")
+    ax.plot(x[ok], res["full_speed"][ok], color="tab:green", lw=1, alpha=0.8, label="lr·√d (lr per coordinate)")
+    if np.nanmax(res["decay"][ok], initial=0) > 0:
+        ax.plot(x[ok], res["decay"][ok], color="tab:purple", lw=0.8, alpha=0.8, label="weight-decay part lr·wd·||w||")
+    _label(ax, "size of one update", log=True, fontsize=LEGEND_PT, loc="lower left")
+    b = res["ratio_band"]
+    ax2.fill_between(x[ok], b[ok, 0], b[ok, 2], color=DEAD, alpha=0.2, lw=0)
+    ax2.plot(x[ok], res["ratio"][ok], color=NULL, lw=1.2, label="measured / predicted (direction kept; 10-90% of rows)")
+    ax2.plot(x[ok], res["ratio_incoherent"][ok], color="grey", ls=":", lw=1.2,
+             label="measured / predicted (uncorrelated directions)")
+    ax2.axhline(1.0, color=DEAD, lw=0.6)
+    _label(ax2, "measured / predicted", steps=True, log=True)
     return fig

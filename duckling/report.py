@@ -2,6 +2,16 @@
 
 Figures are named after the analysis (``norms.png``); an untied run gets the same set again for
 its output matrix with a ``_lm_head`` suffix, and summary keys follow the same rule.
+
+Detectability keys (changed with issue 13; every AUROC is in a fixed, stated direction, never max(A, 1-A)):
+``detect_auroc_norm`` / ``_cos_all_mean`` / ``_pc1`` are the label-free indicators, directions in
+``detect_label_free`` (``_cos_all_mean`` and ``_pc1`` were max(A, 1-A) before: values < 0.5 now mean
+the stated direction is wrong). ``detect_label_using_auroc_cos_dead_mean`` and
+``..._cos_dead_mean_nopc1`` (Magikarp) were ``detect_auroc_cos_dead_mean*``.
+``detect_first_step_separable`` (was ``detect_first_step_separable_0.9``, a step from max(A, 1-A)):
+per label-free indicator, the first evaluated step with AUROC >= 0.9 in the stated direction and
+in the opposite one, each with the evaluated step before it (the resolution);
+``detect_label_using_first_step_separable`` the same for the label-using ones.
 """
 from __future__ import annotations
 
@@ -21,6 +31,7 @@ import numpy as np  # noqa: E402
 
 from . import analysis as A  # noqa: E402
 from . import plots as P  # noqa: E402
+from . import update_rule as U  # noqa: E402
 from .errors import DucklingError  # noqa: E402
 
 DPI = 100  # with plots.FIGSIZE (6 x 4 in): 600 x 400 px, ~50-100 kB per PNG
@@ -32,10 +43,9 @@ def _num(x):
     return x if math.isfinite(x) else None
 
 
-def _first_step(steps, values, threshold: float):
-    """First step at which ``values`` reaches ``threshold`` (None if never)."""
-    hit = np.flatnonzero(np.asarray(values) >= threshold)
-    return int(steps[hit[0]]) if len(hit) else None
+def _spacing(steps) -> int:
+    """Median spacing of an evaluated step grid."""
+    return int(np.median(np.diff(steps))) if len(steps) > 1 else 0
 
 
 def _trainer_state(run_dir: Path) -> dict | None:
@@ -74,30 +84,50 @@ def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS) -> dict:
                "n_points": len(steps), "matrices": list(rec.meta.get("matrices", ["wte"])),
                "drift_reference": "cos_hidden: -(mean final hidden state averaged over updates 1..N); "
                                   "cos_live: -(mean live row at step N)",
-               "detect_auroc_convention": "dead = positive class; norm scores -||w|| (AUROC < 0.5 means dead "
-                                          "rows are larger); cos_dead_mean* use the dead labels; cos_all_mean "
-                                          "and pc1 are unsupervised and report max(A, 1 - A)",
+               "detect_auroc_convention": "dead = positive class; every AUROC in the fixed direction of "
+                                          "detect_label_free / detect_label_using (1 = separates, 0.5 = chance, "
+                                          "< 0.5 = the stated direction is wrong for this run); label_using "
+                                          "indicators build their reference from the dead labels: an upper bound, "
+                                          "not a detector",
+               "detect_label_free": A.LABEL_FREE, "detect_label_using": A.LABEL_USING,
+               "update_rule_convention": "per step, mean over dead rows of the measured update ||w_N - w_N-1|| "
+                                         "over the optimizer's rule fed the recorded gradient norms and row-mean "
+                                         "second moments (duckling/update_rule.py); coherent = each row's gradient "
+                                         "keeps its direction (upper bound on the first moment), incoherent = "
+                                         "uncorrelated directions; the ratios are sums over all steps",
+               "lr_budget_convention": "sum over updates of lr x sqrt(d): the straight-line distance of a row "
+                                       "moving lr per coordinate per step (Adam's constant-gradient limit)",
                "figures": []}
 
     def put(name, fig, sfx=""):
         fig.savefig(out / f"{name}{sfx}.png", dpi=DPI)
         S["figures"].append(f"{name}{sfx}.png")
 
+    untied = len(S["matrices"]) > 1
+    budget = U.lr_budget(rec)  # (T,) sum of lr x sqrt(d)
     for m in S["matrices"]:
         sfx = "" if m == "wte" else f"_{m}"
 
-        n = A.norms(rec, m)
+        n = {**A.norms(rec, m), "untied": untied}
         put("norms", P.plot_norms(n, m), sfx)
-        d = A.displacement(rec, m, steps)
+        d = {**A.displacement(rec, m, steps), "untied": untied}
         put("displacement", P.plot_displacement(d, m), sfx)
-        dr = A.drift(rec, m, steps)
+        dr = {**A.drift(rec, m, steps), "untied": untied}
         put("drift", P.plot_drift(dr, m), sfx)
-        c = A.collapse(rec, m, steps)
+        c = {**A.collapse(rec, m, steps), "untied": untied}
         put("collapse", P.plot_collapse(c, m), sfx)
-        put("trajectories", P.plot_trajectories(A.trajectory_map(rec, m, steps), m), sfx)
+        put("trajectories", P.plot_trajectories({**A.trajectory_map(rec, m, steps), "untied": untied}, m), sfx)
         det = A.detectability(rec, m, steps)
         put("detectability", P.plot_detectability(det, m), sfx)
-        put("gradients", P.plot_gradients(A.gradient_channel(rec, m), m), sfx)
+        put("gradients", P.plot_gradients({**A.gradient_channel(rec, m), "untied": untied}, m), sfx)
+        u = U.update_prediction(rec, m)
+        put("update_rule", P.plot_update_rule(u, m), sfx)
+        last = int(A._scalar_index(rec, [d["steps"][-1]])[0])  # the displacement's last step among the scalars
+        sep = {k: {"direction": A.LABEL_FREE[k], "threshold": 0.9,
+                   **A.first_separable(det["steps"], det["auroc"][k]),
+                   "opposite": {"direction": A.OPPOSITE[k],
+                                **A.first_separable(det["steps"], det["auroc"][k], opposite=True)}}
+               for k in A.LABEL_FREE}
         S.update({f"{k}{sfx}": v for k, v in {
             "dead_norm_over_null": _num(n["ratio"][-1]),
             "dead_norm_mean": _num(n["dead"]["mean"][-1]),
@@ -109,9 +139,20 @@ def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS) -> dict:
             "dead_pc1_variance_fraction": _num(c["pc_var"][-1, 0]),
             "drift_cosine_to_neg_mean_hidden": _num(dr["cos_hidden"][-1]),
             "drift_cosine_to_neg_mean_live": _num(dr["cos_live"][-1]),
-            **{f"detect_auroc_{k}": _num(v[-1]) for k, v in det["auroc"].items()},
-            "detect_first_step_separable_0.9": {  # first step with max(AUROC, 1 - AUROC) >= 0.9
-                k: _first_step(det["steps"], np.maximum(v, 1 - v), 0.9) for k, v in det["auroc"].items()},
+            **{f"detect_auroc_{k}": _num(det["auroc"][k][-1]) for k in A.LABEL_FREE},
+            **{f"detect_label_using_auroc_{k}": _num(det["auroc"][k][-1]) for k in A.LABEL_USING},
+            "detect_first_step_separable": sep,
+            "detect_label_using_first_step_separable": {
+                k: {"threshold": 0.9, **A.first_separable(det["steps"], det["auroc"][k])} for k in A.LABEL_USING},
+            "detect_step_grid": f"{len(det['steps'])} evaluated steps from {int(det['steps'][0])} to "
+                                f"{int(det['steps'][-1])}, about every {_spacing(det['steps'])} steps",
+            "dead_displacement_over_lr_budget": _num(d["dead"]["mean"][-1] / budget[last]),
+            "dead_path_over_lr_budget": _num(d["dead_path_mean"][last] / budget[last]),
+            "update_rule_optimizer": u["optimizer"],
+            "update_rule_measured_over_predicted": _num(U.path_ratio(u)),
+            "update_rule_measured_over_predicted_incoherent": _num(U.path_ratio(u, "incoherent")),
+            "update_rule_v_check_median": _num(np.nanmedian(u["v_check"])) if np.isfinite(u["v_check"]).any()
+            else None,
         }.items()})
     probe = A.output_mass(rec)
     if len(probe["steps"]):

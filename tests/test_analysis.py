@@ -148,11 +148,13 @@ def test_separated_groups_give_auroc_one(tmp_path):
     det = A.detectability(write(tmp_path / "run", W, lr))
     assert det["auroc"]["norm"][-1] == 1.0
     assert det["auroc"]["cos_dead_mean"][-1] == 1.0
-    # unsupervised scores report max(A, 1 - A) (>= 0.5 by construction): check the values they reach here.
-    # The shared 0.01 offset makes the dead rows' direction stand out from the mean (~0.90), while PC1 is
-    # dominated by the live rows' spread and barely separates (~0.56).
+    # label-free scores are read in their fixed direction (never max(A, 1 - A)): the shared 0.01 offset
+    # makes the dead rows point along the mean row ("high cosine to the mean row => dead" holds, ~0.9),
+    # while PC1 is dominated by the live rows' spread: the dead rows sit a little on its short side (< 0.5)
     assert det["auroc"]["cos_all_mean"][-1] > 0.85
-    assert det["auroc"]["pc1"][-1] == pytest.approx(0.559, abs=0.03)
+    assert det["auroc"]["pc1"][-1] == pytest.approx(0.441, abs=0.03)
+    assert set(det["label_free"]) == {"norm", "cos_all_mean", "pc1"}
+    assert set(det["label_using"]) == {"cos_dead_mean", "cos_dead_mean_nopc1"}
 
 
 def test_report_untied_writes_both_matrices(tmp_path):
@@ -171,11 +173,13 @@ def test_report_untied_writes_both_matrices(tmp_path):
     S = report(rec.run_dir)
     out = tmp_path / "untied" / "report"
     assert json.loads((out / "summary.json").read_text()) == S
-    assert {p.name for p in out.glob("*.png")} == set(S["figures"]) and len(S["figures"]) == 16
+    assert {p.name for p in out.glob("*.png")} == set(S["figures"]) and len(S["figures"]) == 18
     assert "loss.png" in S["figures"] and (S["final_train_loss"], S["final_eval_loss"]) == (7.5, 7.7)
     assert "norms_lm_head.png" in S["figures"] and "output_mass.png" in S["figures"]
     for k in ("dead_norm_over_null", "dead_mean_pairwise_cosine", "drift_cosine_to_neg_mean_hidden",
-              "drift_cosine_to_neg_mean_live", "detect_auroc_norm", "dead_output_mass"):
+              "drift_cosine_to_neg_mean_live", "detect_auroc_norm", "dead_output_mass",
+              "detect_label_using_auroc_cos_dead_mean", "dead_displacement_over_lr_budget",
+              "update_rule_measured_over_predicted"):
         assert isinstance(S[k], float) and isinstance(S.get(f"{k}_lm_head", 0.0), float), k
     assert S["dead_norm_over_null"] == pytest.approx(1.0, rel=1e-5)  # pure decay
     assert S["dead_norm_over_null_lm_head"] > 2
