@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .codec import TRAILER, CorruptBlock, check_record, decode_groups, encode_block, pack_trailer, read_header
+from .codec import (TRAILER, CorruptBlock, check_record, decode_frame, decode_groups, encode_block,
+                    pack_trailer, read_header)
 from .errors import DucklingError
 
 CACHE_BYTES = 160 << 20  # decoded frames kept per stream (one 64-step bf16 block of W fits)
@@ -28,6 +29,7 @@ class Stream:
         self.rec_bytes = self.payload + TRAILER.itemsize
         self._cache: OrderedDict = OrderedDict()
         self._headers: dict = {}
+        self._last_single = None  # block of the last one-record read
 
     def raw_path(self, c: int) -> Path:
         return self.root / f"{self.name}.{c:05d}.raw"
@@ -129,23 +131,31 @@ class Stream:
         if local.max() >= h["n"]:
             raise CorruptBlock(f"block holds {h['n']} records, position {int(local.max())} asked")
         g_of = np.searchsorted(self.bounds, cols, side="right") - 1
+        order = np.argsort(g_of, kind="stable")  # columns of each group: order[edge[g]:edge[g + 1]]
         groups = [int(g) for g in np.unique(g_of)]
-        single = len(local) == 1 and any((c, g) not in self._cache for g in groups)
+        edge = dict(zip(groups, np.searchsorted(g_of[order], groups)))
+        edge_hi = dict(zip(groups, np.searchsorted(g_of[order], groups, side="right")))
+        # one record of a block not in the cache: decode only up to it, unless the previous one-record
+        # read was in this block too (a walk over steps): then decode the block once and keep it
+        single = len(local) == 1 and any((c, g) not in self._cache for g in groups) and self._last_single != c
+        self._last_single = c if len(local) == 1 else None
         with open(self.blk_path(c), "rb") as f:
             buf = f.read()
         todo = [g for g in groups if single or (c, g) not in self._cache]
         got = decode_groups(buf, h, offsets, todo, at=int(local[0]) if single else None)
+        have = {g: got[g] if g in got else self._cache[(c, g)] for g in groups}  # before any eviction
         res = np.empty((len(local), len(cols)), self.dtype)
         for g in groups:
-            mine = np.nonzero(g_of == g)[0]
+            mine = order[edge[g]:edge_hi[g]]
             inner = cols[mine] - self.bounds[g]
             if single:  # one record of a block not in the cache: sum the differences up to it only
                 res[0, mine] = got[g].view(self.dtype)[inner]
                 continue
+            arr = have[g]
             if g in got:
-                self._remember((c, g), got[g])
-            arr = self._cache[(c, g)]
-            self._cache.move_to_end((c, g))
+                self._remember((c, g), arr)
+            elif (c, g) in self._cache:
+                self._cache.move_to_end((c, g))
             res[:, mine] = arr[local[:, None], inner[None, :]].view(self.dtype)
         return res
 
@@ -169,10 +179,11 @@ class Stream:
         atomically (tmp, fsync, rename); returns its size."""
         blob = encode_block(records, steps, self.widths)
         h, offsets = read_header(blob, len(blob))
-        got = decode_groups(blob, h, offsets, range(len(self.widths)))
         u = records.view(np.uint16 if records.dtype.itemsize == 2 else np.uint32)
-        if not all(np.array_equal(got[g], u[:, self.bounds[g]:self.bounds[g + 1]]) for g in got):
-            raise CorruptBlock(f"{self.blk_path(c)}: the encoded block does not decode to its records")
+        for g, (lo, hi, length) in enumerate(h["frames"]):  # in this thread (the writer's niced one)
+            got = decode_frame(blob[offsets[g]:offsets[g] + length], h["n"], hi - lo, h["itemsize"])
+            if not np.array_equal(got, u[:, lo:hi]):
+                raise CorruptBlock(f"{self.blk_path(c)}: the encoded block does not decode to its records")
         tmp = self.blk_path(c).with_suffix(".blk.tmp")
         with open(tmp, "wb") as f:
             f.write(blob)

@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import queue
+import sys
 import threading
 from pathlib import Path
 
@@ -39,6 +40,11 @@ class _Compactor:
         self._thread.start()
 
     def _run(self) -> None:
+        if sys.platform == "linux":  # this thread only: training threads get the CPU first, compaction
+            try:                     # runs in their gaps (on CPU, torch's threads fill both cores)
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            except OSError:
+                pass
         while True:
             job = self._q.get()
             try:
@@ -160,7 +166,7 @@ class RecordingWriter:
         if not (root / "meta.json").exists():
             raise DucklingError(f"cannot resume: {root} holds no recording. Start a new run instead.")
         old = json.loads((root / "meta.json").read_text())
-        for key in ("format_version", "matrices", "shape", "precision", "every", "n_live", "block_steps"):
+        for key in ("format_version", "matrices", "shape", "precision", "every", "n_live"):
             if old.get(key) != meta[key]:
                 raise DucklingError(
                     f"cannot resume the recording in {root}: its {key} is {old.get(key)!r} but this run "
@@ -182,7 +188,8 @@ class RecordingWriter:
             st.truncate(keep)
             self.counts[st.name] = keep
         self.n_scalar = self.counts["scalars"]
-        meta["group_rows"] = old.get("group_rows", LEGACY_GROUP_ROWS)  # the files' own frame layout
+        # the files' own layout wins (a block length is fixed when the recording is created)
+        meta["block_steps"], meta["group_rows"] = old["block_steps"], old.get("group_rows", LEGACY_GROUP_ROWS)
         old.update(meta, status="recording")
         _atomic_json(root / "meta.json", old)
 

@@ -24,11 +24,12 @@ from duckling.writer import RecordingWriter
 V, D, N_LIVE, B = 64, 8, 48, 4
 
 
-def write(run_dir, fmt=2, precision="bf16", steps=range(15), every=2, close="complete", seed=0, background=True):
+def write(run_dir, fmt=2, precision="bf16", steps=range(15), every=2, close="complete", seed=0, background=True,
+          block=B):
     """A smooth random walk W (most bf16 values unchanged per step, like training); returns W per step."""
     rng = np.random.default_rng(seed)
     w = RecordingWriter(run_dir, shape=(V, D), n_live=N_LIVE, precision=precision, every=every,
-                        chunk_steps=B, format_version=fmt, block_steps=B, background=background,
+                        chunk_steps=B, format_version=fmt, block_steps=block, background=background,
                         resume_step=None if steps[0] == 0 else steps[0] - 1)
     W, out = rng.standard_normal((V, D)).astype(np.float32), {}
     for s in range(steps[-1] + 1):
@@ -215,6 +216,15 @@ def test_resume_across_a_block_boundary_is_byte_identical(tmp_path, cut_at, resu
     write(tmp_path / "cut", steps=range(resume_at + 1, 21))  # resume_step=resume_at: truncate, append
     assert _files(tmp_path / "full") == _files(tmp_path / "cut")
     same(Recording(tmp_path / "full"), Recording(tmp_path / "cut"))
+
+
+def test_resume_keeps_the_recordings_block_length(tmp_path):
+    """A run resumed with another configured block length (an old config) continues the files' layout."""
+    write(tmp_path / "full", steps=range(21))
+    write(tmp_path / "cut", steps=range(14), close="interrupted")
+    write(tmp_path / "cut", steps=range(10, 21), block=64)  # the recording's own block_steps wins
+    assert json.loads((tmp_path / "cut" / "recording" / "meta.json").read_text())["block_steps"] == B
+    assert _files(tmp_path / "full") == _files(tmp_path / "cut")
 
 
 def test_hand_edited_metadata_is_refused(tmp_path):
