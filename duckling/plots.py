@@ -123,7 +123,7 @@ def plot_collapse(res, matrix: str = "wte") -> Figure:
     ax.plot(x, res["live_cos"], color=LIVE, lw=1.2, label="live: mean pairwise cosine")
     lo = min(-0.1, float(np.nanmin([res["dead_cos"], res["live_cos"], res["dead_cos_to_mean"]])) - 0.05)
     ax.set_ylim(lo, 1.05)
-    _label(ax, "cosine (1 = one direction)", loc="center right")
+    _label(ax, "cosine (1 = one direction)", loc="upper left")
     for k in range(res["pc_var"].shape[1]):
         ax2.plot(x, res["pc_var"][:, k], color=DEAD, alpha=1 - 0.3 * k, lw=1.2, ls=("-", "--", ":")[k % 3],
                  label=f"dead rows' principal component {k + 1}")
@@ -183,7 +183,7 @@ def plot_detectability(res, matrix: str = "wte") -> Figure:
     ax.axhspan(-0.02, 0.1, color="tab:red", alpha=0.06, lw=0)
     ax.set_ylim(-0.02, 1.02)
     _label(ax, "AUROC in the stated direction\n(1 = separates, 0 = separates the other way)", steps=True,
-           loc="center right")
+           loc="best")
     return fig
 
 def plot_output_mass(res) -> Figure:
@@ -258,5 +258,9 @@ def plot_update_rule(res, matrix: str = "wte") -> Figure:
     ax2.plot(x[ok], res["ratio_incoherent"][ok], color="grey", ls=":", lw=1.2,
              label="measured / predicted (uncorrelated directions)")
     ax2.axhline(1.0, color=DEAD, lw=0.6)
-    _label(ax2, "measured / predicted", steps=True, log=True)
+    _label(ax2, "measured / predicted", steps=True, log=True, loc="best")
+    from matplotlib.ticker import ScalarFormatter
+    for axis in (ax2.yaxis,):  # plain numbers (0.5, 2) rather than 5x10^-1 on the ratio axis
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(ScalarFormatter())
     return fig

@@ -43,9 +43,10 @@ def _num(x):
     return x if math.isfinite(x) else None
 
 
-def _spacing(steps) -> int:
-    """Median spacing of an evaluated step grid."""
-    return int(np.median(np.diff(steps))) if len(steps) > 1 else 0
+def _spacing(steps) -> str:
+    """Mean spacing of an evaluated step grid, e.g. "1.2" or "39"."""
+    gap = float(np.mean(np.diff(steps))) if len(steps) > 1 else 0.0
+    return f"{gap:.2g}" if gap < 10 else f"{gap:.0f}"
 
 
 def _trainer_state(run_dir: Path) -> dict | None:
@@ -170,3 +171,62 @@ def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS) -> dict:
     tmp.write_text(json.dumps(S, indent=2) + "\n")
     os.replace(tmp, out / "summary.json")
     return S
+
+
+def _f(x, fmt=".3g") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def findings(S: dict, sfx: str = "") -> str:
+    """Markdown bullets of what a run's ``summary.json`` says, built from its numbers only (notebook 07
+    prints them, so a copy of the notebook never shows findings its own run contradicts). ``sfx``:
+    "" for the tied / input matrix, "_lm_head" for an untied run's output matrix."""
+    g = lambda k: S.get(f"{k}{sfx}")  # noqa: E731
+    loss = ", ".join(f"{w} loss {_f(S.get(k), '.3f')}" for k, w in (("final_train_loss", "final training"),
+                                                                      ("final_eval_loss", "held-out"))
+                     if S.get(k) is not None)
+    out = [f"*({S['last_scalar_step']} steps{'; ' + loss if loss else ''}; every number below is read from "
+           "this run's `summary.json`.)*"]
+    r, dn, ln = g("dead_norm_over_null"), g("dead_norm_mean"), g("live_norm_mean")
+    if r is not None:
+        verb = ("grow instead of decaying" if r > 1.05 else "shrink faster than weight decay alone" if r < 0.95
+                else "follow weight decay alone (within 5%)")
+        size = "" if dn is None or ln is None else \
+            f", and end {'larger' if dn > ln else 'smaller'} than the live rows ({_f(dn)} vs {_f(ln)})"
+        out.append(f"- **Dead rows {verb}**: their mean norm is {_f(r)}x the weight-decay null{size}.")
+    b, p = g("dead_displacement_over_lr_budget"), g("dead_path_over_lr_budget")
+    if b is not None:
+        out.append(f"- **Displacement**: each dead row moved {_f(g('dead_displacement_mean'))} from its "
+                   f"initialisation, {_f(100 * b, '.0f')}% of sum(lr) x sqrt(d) (the distance of a row moving lr "
+                   f"per coordinate per step in a straight line); its path, summed step by step, is "
+                   f"{_f(100 * p, '.0f') if p is not None else 'n/a'}% of it.")
+    u, ui = g("update_rule_measured_over_predicted"), g("update_rule_measured_over_predicted_incoherent")
+    if u is not None:
+        out.append(f"- **Update rule ({g('update_rule_optimizer')})**: summed over the run, the measured dead-row "
+                   f"updates are {_f(u)}x what the rule predicts from the recorded gradients if each row's gradient "
+                   f"kept its direction, and {_f(ui)}x if successive directions were uncorrelated.")
+    ch, pc = g("drift_cosine_to_neg_mean_hidden"), g("dead_mean_pairwise_cosine")
+    if ch is not None and pc is not None:
+        out.append(f"- **Direction**: the mean dead displacement has cosine {_f(ch, '.2f')} with minus the mean "
+                   f"final hidden state; dead rows' mean pairwise cosine is {_f(pc, '.2f')} (live rows "
+                   f"{_f(g('live_mean_pairwise_cosine'), '.2f')}); PC1 holds {_f(100 * (g('dead_pc1_variance_fraction') or 0), '.1f')}% "
+                   "of their centred variance.")
+    sep = g("detect_first_step_separable") or {}
+    for k, e in sep.items():
+        a = g(f"detect_auroc_{k}")
+        opp = e.get("opposite", {})
+        line = f"- Label-free **{e['direction']}**: AUROC {_f(a, '.2f')} at the last step; AUROC >= 0.9 "
+        line += f"{e['resolution']}." if e["step"] is not None else f"not by step {e['after_step']}."
+        if opp.get("step") is not None:
+            line += f" Read the other way ({opp['direction']}) it separates {opp['resolution']}."
+        out.append(line)
+    using = g("detect_label_using_first_step_separable") or {}
+    if using:
+        out.append("- Using the dead labels (upper bounds, not detectors): " + "; ".join(
+            f"{k} AUROC {_f(g(f'detect_label_using_auroc_{k}'), '.2f')}, >= 0.9 {e['resolution']}"
+            if e["step"] is not None else f"{k} AUROC {_f(g(f'detect_label_using_auroc_{k}'), '.2f')}, never >= 0.9"
+            for k, e in using.items()) + f" ({S.get(f'detect_step_grid{sfx}', '')}).")
+    if S.get("dead_output_mass") is not None:
+        out.append(f"- The softmax mass on dead tokens (probe batch) is {_f(S['dead_output_mass'])} at step "
+                   f"{S['dead_output_mass_step']}.")
+    return "\n".join(out)

@@ -185,6 +185,11 @@ def test_report_untied_writes_both_matrices(tmp_path):
     assert S["dead_norm_over_null_lm_head"] > 2
     assert S["drift_cosine_to_neg_mean_hidden_lm_head"] > 0.9
     assert S["dead_mean_pairwise_cosine_lm_head"] > 0.8 > S["dead_mean_pairwise_cosine"]
+    from duckling.report import findings  # notebook 07's prose: built from the summary's own numbers
+
+    text, out_text = findings(S), findings(S, "_lm_head")
+    assert "follow weight decay alone" in text and "grow instead of decaying" in out_text
+    assert f"{S['dead_norm_over_null_lm_head']:.3g}x" in out_text and "uses" not in text.split("Using")[0].lower()
     with pytest.raises(DucklingError):
         A.norms(write(tmp_path / "tied", W, lr), matrix="lm_head")
 
