@@ -17,6 +17,8 @@ _LAZY = {
     "TrainConfig": "duckling.config",
     "RecordConfig": "duckling.config",
     "build_model": "duckling.model",
+    "sweep": "duckling.sweep",
+    "compare": "duckling.compare",
 }
 
 __all__ = sorted(_LAZY)

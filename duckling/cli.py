@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -52,10 +53,12 @@ def _positive_int(name):
 
 def build_parser() -> argparse.ArgumentParser:
     d = C.DataConfig()
-    p = argparse.ArgumentParser(prog="duckling", description=(
+    p = argparse.ArgumentParser(prog="duckling", allow_abbrev=False, description=(
         "Duckling II: build the compact-vocabulary dataset, train with per-step W recording, report on "
         "dead tokens, generate, and run sweeps. `duckling COMMAND --help` lists a command's options."))
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = sub.add_parser
+    sub.add_parser = lambda *a, **kw: add(*a, allow_abbrev=False, **kw)  # a typo of a flag is an error, not a prefix
 
     s = sub.add_parser("vocab", help="count GPT-2 tokens over a corpus and write token_mapping.json")
     s.add_argument("--data", help="text file or folder of .txt files, or 'sample' (default: $DUCKLING_DATA, else the hub)")
@@ -337,8 +340,23 @@ def _paths_from_env() -> None:
             os.environ[var] = _abs(v)
 
 
+_NEGATIVE = re.compile(r"-\d*\.?\d+(e[-+]?\d+)?$", re.I)
+
+
+def _glue_negative_values(argv: list[str]) -> list[str]:
+    """``--lr -1e-4`` -> ``--lr=-1e-4``: argparse would read -1e-4 as an option, and the config must
+    see the value to say what is wrong with it."""
+    out: list[str] = []
+    for a in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE.match(a):
+            out[-1] = f"{out[-1]}={a}"
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
     _paths_from_env()
     try:
         result = HANDLERS[args.command](args)

@@ -299,3 +299,14 @@ def plot_norm_curves(out: Path, done, swept: list):
         a.grid(alpha=0.3)
         a.tick_params(labelsize=7)
     return fig
+
+
+class _CallableModule(__import__("types").ModuleType):
+    """``duckling.compare(...)`` calls compare() even after this module is imported (the package attribute
+    ``duckling.compare`` is then the module itself); ``from duckling.compare import compare`` works as usual."""
+
+    def __call__(self, *args, **kwargs):
+        return compare(*args, **kwargs)
+
+
+__import__("sys").modules[__name__].__class__ = _CallableModule

@@ -346,3 +346,14 @@ def _cancel(refs: dict, entries: dict, board) -> None:
     for ref, run in refs.items():
         entries[run.name]["status"] = "interrupted"
         board.event(run.name, "interrupted", None)
+
+
+class _CallableModule(__import__("types").ModuleType):
+    """``duckling.sweep(...)`` calls sweep() even after this module is imported (the package attribute
+    ``duckling.sweep`` is then the module itself); ``from duckling.sweep import sweep`` works as usual."""
+
+    def __call__(self, *args, **kwargs):
+        return sweep(*args, **kwargs)
+
+
+__import__("sys").modules[__name__].__class__ = _CallableModule

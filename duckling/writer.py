@@ -78,7 +78,9 @@ class RecordingWriter:
     ``format_version=2`` (default) compacts every ``block_steps`` records into a checksummed block,
     on a background thread of its own (``background=True``, so the caller - the training thread on
     CPU - does not wait for the codec) or inline in ``append_step`` (``background=False``), and the
-    last partial block in ``close`` (which first waits for pending compaction). ``format_version=1``
+    last partial block in ``close`` (which first waits for pending compaction). ``defer=True`` holds
+    every block back until ``close`` (the recorder does this on CPU and MPS, where a codec thread
+    competes with training for the same cores; on CUDA the codec runs beside the GPU). ``format_version=1``
     writes the old uncompressed layout in files of ``chunk_steps`` snapshots (kept for tests and for
     converting with ``compact``).
     """
@@ -87,7 +89,7 @@ class RecordingWriter:
                  every: int = RecordConfig.every, chunk_steps: int = V1_CHUNK_STEPS,
                  matrices=("wte",), extra_meta=None,
                  resume_step: int | None = None, format_version: int = FORMAT_V2,
-                 block_steps: int = BLOCK_STEPS, background: bool = True):
+                 block_steps: int = BLOCK_STEPS, background: bool = True, defer: bool = False):
         root = Path(run_dir) / SUBDIR
         if format_version not in (1, FORMAT_V2):
             raise DucklingError(f"unknown recording format_version {format_version}: use 1 or 2.")
@@ -129,9 +131,10 @@ class RecordingWriter:
                     self._open_existing(root, meta, resume_step)
             self.failed = False  # a write failed: the recording ends at last_step
             self.last_step = self.n_scalar - 1 if self.v2 else self._last_scalar_step()
+            self.defer = self.v2 and defer  # compact everything in close() instead of as blocks fill
             if self.v2:
                 self._handed = {st.name: 0 for st in self._all_streams()}
-                if background:  # started after any truncation: nothing can be pending then
+                if background and not self.defer:  # started after any truncation: nothing can be pending then
                     self._compactor = _Compactor()
                 self._compact_full(self._all_streams())  # full raw chunks a kill left behind
         except PermissionError as e:
@@ -296,7 +299,8 @@ class RecordingWriter:
         if self.v2:
             self._raise_compaction_error()
             self._record(self.probe, step, np.array([dead_mass, max_dead_prob], np.float32))
-            self._compact_full([self.probe])
+            if not self.defer:
+                self._compact_full([self.probe])
             return
         self._write("probe.f32", np.array([step, dead_mass, max_dead_prob], np.float32))
 
@@ -328,7 +332,8 @@ class RecordingWriter:
             + [np.asarray(hm, np.float32).reshape(lay.d), np.array([lr], np.float32)]))
         self.n_scalar += 1
         self.last_step = step
-        self._compact_full(self._all_streams())
+        if not self.defer:
+            self._compact_full(self._all_streams())
 
     def _compact_full(self, streams) -> None:
         """Compact every full chunk not handed over yet (its records are committed already): on the
@@ -387,6 +392,8 @@ class RecordingWriter:
             self._compactor = None
         try:
             if self.v2 and err is None and not self.failed and status != "failed":
+                if self.defer:  # the full chunks held back during the run
+                    self._compact_full(self._all_streams())
                 for st in self._all_streams():  # every byte verifiable: compact the tails
                     n = self.counts[st.name]
                     if n % st.block:

@@ -221,7 +221,8 @@ CASES = [
     ("lr-abc", [*TRAIN, "--lr", "abc"], ["train.learning_rate", "abc"], False),
     ("lr-zero", [*TRAIN, "--lr", "0"], ["train.learning_rate", "0"], False),
     ("lr-negative", [*TRAIN, "--lr=-1e-4"], ["train.learning_rate", "-0.0001"], False),
-    ("lr-negative-exponent-as-flag", [*TRAIN, "--lr", "-1e-4"], ["--lr"], True),  # argparse: looks like a flag
+    ("lr-negative-exponent", [*TRAIN, "--lr", "-1e-4"], ["train.learning_rate", "-0.0001"], False),  # not a flag
+    ("flag-abbreviation", [*TRAIN, "--max-step", "5"], ["--max-step"], True),  # no silent prefix matching
     ("lr-nan", [*TRAIN, "--lr", "nan"], ["train.learning_rate", "nan"], False),
     ("max-steps-zero", [*TRAIN, "--max-steps", "0"], ["train.max_steps", "0", ">= 1"], False),
     ("max-steps-float", [*TRAIN, "--max-steps", "2.5"], ["train.max_steps", "2.5"], False),
