@@ -12,6 +12,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -392,14 +393,18 @@ class RecordingWriter:
             self._compactor = None
         try:
             if self.v2 and err is None and not self.failed and status != "failed":
+                t0 = time.perf_counter()
                 if self.defer:  # the full chunks held back during the run
                     self._compact_full(self._all_streams())
+                self.close_compaction_s = time.perf_counter() - t0  # (benchmarks/recording_size.py)
                 for st in self._all_streams():  # every byte verifiable: compact the tails
                     n = self.counts[st.name]
                     if n % st.block:
                         self._compact(st, n // st.block, n % st.block)
         finally:
             meta = dict(self.layout.meta, status=status, last_step=self.last_step)
+            if getattr(self, "close_compaction_s", None) is not None:
+                meta["close_compaction_s"] = round(self.close_compaction_s, 3)
             try:
                 _atomic_json(self.layout.root / "meta.json", meta)
             except OSError:  # a full or read-only disk: the data files are what counts
