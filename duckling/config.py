@@ -207,7 +207,9 @@ class RecordConfig(_Checked):
                       choices=("bf16", "float32", "mixed"), flag="record-dtype")
     budget_gb: float = spec(24.0, "refuse a run whose files need more than this (GB = 1e9 bytes)",
                             lo=0.0, lo_open=True, flag="budget-gb")
-    chunk_steps: int = spec(256, "snapshots per chunk file", lo=1)
+    format: int = spec(2, "recording format: 2 = compressed, checksummed blocks (docs/recording.md); 1 = raw "
+                       "files, ~9x larger, faster to read", choices=(1, 2), kind=int, flag="record-format")
+    chunk_steps: int = spec(256, "format 1 only: snapshots per chunk file", lo=1)
     queue_size: int = spec(8, "GPU: pinned buffers in flight before training waits for the writer", lo=1)
     probe_every: int = spec(100, "steps between dead-token output-mass probes (0 = off)", lo=0)
 

@@ -216,6 +216,7 @@ class WRecorder(TrainerCallback):
         self.writer = RecordingWriter(
             self.run_dir, shape=(V, d), n_live=self.n_live, precision=self.cfg.dtype,
             every=self.cfg.every, chunk_steps=self.cfg.chunk_steps, matrices=tuple(self.mats),
+            format_version=self.cfg.format,
             defer=w.device.type != "cuda",  # CPU/MPS: compress at the end, not beside training on the same cores
             extra_meta={"max_steps": state.max_steps, "learning_rate": args.learning_rate,
                         "weight_decay": args.weight_decay,

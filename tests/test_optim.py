@@ -80,3 +80,13 @@ def test_each_optimizer_trains_and_records(tmp_path, tok, optimizer):
     else:
         assert np.isfinite(v).all() and (v > 0).any()
     assert np.all(rec.rows("update_norm")[1:].max(axis=1) > 0)  # every step moved W
+
+
+def test_record_format_1_is_still_written_on_request(tmp_path, tok):
+    cfg = DucklingConfig().override({
+        "record.format": 1, "train.max_steps": 3, "train.save_steps": 3, "train.compile": False,
+        "train.compute_dtype": "fp32", "model.n_layer": 1, "model.n_positions": 32, "record.probe_every": 0})
+    rows = np.random.default_rng(0).integers(0, N_LIVE, size=(8, 32), dtype=np.uint16)
+    train(cfg, dataset=rows, run_dir=tmp_path / "run", tokenizer=tok, progress=False)
+    rec = Recording(tmp_path / "run")
+    assert rec.meta["format_version"] == 1 and rec.steps.tolist() == [0, 1, 2, 3]
