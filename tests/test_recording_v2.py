@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import os
 import shutil
@@ -322,9 +321,7 @@ def test_sigkill_of_a_writer_loses_no_committed_step(tmp_path):
 
 def test_real_run_compacted_equals_a_native_v2_run(tmp_path, monkeypatch):
     from test_recording import run, tiny
-    monkeypatch.setattr(recorder_mod, "RecordingWriter", functools.partial(RecordingWriter, format_version=1))
-    v1 = run(tiny("mixed", max_steps=5), tmp_path / "v1").run_dir
-    monkeypatch.undo()
+    v1 = run(tiny("mixed", max_steps=5, format=1), tmp_path / "v1").run_dir  # record.format = 1
     v2 = run(tiny("mixed", max_steps=5), tmp_path / "v2").run_dir
     assert Recording(v1).meta["format_version"] == 1
     shutil.copytree(v1 / "recording", tmp_path / "ref" / "recording")
