@@ -12,7 +12,6 @@ import sys
 import numpy as np
 import pytest
 
-from duckling import recorder as recorder_mod
 from duckling.compact import compact
 from duckling.config import RecordConfig
 from duckling.errors import DucklingError
