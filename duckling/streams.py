@@ -28,6 +28,7 @@ class Stream:
         self.payload = self.width * self.dtype.itemsize
         self.rec_bytes = self.payload + TRAILER.itemsize
         self._cache: OrderedDict = OrderedDict()
+        self._cache_bytes = 0  # sum of the cached arrays' nbytes (kept, not recomputed per insert)
         self._headers: dict = {}
         self._last_single = None  # block of the last one-record read
 
@@ -130,11 +131,15 @@ class Stream:
         h, offsets = self._header(c)
         if local.max() >= h["n"]:
             raise CorruptBlock(f"block holds {h['n']} records, position {int(local.max())} asked")
-        g_of = np.searchsorted(self.bounds, cols, side="right") - 1
-        order = np.argsort(g_of, kind="stable")  # columns of each group: order[edge[g]:edge[g + 1]]
-        groups = [int(g) for g in np.unique(g_of)]
-        edge = dict(zip(groups, np.searchsorted(g_of[order], groups)))
-        edge_hi = dict(zip(groups, np.searchsorted(g_of[order], groups, side="right")))
+        if len(cols) == self.width and cols[0] == 0 and cols[-1] == self.width - 1:  # every column, in order
+            groups = list(range(len(self.widths)))  # (a whole snapshot: no per-column bookkeeping)
+            order, edge, edge_hi = None, dict(zip(groups, self.bounds[:-1])), dict(zip(groups, self.bounds[1:]))
+        else:
+            g_of = np.searchsorted(self.bounds, cols, side="right") - 1
+            order = np.argsort(g_of, kind="stable")  # columns of each group: order[edge[g]:edge[g + 1]]
+            groups = [int(g) for g in np.unique(g_of)]
+            edge = dict(zip(groups, np.searchsorted(g_of[order], groups)))
+            edge_hi = dict(zip(groups, np.searchsorted(g_of[order], groups, side="right")))
         # one record of a block not in the cache: decode only up to it, unless the previous one-record
         # read was in this block too (a walk over steps): then decode the block once and keep it
         single = len(local) == 1 and any((c, g) not in self._cache for g in groups) and self._last_single != c
@@ -146,8 +151,11 @@ class Stream:
         have = {g: got[g] if g in got else self._cache[(c, g)] for g in groups}  # before any eviction
         res = np.empty((len(local), len(cols)), self.dtype)
         for g in groups:
-            mine = order[edge[g]:edge_hi[g]]
-            inner = cols[mine] - self.bounds[g]
+            if order is None:  # every column: group g fills res[:, bounds[g]:bounds[g + 1]] whole
+                mine, inner = slice(edge[g], edge_hi[g]), slice(None)
+            else:
+                mine = order[edge[g]:edge_hi[g]]
+                inner = cols[mine] - self.bounds[g]
             if single:  # one record of a block not in the cache: sum the differences up to it only
                 res[0, mine] = got[g].view(self.dtype)[inner]
                 continue
@@ -156,13 +164,16 @@ class Stream:
                 self._remember((c, g), arr)
             elif (c, g) in self._cache:
                 self._cache.move_to_end((c, g))
-            res[:, mine] = arr[local[:, None], inner[None, :]].view(self.dtype)
+            res[:, mine] = (arr[local] if order is None else arr[local[:, None], inner[None, :]]).view(self.dtype)
         return res
 
     def _remember(self, key, arr: np.ndarray) -> None:
+        old = self._cache.pop(key, None)
+        self._cache_bytes -= 0 if old is None else old.nbytes
         self._cache[key] = arr
-        while sum(a.nbytes for a in self._cache.values()) > CACHE_BYTES and len(self._cache) > 1:
-            self._cache.popitem(last=False)
+        self._cache_bytes += arr.nbytes
+        while self._cache_bytes > CACHE_BYTES and len(self._cache) > 1:
+            self._cache_bytes -= self._cache.popitem(last=False)[1].nbytes
 
     # --- writing --------------------------------------------------------------------------------
     def raw_records(self, c: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -192,7 +203,7 @@ class Stream:
         os.replace(tmp, self.blk_path(c))
         self._headers.pop(c, None)
         for key in [k for k in self._cache if k[0] == c]:
-            del self._cache[key]
+            self._cache_bytes -= self._cache.pop(key).nbytes
         return len(blob)
 
     def compact(self, c: int, n: int) -> None:
@@ -243,3 +254,4 @@ class Stream:
                 self.blk_path(c).unlink()
         self._headers.clear()
         self._cache.clear()
+        self._cache_bytes = 0
