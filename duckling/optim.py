@@ -22,11 +22,8 @@ import torch
 from .config import TrainConfig
 
 
-class SGDW(torch.optim.Optimizer):
-    """SGD with momentum and decoupled weight decay: w <- w (1 - lr wd) - lr (mu b + g), b <- mu b + g."""
-
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+class _PerParameter(torch.optim.Optimizer):
+    """``step`` = the closure, then ``_update(p, group)`` for every parameter that has a gradient."""
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -35,22 +32,31 @@ class SGDW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if wd:
-                    p.mul_(1 - lr * wd)
-                buf = self.state[p].get("momentum_buffer")
-                if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = p.grad.detach().clone()
-                else:
-                    buf.mul_(mu).add_(p.grad)
-                p.add_(buf, alpha=-lr)
+                if p.grad is not None:
+                    self._update(p, group)
         return loss
 
 
-class CoupledAdamW(torch.optim.Optimizer):
+class SGDW(_PerParameter):
+    """SGD with momentum and decoupled weight decay: w <- w (1 - lr wd) - lr (mu b + g), b <- mu b + g."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    def _update(self, p, group) -> None:
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        if wd:
+            p.mul_(1 - lr * wd)
+        buf = self.state[p].get("momentum_buffer")
+        if buf is None:
+            buf = self.state[p]["momentum_buffer"] = p.grad.detach().clone()
+        else:
+            buf.mul_(mu).add_(p.grad)
+        p.add_(buf, alpha=-lr)
+
+
+class CoupledAdamW(_PerParameter):
     """AdamW; for parameters with ``vocab_size`` rows the second moment is averaged over the rows.
 
     The update math is torch's single-tensor AdamW, in its order, so that an uncoupled parameter
@@ -64,33 +70,23 @@ class CoupledAdamW(torch.optim.Optimizer):
     def coupled(self, p: torch.Tensor) -> bool:
         return self.vocab_size is not None and p.dim() == 2 and p.shape[0] == self.vocab_size
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                state["step"] += 1
-                step = state["step"].item()
-                p.mul_(1 - lr * wd)
-                m.lerp_(p.grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                step_size = lr / (1 - beta1 ** step)
-                v_used = v.mean(dim=0, keepdim=True) if self.coupled(p) else v  # (1, d) broadcast over rows
-                denom = (v_used.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
-                p.addcdiv_(m, denom, value=-step_size)
-        return loss
+    def _update(self, p, group) -> None:
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        state["step"] += 1
+        step = state["step"].item()
+        p.mul_(1 - lr * wd)
+        m.lerp_(p.grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        step_size = lr / (1 - beta1 ** step)
+        v_used = v.mean(dim=0, keepdim=True) if self.coupled(p) else v  # (1, d) broadcast over rows
+        denom = (v_used.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+        p.addcdiv_(m, denom, value=-step_size)
 
 
 def optimizer_cls_and_kwargs(t: TrainConfig, vocab_size: int):

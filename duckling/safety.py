@@ -13,41 +13,30 @@ import threading
 from pathlib import Path
 
 from .config import DucklingConfig
-from .errors import DucklingError, RunInterrupted  # noqa: F401  (RunInterrupted: raised by train)
+from .errors import DucklingError
 
 
-def _disk_bytes(cfg: DucklingConfig, model, start: int, record: bool, shape, n_live: int) -> tuple[int, int]:
-    """(recording bytes, checkpoint + final-model bytes) a run adds from step ``start``."""
-    n_params = sum(p.numel() for p in model.parameters())
-    ckpt = 12 * n_params + (1 << 20)  # weights + Adam's two moments (float32) + scheduler/rng/state files
+def model_files_bytes(cfg: DucklingConfig, n_params: int) -> int:
+    """Checkpoints (weights + Adam's two moments, float32, + scheduler/rng/state files; the Trainer
+    saves before it rotates, so save_total_limit + 1 at a time) and final/ (the weights)."""
+    ckpt = 12 * n_params + (1 << 20)
     n_ckpt = min(cfg.train.save_total_limit + 1, cfg.train.max_steps // cfg.train.save_steps + 1)
-    extra = n_ckpt * ckpt + 4 * n_params + (1 << 20)  # the Trainer saves before it rotates; final/
-    if not record:
-        return 0, extra
-    from .recording import recording_bytes
-
-    n_m = 1 if cfg.model.tie_word_embeddings else 2
-    return recording_bytes(cfg.record, cfg.train.max_steps, shape=shape, n_live=n_live, n_matrices=n_m,
-                           start_step=start), extra
+    return n_ckpt * ckpt + 4 * n_params + (1 << 20)
 
 
 def check_disk(run_dir: Path, cfg: DucklingConfig, model, start: int, record: bool, shape, n_live: int) -> None:
     """The budget (recording + checkpoints + final model) against record.budget_gb and the free disk."""
-    if record:
-        from .recording import check_budget
+    from .recording import _free_bytes, check_budget
 
-        _, extra = _disk_bytes(cfg, model, start, record, shape, n_live)
+    extra = model_files_bytes(cfg, sum(p.numel() for p in model.parameters()))
+    if record:
         check_budget(run_dir, cfg.record, cfg.train.max_steps, shape=shape, n_live=n_live,
                      n_matrices=1 if cfg.model.tie_word_embeddings else 2, start_step=start, extra_bytes=extra)
         return
-    _, extra = _disk_bytes(cfg, model, start, record, shape, n_live)
-    path = run_dir.resolve()
-    while not path.exists():
-        path = path.parent
-    free = shutil.disk_usage(path).free
+    free = _free_bytes(run_dir)
     if extra > free:
-        raise DucklingError(f"Checkpoints and the final model need {extra / 1e9:.2f} GB but {path} has "
-                            f"{free / 1e9:.2f} GB free. Free disk space or lower train.save_total_limit.")
+        raise DucklingError(f"Checkpoints and the final model need {extra / 1e9:.2f} GB but {run_dir.resolve()} "
+                            f"has {free / 1e9:.2f} GB free. Free disk space or lower train.save_total_limit.")
 
 
 class StopOnSignal:

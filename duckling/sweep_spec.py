@@ -271,7 +271,9 @@ def run_bytes(cfg: DucklingConfig, n_live: int | None = None) -> int:
     if cfg.record.enabled:
         rec = recording_bytes(cfg.record, cfg.train.max_steps, shape=(cfg.model.vocab_size, cfg.model.n_embd),
                               n_live=n_live or N_LIVE, n_matrices=1 if cfg.model.tie_word_embeddings else 2)
-    return rec + _n_params(cfg) * 4 * (3 * cfg.train.save_total_limit + 1)
+    from .safety import model_files_bytes
+
+    return rec + model_files_bytes(cfg, _n_params(cfg))
 
 
 def check_disk(spec: Spec, out: Path, todo: list[Run]) -> int:

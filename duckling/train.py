@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 from .config import DucklingConfig, N_LIVE
-from .errors import DucklingError
+from .errors import DucklingError, RunInterrupted
 from .rows import as_rows, check_rows, collate
 from .trainer import (_trainer_classes, check_trainable_dtype, fused_adamw_available,  # noqa: F401
                       pick_compile, pick_device, pick_precision, training_arguments, tune_cpu_allocator)
 from .generate import generate  # noqa: F401  (the notebooks' API: train, load_run, generate)
 from .runs import load_run, quiet_hf  # noqa: F401
-from .safety import RunInterrupted, empty_run_dir, StopOnSignal, after_failure, check_disk, failure_advice, sync_recording  # noqa: F401
+from .safety import StopOnSignal, after_failure, check_disk, empty_run_dir, failure_advice, sync_recording
 
 
 # ---------------------------------------------------------------- one call

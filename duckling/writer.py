@@ -275,13 +275,8 @@ class RecordingWriter:
             return self._append_v2(step, rows, hidden_mean, lr, snapshot)
         if snapshot is not None:  # snapshot first: scalar_steps.i64, written last, commits the step
             c = self.n_snap // lay.chunk
-            for m in lay.matrices:
-                parts = snapshot[m]
-                for ext, sl, dt in lay.parts:
-                    arr = parts[ext] if isinstance(parts, dict) else parts[sl]
-                    if ext == "u16" and arr.dtype != np.uint16:
-                        arr = f32_to_bf16_bits(arr)
-                    self._write(lay.chunk_path(m, c, ext).name, arr.astype(dt, copy=False))
+            for m, ext, arr in self._snapshot_parts(snapshot):
+                self._write(lay.chunk_path(m, c, ext).name, arr)
             self._write("snap_steps.i64", np.array([step], np.int64))
             self.n_snap += 1
             if self.n_snap % lay.chunk == 0:  # chunk full: the next snapshot opens a new file
@@ -295,6 +290,17 @@ class RecordingWriter:
         self._write("scalar_steps.i64", np.array([step], np.int64))
         self.n_scalar += 1
         self.last_step = step
+
+    def _snapshot_parts(self, snapshot: dict):
+        """(matrix, ext, array) per ``layout.parts``: W as float32 (V, d) is split and bf16 parts are
+        rounded to raw bits here; a dict ``{ext: array}`` is already split (the recorder's)."""
+        for m in self.layout.matrices:
+            parts = snapshot[m]
+            for ext, sl, dt in self.layout.parts:
+                arr = parts[ext] if isinstance(parts, dict) else parts[sl]
+                if ext == "u16" and arr.dtype != np.uint16:
+                    arr = f32_to_bf16_bits(arr)
+                yield m, ext, arr.astype(dt, copy=False)
 
     def append_probe(self, step: int, dead_mass: float, max_dead_prob: float) -> None:
         if self.v2:
@@ -320,13 +326,8 @@ class RecordingWriter:
     def _append_v2(self, step, rows, hidden_mean, lr, snapshot) -> None:
         lay = self.layout
         if snapshot is not None:  # snapshot first: the scalars record, written last, commits the step
-            for m in lay.matrices:
-                parts = snapshot[m]
-                for ext, sl, dt in lay.parts:
-                    arr = parts[ext] if isinstance(parts, dict) else parts[sl]
-                    if ext == "u16" and arr.dtype != np.uint16:
-                        arr = f32_to_bf16_bits(arr)
-                    self._record(self.snaps[(m, ext)], step, arr.astype(dt, copy=False))
+            for m, ext, arr in self._snapshot_parts(snapshot):
+                self._record(self.snaps[(m, ext)], step, arr)
         hm = np.full(lay.d, np.nan, np.float32) if hidden_mean is None else hidden_mean
         self._record(self.scalars, step, np.concatenate(
             [np.asarray(rows[m], np.float32).reshape(-1) for m in lay.matrices]
