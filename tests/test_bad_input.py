@@ -329,6 +329,10 @@ CASES = [
     # --- compare
     ("compare-missing", ["compare", "{tmp}/nosweep"], ["nosweep"], False),
     ("compare-foreign", ["compare", "{foreign}"], ["foreign", "not a sweep folder"], False),
+    # --- compact (v1 -> v2 in place)
+    ("compact-missing", ["compact", "{tmp}/norun"], ["norun", "not a recorded run"], False),
+    ("compact-foreign", ["compact", "{foreign}"], ["foreign", "not a recorded run"], False),
+    ("compact-already-v2", ["compact", "{run}"], ["run", "already format 2"], False),
     # --- no command / unknown command
     ("no-command", [], ["command"], True),
     ("unknown-command", ["trian"], ["trian"], True),
@@ -347,7 +351,7 @@ def test_cli_refuses_cleanly(argv, names, argparse_ok, capsys, tmp_path, fx, mon
     monkeypatch.chdir(tmp_path)
     argv = fill(argv, fx, tmp_path)
     cmd = argv[0] if argv and argv[0] in ("vocab", "build", "train", "generate", "report", "quickstart",
-                                          "sweep", "compare") else ""
+                                          "sweep", "compare", "compact") else ""
     refused(argv, capsys, tmp_path, fx, cmd.strip() or "", fill(names, fx, tmp_path),
             argparse_ok=argparse_ok)
     assert not (tmp_path / "r").exists()
