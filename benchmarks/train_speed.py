@@ -157,7 +157,7 @@ def _plain(cfg, data, conn, block: int, device: str, precision: str, compile_mod
     conn.recv()
     t0 = time.perf_counter()
     for step in range(1, t.max_steps + 1):
-        idx = order[(step - 1) * t.batch_size: step * t.batch_size].numpy() % len(data)
+        idx = order[np.arange((step - 1) * t.batch_size, step * t.batch_size) % len(order)].numpy()  # wraps: a new epoch, same order
         x = torch.from_numpy(data[idx].astype(np.int64)).to(device, non_blocking=True)  # (B, T)
         with torch.autocast(device, dtype=dtype, enabled=precision == "bf16"):
             loss = step_model(input_ids=x, labels=x).loss

@@ -80,7 +80,8 @@ def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS) -> dict:
         raise DucklingError(f"Cannot write the report into {out.resolve()} ({e.strerror or e}): pass --out a "
                             "writable folder path (not a file).") from e
     steps = A.thin(rec.steps, max_points or None)
-    S: dict = {"run": str(run_dir), "last_snapshot_step": int(rec.steps[-1]),
+    S: dict = {"run": Path(run_dir).resolve().name,  # the folder name only: no machine path in a shared summary
+               "last_snapshot_step": int(rec.steps[-1]),
                "last_scalar_step": int(rec.scalar_steps[-1]), "n_snapshots": len(rec.steps),
                "n_points": len(steps), "matrices": list(rec.meta.get("matrices", ["wte"])),
                "drift_reference": "cos_hidden: -(mean final hidden state averaged over updates 1..N); "
