@@ -72,6 +72,7 @@ class V2Reader:
         self.root, self.meta, self.parts = root, meta, parts
         self.V, self.d = meta["shape"]
         self.snaps, self.scalars, self.probe_stream = make_streams(root, meta, parts)
+        self.kept: dict = {}  # (matrix, position, ext) -> stored values of a preloaded snapshot
 
     def reload(self) -> tuple[np.ndarray, np.ndarray]:
         """(scalar steps, snapshot steps) of complete steps; raises on an inconsistent structure."""
@@ -107,10 +108,20 @@ class V2Reader:
             return (arr.astype(np.uint32) << 16).view(np.float32)
         return arr
 
+    def preload(self, pos: np.ndarray, m: str) -> None:
+        """Decode the snapshots at ``pos`` once, block by block, and keep their stored values (bf16
+        bits: 2 bytes per value), replacing what was kept before; ``snapshot`` then only converts."""
+        self.kept = {}
+        for ext, _, _ in self.parts:
+            raw = self.snaps[(m, ext)].read(pos, slice(None), self.steps)  # (len(pos), cols)
+            self.kept.update({(m, int(p), ext): raw[i] for i, p in enumerate(pos)})
+
     def snapshot(self, pos: int, m: str) -> np.ndarray:
         out = np.empty((self.V, self.d), np.float32)
         for ext, sl, _ in self.parts:
-            raw = self.snaps[(m, ext)].read([pos], slice(None), self.steps)[0]
+            raw = self.kept.get((m, pos, ext))
+            if raw is None:
+                raw = self.snaps[(m, ext)].read([pos], slice(None), self.steps)[0]
             out[sl] = self._part_to_f32(raw, ext).reshape(-1, self.d)
         return out
 

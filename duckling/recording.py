@@ -304,6 +304,16 @@ class Recording:
                 out[sel[:, None], mine[None, :]] = bf16_bits_to_f32(block) if ext == "u16" else block
         return out
 
+    def preload(self, steps, matrix: str = "wte") -> None:
+        """Decode the snapshots at ``steps`` once and keep them in memory (as stored: 2 bytes per value
+        in bf16), so that analyses making several passes over the same steps decode each compressed
+        block once. Replaces what an earlier call kept; ``preload([])`` frees it. Format 1 reads
+        snapshots straight from disk and keeps nothing."""
+        if matrix not in self.matrices:
+            raise DucklingError(f"matrix {matrix!r} was not recorded; this recording has {self.matrices}.")
+        if self._v2 is not None:
+            self._v2.preload(self._positions(steps) if len(np.atleast_1d(steps)) else np.zeros(0, np.int64), matrix)
+
     def snapshot(self, step: int, matrix: str = "wte") -> np.ndarray:
         """W after ``step`` optimizer updates (0 = initialisation): (V, d) float32."""
         if matrix not in self.matrices:

@@ -109,6 +109,7 @@ def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS) -> dict:
     budget = U.lr_budget(rec)  # (T,) sum of lr x sqrt(d)
     for m in S["matrices"]:
         sfx = "" if m == "wte" else f"_{m}"
+        rec.preload(steps, m)  # the analyses below pass over these steps several times: decode once
 
         n = {**A.norms(rec, m), "untied": untied}
         put("norms", P.plot_norms(n, m), sfx)
@@ -122,6 +123,7 @@ def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS) -> dict:
         det = A.detectability(rec, m, steps)
         put("detectability", P.plot_detectability(det, m), sfx)
         put("gradients", P.plot_gradients({**A.gradient_channel(rec, m), "untied": untied}, m), sfx)
+        rec.preload([], m)  # free it: the rest uses per-step scalars
         u = U.update_prediction(rec, m)
         put("update_rule", P.plot_update_rule(u, m), sfx)
         last = int(A._scalar_index(rec, [d["steps"][-1]])[0])  # the displacement's last step among the scalars

@@ -72,6 +72,31 @@ def test_v2_is_bit_identical_to_v1(tmp_path, precision):
     assert v2.rows("norm")[3:5].shape == (2, V) and v2.rows("norm", steps=[2])[0, 1] == v1.rows("norm")[2, 1]
 
 
+@pytest.mark.parametrize("precision", ["bf16", "mixed"])
+def test_preloaded_snapshots_are_the_same_bits_and_decode_each_block_once(tmp_path, monkeypatch, precision):
+    import duckling.streams as streams
+
+    write(tmp_path / "v1", fmt=1, precision=precision)
+    write(tmp_path / "v2", fmt=2, precision=precision)
+    v1, v2 = Recording(tmp_path / "v1"), Recording(tmp_path / "v2")
+    calls = []
+    real = streams.decode_groups
+    monkeypatch.setattr(streams, "decode_groups", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    keep = v2.steps[::2]  # steps 0, 4 (block 0) and 8, 12 (block 1): blocks of 4 snapshots, every 2 steps
+    v2.preload(keep)
+    n_decodes = len(calls)
+    assert n_decodes == len(v2._lay.parts) * 2  # each block holding a kept step decoded once per part
+    for s in keep:
+        assert np.array_equal(v2.snapshot(int(s)).view(np.uint32), v1.snapshot(int(s)).view(np.uint32))
+    assert len(calls) == n_decodes  # served from memory
+    assert np.array_equal(v2.snapshot(2).view(np.uint32), v1.snapshot(2).view(np.uint32))  # not kept: read
+    v2.preload([])
+    assert v2._v2.kept == {}
+    v1.preload(keep)  # format 1: nothing to keep
+    with pytest.raises(DucklingError, match="not recorded"):
+        v2.preload([3])
+
+
 def test_unclosed_recording_reads_its_raw_tail(tmp_path):
     write(tmp_path / "v1", fmt=1)
     write(tmp_path / "v2", close=None)  # killed: the last partial block is still raw
