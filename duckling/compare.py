@@ -29,11 +29,21 @@ METRICS = {
     "dead_displacement_mean": ("dead_displacement", "mean dead-row displacement ||w_N - w_0||"),
     "dead_mean_pairwise_cosine": ("dead_pairwise_cos", "mean pairwise cosine of dead rows"),
     "drift_cosine_to_neg_mean_hidden": ("dead_drift_cos", "cos(dead drift, -mean hidden state)"),
-    "detect_auroc_norm": ("detect_auroc_norm", "AUROC of -norm (dead = positive)"),
+    "dead_displacement_over_lr_budget": ("displacement_over_lr_budget", "dead-row displacement / (sum lr x sqrt d)"),
+    "update_rule_measured_over_predicted": ("update_measured_over_rule",
+                                            "dead-row update: measured / optimizer's rule"),
+    "detect_auroc_norm": ("detect_auroc_norm", "AUROC: small norm => dead"),
+    "detect_auroc_cos_all_mean": ("detect_auroc_cos_mean", "AUROC: high cosine to mean row => dead"),
+    "detect_auroc_pc1": ("detect_auroc_pc1", "AUROC: PC1 long tail => dead"),
+    "detect_label_using_auroc_cos_dead_mean_nopc1": ("magikarp_auroc", "AUROC: Magikarp (uses dead labels)"),
+    # first evaluated step with AUROC >= 0.9 in the stated direction / the opposite one (NaN: never)
+    **{f"detect_first_step_separable.{k}{o}.step": (f"sep_step_{k}{o.replace('.', '_')}", "")
+       for k in ("norm", "cos_all_mean", "pc1") for o in ("", ".opposite")},
     "dead_output_mass": ("dead_output_mass", "probability mass on dead ids"),
 }
-FIG_METRICS = ("final_train_loss", "final_eval_loss", "dead_norm_over_null", "dead_mean_pairwise_cosine",
-               "drift_cosine_to_neg_mean_hidden", "detect_auroc_norm")
+FIG_METRICS = ("final_eval_loss", "dead_norm_over_null", "dead_mean_pairwise_cosine",
+               "drift_cosine_to_neg_mean_hidden", "update_rule_measured_over_predicted", "detect_auroc_norm",
+               "detect_auroc_cos_all_mean", "detect_auroc_pc1", "detect_label_using_auroc_cos_dead_mean_nopc1")
 DPI = 110
 
 
@@ -109,7 +119,7 @@ def compare(out, *, write: bool = True, refresh_reports: bool = False, progress:
             s = summaries[run_dir]
             row["status"] = "complete"
             row["steps"] = s.get("last_scalar_step")
-            row.update({col: s.get(key) for key, (col, _) in METRICS.items()})
+            row.update({col: _get(s, key) for key, (col, _) in METRICS.items()})
         rows.append(row)
     table = pd.DataFrame(rows)
     for _, (col, _) in METRICS.items():
@@ -123,6 +133,14 @@ def compare(out, *, write: bool = True, refresh_reports: bool = False, progress:
 
 
 # ---------------------------------------------------------------- files
+def _get(summary: dict, key: str):
+    """summary[key], where a dotted key walks nested dicts ("a.b.c"); None when any part is missing."""
+    v = summary
+    for part in key.split("."):
+        v = v.get(part) if isinstance(v, dict) else None
+    return v
+
+
 def _cell(v) -> str:
     if isinstance(v, float):
         return "" if math.isnan(v) else f"{v:.4g}"
@@ -234,12 +252,12 @@ def plot_metric_vs(done, field: str, swept: list, metrics=FIG_METRICS):
         ax.set_title(label, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        if metric == "dead_norm_over_null":
-            ax.axhline(1.0, color="black", ls="--", lw=0.8)
-        if metric == "detect_auroc_norm":
-            ax.axhline(0.5, color="black", ls=":", lw=0.8)
+        if metric in ("dead_norm_over_null", "update_rule_measured_over_predicted"):
+            ax.axhline(1.0, color="black", ls="--", lw=0.8)  # the null model / the rule's prediction
+        if "auroc" in metric:
+            ax.axhline(0.5, color="black", ls=":", lw=0.8)  # chance
     if others:
-        axes[0].legend(fontsize=6, title=", ".join(f.split(".")[-1] for f in others), title_fontsize=6)
+        axes[0].legend(fontsize=8, title=", ".join(f.split(".")[-1] for f in others), title_fontsize=8)
     for ax in axes[len(metrics):]:
         ax.set_visible(False)
     return fig
