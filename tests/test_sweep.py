@@ -177,6 +177,14 @@ def test_compare_table_and_figures(tiny_sweep):
     assert len(table) == 4 and (table["status"] == "complete").all()
     assert table["train_loss"].notna().all() and table["eval_loss"].notna().all()
     assert table["dead_norm_over_null"].between(0.5, 2).all()
+    for col in ("update_measured_over_rule", "detect_auroc_cos_mean", "magikarp_auroc"):  # the study's columns
+        assert table[col].notna().all(), col
+    for _, row in table.iterrows():  # flattened from the nested detect_first_step_separable of each summary
+        sep = json.loads((out / row["name"] / "report" / "summary.json").read_text())["detect_first_step_separable"]
+        for k in ("norm", "pc1"):
+            want = sep[k]["opposite"]["step"]
+            got = row[f"sep_step_{k}_opposite"]
+            assert (want is None and np.isnan(got)) or got == want
     assert sorted(table.attrs["files"]) == sorted(["compare.csv", "compare.md", "compare_weight_decay.png",
                                                    "compare_norms.png"])
     for f in table.attrs["files"]:
