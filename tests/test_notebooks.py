@@ -255,12 +255,34 @@ def test_07_experiment_template(repo_root, tmp_path, tiny):
     assert n_images(out) == 4 and n_tables(out) == 1  # norms, trajectories, collapse, detectability inline
 
 
+def test_08_dead_token_study(repo_root, tmp_path, tiny):
+    """Two tied optimizers x one weight decay x one seed plus the untied control, through the sweep engine;
+    the table, both figures and the findings come from duckling.study."""
+    res, sweep_dir = tmp_path / "08.json", tmp_path / "sweep08"
+    out = run_notebook(repo_root, tmp_path, "08_dead_token_study", DATASET_DIR=tiny["DATASET_DIR"],
+                       VALID_DATA=tiny["VALID_DATA"], VALID_DATASET_DIR=str(tmp_path / "valid"),
+                       OPTIMIZERS=["adamw", "coupled_adam"], WEIGHT_DECAYS=[0.01], SEEDS=[0], CPUS=1,
+                       SWEEP_DIR=str(sweep_dir), RESULTS=str(res),
+                       OVERRIDES={**TINY, "train.max_steps": 6, "train.logging_steps": 2, "record.every": 2,
+                                  "train.save_steps": 100, "train.eval_steps": 100})
+    r = json.loads(res.read_text())
+    rows = {(row["optimizer"], row["embeddings"]): row for row in r["table"]}
+    assert set(rows) == {("adamw", "tied"), ("coupled_adam", "tied"), ("adamw", "untied, input (wte)"),
+                         ("adamw", "untied, output (lm_head)")}
+    assert float(rows[("adamw", "untied, input (wte)")]["Q1 norm / null"]) == pytest.approx(1.0, abs=1e-3)
+    assert len(r["findings"]) == 4 and all("(Q4)" in f for f in r["findings"])
+    for name in ("tied", "untied"):
+        assert [e["status"] for e in json.loads((sweep_dir / name / "sweep.json").read_text())["runs"]] == \
+            ["complete"] * (2 if name == "tied" else 1)
+    assert n_images(out) == 2 and n_tables(out) == 2
+
+
 def test_committed_notebooks_follow_the_rules(repo_root):
     """Imports first, then one `parameters` cell; no papermill-injected cell left behind (it would
     override a user's parameters on "Run all"); small; no machine paths in the outputs; the helper
     functions that moved into the package are not called any more."""
     paths = sorted((repo_root / "notebooks").glob("0*.ipynb"))
-    assert [p.name[:2] for p in paths] == ["01", "02", "03", "04", "05", "06", "07"]
+    assert [p.name[:2] for p in paths] == ["01", "02", "03", "04", "05", "06", "07", "08"]
     gone = ("nb.make_config", "nb.overrides", "nb.prepare_data", "nb.text_rows", "nb.build_mapping",
             "nb.load_tokenizer", "nb.Table")
     for p in paths:
