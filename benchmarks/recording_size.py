@@ -104,6 +104,16 @@ def interleaved(cfg, dataset: Path, run_dir: Path, block: int, n: int) -> dict:
     return {k: np.array(v[1:]) for k, v in times.items()}  # round 0 is warm-up
 
 
+def stats(run) -> dict:
+    """benchmarks/recording_stats.py's size figures of a finished run (one definition of them)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recording_stats", Path(__file__).with_name("recording_stats.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.stats(run)
+
+
 def write_v1_copy(rec, out: Path):
     """The same steps in format 1 (bit-identical content), for the read-speed comparison."""
     from duckling.recording import FIELDS, Recording
@@ -157,16 +167,7 @@ def main() -> None:
     t_train = time.perf_counter() - t_train
     per_round = t["plain"] / t["recorded"]
     rec = Recording(work / "run")
-    V, d = rec.shape
-    blk = [p for p in rec.root.iterdir() if p.name.startswith("wte.u16.")]
-    snap_raw = len(rec.steps) * V * d * 2
-    snap_disk = sum(p.stat().st_size for p in blk)
-    B = rec.meta["block_steps"]
-    per_block = {}
-    for c in sorted({0, len(blk) // 2, len(blk) - 2} - {-1}):
-        p = rec.root / f"wte.u16.{c:05d}.blk"
-        if p.exists() and c >= 0:
-            per_block[f"steps {c * B}-{c * B + B - 1}"] = round(B * V * d * 2 / p.stat().st_size, 2)
+    size = stats(work / "run")  # W's ratio overall and per block: benchmarks/recording_stats.py
     rng = np.random.default_rng(0)
     times = []
     for s in rng.choice(rec.steps, size=min(21, len(rec.steps)), replace=False):
@@ -192,7 +193,7 @@ def main() -> None:
     t1, t2 = traj_time(v1), traj_time(rec)
     plain_sps, rec_sps = a.block * len(t["plain"]) / t["plain"].sum(), a.block * len(t["recorded"]) / t["recorded"].sum()
     figures = {
-        "steps": n, "snapshot_compression_ratio": round(snap_raw / snap_disk, 2),
+        "steps": n, "snapshot_compression_ratio": size["snapshot_compression_ratio"],
         "recording_compression_ratio": round(v1.bytes_on_disk / rec.bytes_on_disk, 2),
         "compressed_recording_overhead_ratio": round(rec_sps / plain_sps, 3),
         # CPU: blocks are compressed when the run closes (writer defer=True), outside the timed blocks;
@@ -210,7 +211,7 @@ def main() -> None:
         "v2_bytes_per_step": round(rec.bytes_on_disk / len(rec.scalar_steps)),
         "v2_snapshots_per_gb": round(len(rec.steps) / (rec.bytes_on_disk / 1e9)),
         "v1_snapshots_per_gb": round(len(v1.steps) / (v1.bytes_on_disk / 1e9)),
-        "snapshot_ratio_per_block": per_block,
+        "snapshot_ratio_per_block": size["snapshot_ratio_per_block"],
         "seconds": {"training_both": round(t_train), "v1_copy": round(t_v1)},
     }
     for k, v in figures.items():

@@ -18,6 +18,7 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 
 import argparse
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -38,10 +39,8 @@ def main() -> None:
     import torch
     from transformers import TrainerCallback
 
-    from duckling.config import DucklingConfig
-    from duckling.errors import RunInterrupted
+    from duckling.config import N_LIVE, DucklingConfig
     from duckling.train import train
-    from duckling.config import N_LIVE
 
     n, half = a.steps, a.steps // 2
     cfg = DucklingConfig().override({"train.device": a.device, "train.max_steps": n, "train.save_steps": half,
@@ -58,7 +57,7 @@ def main() -> None:
     ref = train(cfg, dataset=data, run_dir=work / "ref", tokenizer=tok, progress=False)
     try:
         train(cfg, dataset=data, run_dir=work / "cut", tokenizer=tok, callbacks=[Interrupt()], progress=False)
-    except (KeyboardInterrupt, RunInterrupted):
+    except KeyboardInterrupt:  # (duckling's RunInterrupted is one)
         pass
     res = train(cfg, dataset=data, run_dir=work / "cut", tokenizer=tok, resume=True, progress=False)
     diff = max(float((p.detach().float() - q.detach().float()).abs().max())
@@ -72,6 +71,7 @@ def main() -> None:
         print(f"{k}: {v}")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)  # the two run folders and their recordings
 
 
 if __name__ == "__main__":

@@ -309,7 +309,11 @@ def plot_norm_curves(out: Path, done, swept: list):
     ax.plot([], [], color="gray", ls="--", lw=0.9, label="weight-decay null ||w0||·Π(1-lr·wd)")
     fig.suptitle("Dead-row norms of every configuration (line: mean over seeds, band: min-max)", fontsize=9)
     ax.set_ylabel("mean dead-row L2 norm", fontsize=8)
-    ax.legend(fontsize=7)
+    many = len(groups) > 4  # beside the panel, not over the curves
+    ax.legend(fontsize=7, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1)} if many else {}))
+    ratios = np.concatenate([line.get_ydata() for line in ax2.lines])
+    if np.nanmax(ratios) > 10 * max(np.nanmin(ratios), 1e-12):  # one configuration far off: the rest stay visible
+        ax2.set_yscale("log")
     ax2.axhline(1.0, color="black", ls="--", lw=0.8)
     ax2.set_ylabel("dead norm / null", fontsize=8)
     ax2.set_xlabel(STEP_LABEL, fontsize=8)
