@@ -3,15 +3,23 @@
 A block holds ``n`` consecutive records of one stream, a (n, K) array of 2- or 4-byte values (bf16 bits,
 float32 bits). Encoding, chosen on measurements of a real run (docs/recording.md, "Why this codec"):
 
-1. integer difference along time, modulo 2**16 / 2**32 (record 0 is kept as is): one bf16 ulp of
-   change is +-1, and most values do not change at all from one step to the next;
-2. zigzag (0, -1, 1, -2, ... -> 0, 1, 2, 3, ...) so that small negative differences have zero high bytes;
-3. time innermost, split into column groups (64 rows of W each), each group split into byte planes;
-4. each group is one zstd frame (level 3) with zstd's content checksum.
+1. the columns are split into groups (16 rows of W, 1 row for the dead rows, one field of the scalars);
+2. time is split into ranges: with a segment length L, the anchor (record 0 alone), then records
+   1..L-1, L..2L-1, ...; without one (the first v2 files, and the scalars), one range 0..n-1;
+3. integer difference along time, modulo 2**16 / 2**32: the first record of a range that starts at
+   t >= 1 is taken against record 0 (the anchor), every other record against the one before it
+   (record 0 of a range starting at 0 is kept as is);
+4. zigzag (0, -1, 1, -2, ... -> 0, 1, 2, 3, ...) so that small negative differences have zero high bytes;
+5. each (group, range) is one zstd frame (level 3, with zstd's content checksum) of the byte planes
+   of its values, laid out (plane, column, time): time innermost.
+
+So any record t decodes from the anchor and the one range holding t: a random snapshot decompresses
+about half of a 64-step block, and a trajectory of a few dead rows only their one-row frames.
 
 A block file is ``MAGIC, u32 header length, u32 crc32(header), header (JSON), frames``. The header
-lists the block's steps and every frame's column range and compressed length. Decoding is the exact
-inverse (a cumulative sum along time), so what comes out is bit-identical to what went in.
+lists the block's steps, the segment length and, per group, its column range and the compressed
+length of each of its frames. Decoding is the exact inverse (cumulative sums modulo 2**bits), so what
+comes out is bit-identical to what went in.
 """
 from __future__ import annotations
 
@@ -28,8 +36,9 @@ MAGIC = b"DUCKBLK2"
 LEVEL = 3  # zstd level: 1 is no faster on this data, 6 is 2-3x slower for +4% (measured)
 _UINT = {2: np.uint16, 4: np.uint32}
 _SINT = {2: np.int16, 4: np.int32}
-# Encoding and decoding run per frame on these threads (zstd and numpy release the GIL): 2 on this
-# project's 2-core CPU, up to 8 where a GPU machine has cores to spare beside the training thread.
+UNIT_COLS = 4096  # columns encoded together (cache-sized; the frames are cut from them)
+# Encoding and decoding run on these threads (zstd and numpy release the GIL): 2 on this project's
+# 2-core CPU, up to 8 where a GPU machine has cores to spare beside the training thread.
 _POOL = ThreadPoolExecutor(max(2, min(8, (os.cpu_count() or 2) - 1)), thread_name_prefix="duckling-codec")
 
 
@@ -37,12 +46,22 @@ class CorruptBlock(Exception):
     """A block or raw record failed its checksum or structure check (the reader names the steps)."""
 
 
-def _delta_zigzag(x: np.ndarray) -> np.ndarray:
-    """(n, K) uint -> zigzag(x[t] - x[t-1]) with x[-1] = 0, same dtype (a new array)."""
+def time_ranges(n: int, segment: int | None) -> list[tuple[int, int]]:
+    """The [a, b) record ranges of a block of n records, one zstd frame per group each."""
+    if not segment:
+        return [(0, n)]
+    return [(0, 1)] + [(max(1, s), min(n, s + segment)) for s in range(0, n, segment) if min(n, s + segment) > max(1, s)]
+
+
+def _zigzag_diffs(x: np.ndarray, ranges) -> np.ndarray:
+    """(n, K) uint -> zigzag of the differences described in the module docstring (a new array)."""
     w = x.dtype.itemsize
     d = np.empty(x.shape, x.dtype)
     d[0] = x[0]
     np.subtract(x[1:], x[:-1], out=d[1:])
+    for a, _ in ranges:
+        if a >= 2:  # a range's first record is taken against the anchor, record 0
+            np.subtract(x[a], x[0], out=d[a])
     s = d.view(_SINT[w])
     sign = s >> (8 * w - 1)  # 0 or -1
     np.left_shift(s, 1, out=s)
@@ -59,32 +78,57 @@ def _undo_zigzag(z: np.ndarray) -> np.ndarray:
     return z
 
 
-def _encode_group(x: np.ndarray, level: int) -> bytes:
-    """One column group (n, width) -> one zstd frame of its byte planes, time innermost. Each group is
-    small enough to stay in cache, so the whole pipeline runs per group, on the pool's threads."""
-    n, width = x.shape
-    planes = np.ascontiguousarray(_delta_zigzag(x).T).view(np.uint8).reshape(width, n, x.dtype.itemsize)
+def _encode_unit(x: np.ndarray, gw: int, ranges, level: int) -> list[list[bytes]]:
+    """Columns of ng groups of gw columns each -> per group, one frame per time range."""
+    n, ucols = x.shape
+    w, ng = x.dtype.itemsize, ucols // gw
+    t8 = np.ascontiguousarray(_zigzag_diffs(x, ranges).T).view(np.uint8).reshape(ucols, n, w)
     comp = zstd.ZstdCompressor(level=level, write_checksum=True)  # one per call: not shareable by threads
-    return comp.compress(np.ascontiguousarray(np.moveaxis(planes, -1, 0)))  # (w, width, n)
+    out = [[] for _ in range(ng)]
+    for a, b in ranges:  # (ng, planes, gw, time): each group's frame is one contiguous slice
+        planes = np.ascontiguousarray(t8[:, a:b].reshape(ng, gw, b - a, w).transpose(0, 3, 1, 2))
+        for i in range(ng):
+            out[i].append(comp.compress(planes[i]))
+    return out
 
 
-def encode_block(records: np.ndarray, steps, widths, level: int = LEVEL) -> bytes:
-    """records: (n, K) array of 2- or 4-byte items; widths: column group sizes summing to K."""
+def _units(widths) -> list[tuple[int, int, int]]:
+    """(first group, number of groups, group width): runs of equal-width groups, ~UNIT_COLS each."""
+    units, g = [], 0
+    while g < len(widths):
+        k = 1
+        while g + k < len(widths) and widths[g + k] == widths[g] and (k + 1) * widths[g] <= UNIT_COLS:
+            k += 1
+        units.append((g, k, widths[g]))
+        g += k
+    return units
+
+
+def encode_block(records: np.ndarray, steps, widths, level: int = LEVEL, segment: int | None = None) -> bytes:
+    """records: (n, K) array of 2- or 4-byte items; widths: column group sizes summing to K;
+    segment: records per time range after the anchor (None: one range, the original layout)."""
     n, k = records.shape
     w = records.dtype.itemsize
     if sum(widths) != k or w not in _UINT:
         raise ValueError(f"bad block: {records.shape} {records.dtype}, groups {widths}")
     x = records.view(_UINT[w])
     bounds = np.cumsum([0, *widths])
-    frames = list(_POOL.map(lambda g: _encode_group(x[:, bounds[g]:bounds[g + 1]], level), range(len(widths))))
-    table = [[int(bounds[g]), int(bounds[g + 1]), len(f)] for g, f in enumerate(frames)]
-    header = json.dumps({"n": n, "k": k, "itemsize": w, "steps": [int(s) for s in steps],
-                         "frames": table}).encode()
-    return b"".join([MAGIC, struct.pack("<II", len(header), zlib.crc32(header)), header, *frames])
+    ranges = time_ranges(n, segment)
+    units = _units(widths)
+    done = _POOL.map(lambda u: _encode_unit(x[:, bounds[u[0]]:bounds[u[0] + u[1]]], u[2], ranges, level), units)
+    frames = [f for per_unit in done for f in per_unit]  # per group, its frames in range order
+    table = [[int(bounds[g]), int(bounds[g + 1]), *map(len, fs)] for g, fs in enumerate(frames)]
+    head = {"n": n, "k": k, "itemsize": w, "steps": [int(s) for s in steps], "frames": table}
+    if segment:
+        head["segment"] = int(segment)
+    header = json.dumps(head, separators=(",", ":")).encode()
+    return b"".join([MAGIC, struct.pack("<II", len(header), zlib.crc32(header)), header,
+                     *(f for fs in frames for f in fs)])
 
 
-def read_header(buf: bytes, file_size: int) -> tuple[dict, list[int]]:
-    """Parse and check a block's header; returns (header, byte offset of every frame)."""
+def read_header(buf: bytes, file_size: int) -> tuple[dict, list[list[int]]]:
+    """Parse and check a block's header; returns (header, per group the byte offset of each frame,
+    with the offset after its last frame at the end)."""
     if len(buf) < 16 or buf[:8] != MAGIC:
         raise CorruptBlock("not a duckling block (bad magic)")
     hlen, crc = struct.unpack("<II", buf[8:16])
@@ -94,46 +138,100 @@ def read_header(buf: bytes, file_size: int) -> tuple[dict, list[int]]:
     try:
         h = json.loads(raw)
         n, k, w, steps, table = int(h["n"]), int(h["k"]), int(h["itemsize"]), h["steps"], h["frames"]
+        seg = h.get("segment")
+        if seg is not None and (type(seg) is not int or seg < 1):
+            raise ValueError(f"segment {seg!r}")
+        n_frames = len(time_ranges(n, seg)) if n >= 1 else 0
+        offsets, pos, a = [], 16 + hlen, 0
+        for lo, hi, *lengths in table:
+            if lo != a or hi <= lo or len(lengths) != n_frames or min(lengths) <= 0:
+                raise CorruptBlock("frame table is not a partition of the columns and time ranges")
+            offs = [pos]
+            for length in lengths:
+                offs.append(offs[-1] + length)
+            offsets.append(offs)
+            pos, a = offs[-1], hi
     except (ValueError, KeyError, TypeError) as e:
         raise CorruptBlock(f"unreadable header ({e})") from None
-    offsets, pos, a = [], 16 + hlen, 0
-    for lo, hi, length in table:
-        if lo != a or hi <= lo or length <= 0:
-            raise CorruptBlock("frame table is not a partition of the columns")
-        offsets.append(pos)
-        pos, a = pos + length, hi
     if a != k or w not in _UINT or len(steps) != n or n < 1 or pos != file_size:
         raise CorruptBlock(f"header does not match the file ({file_size} bytes)")
+    h["ranges"] = time_ranges(n, h.get("segment"))
     return h, offsets
 
 
-def decode_frame(frame: bytes, n: int, width: int, w: int, at: int | None = None) -> np.ndarray:
-    """One frame -> (n, width) values (a transposed view), or only record ``at`` as (width,)."""
+def _decompress(buf, offsets, gs: list[int], rs: list[int], sizes: list[int]) -> np.ndarray:
+    """Frames rs (with decoded sizes ``sizes``) of each group in gs, in one C call (zstd checks every
+    frame's checksum): (len(gs), sum(sizes)) uint8."""
+    segs = np.array([(offsets[g][r], offsets[g][r + 1] - offsets[g][r]) for g in gs for r in rs], np.uint64)
     try:
-        raw = zstd.ZstdDecompressor().decompress(frame, max_output_size=n * width * w)
+        out = zstd.ZstdDecompressor().multi_decompress_to_buffer(
+            zstd.BufferWithSegments(buf, segs.tobytes()),
+            decompressed_sizes=np.array(sizes * len(gs), np.uint64).tobytes(), threads=0)
     except zstd.ZstdError as e:
         raise CorruptBlock(f"zstd: {e}") from None
-    if len(raw) != n * width * w:
-        raise CorruptBlock("frame holds the wrong number of bytes")
-    planes = np.frombuffer(raw, np.uint8).reshape(w, width, n)
-    if at is not None:
-        planes = planes[:, :, :at + 1]  # only the differences up to record ``at`` are needed
-    z = planes[0].astype(_UINT[w])
-    for i in range(1, w):
-        z |= planes[i].astype(_UINT[w]) << (8 * i)
-    z = _undo_zigzag(z)
-    if at is not None:  # the sum wraps modulo 2**(8w), exactly like the difference did
-        return z.sum(axis=1, dtype=_UINT[w])
-    np.cumsum(z, axis=1, dtype=_UINT[w], out=z)
-    return z.T
+    if out.size() != len(gs) * sum(sizes):
+        raise CorruptBlock("a frame holds the wrong number of bytes")
+    return np.concatenate([np.frombuffer(out[i], np.uint8) for i in range(len(out))]).reshape(len(gs), -1)
 
 
-def decode_groups(buf: bytes, header: dict, offsets: list[int], groups, at: int | None = None) -> dict:
-    """Decode the frames ``groups`` (indices into header["frames"]) in parallel: {g: array}."""
-    n, w, table = header["n"], header["itemsize"], header["frames"]
-    todo = {g: buf[offsets[g]:offsets[g] + table[g][2]] for g in groups}
-    futs = {g: _POOL.submit(decode_frame, f, n, table[g][1] - table[g][0], w, at) for g, f in todo.items()}
-    return {g: f.result() for g, f in futs.items()}
+def _values(raw: np.ndarray, w: int, gw: int, m: int, upto: int) -> np.ndarray:
+    """(ng, frame bytes (planes, gw, m)) -> zigzag-undone differences of the first ``upto``
+    records, (ng, gw, upto) uint (time innermost, as stored)."""
+    planes = raw.reshape(len(raw), w, gw, m)[..., :upto]
+    z = planes[:, 0].astype(_UINT[w])
+    for i in range(1, w):  # little-endian: plane i is byte i
+        z |= planes[:, i].astype(_UINT[w]) << (8 * i)
+    return _undo_zigzag(z)
+
+
+def _decode_batch(buf, h, offsets, gs: list[int], gw: int, records: np.ndarray) -> np.ndarray:
+    """Records (sorted local positions) of the groups gs (all gw columns wide): (ng, len, gw)."""
+    w, t, ranges = h["itemsize"], _UINT[h["itemsize"]], h["ranges"]
+    need = [r for r, (a, b) in enumerate(ranges) if ((records >= a) & (records < b)).any()]
+    if ranges[need[-1]][0] >= 1 and 0 not in need:  # the anchor: later ranges start from record 0
+        need.insert(0, 0)
+    sizes = [gw * (ranges[r][1] - ranges[r][0]) * w for r in need]
+    raw = _decompress(buf, offsets, gs, need, sizes)
+    out = np.empty((len(gs), len(records), gw), t)
+    base, pos = None, 0
+    for r, size in zip(need, sizes):
+        a, b = ranges[r]
+        frame, pos = raw[:, pos:pos + size], pos + size
+        if a == 0 and b == 1 and len(ranges) > 1:
+            base = _values(frame, w, gw, 1, 1)[:, :, 0]
+        sel = np.nonzero((records >= a) & (records < b))[0]
+        if not len(sel):
+            continue
+        rel = records[sel] - a
+        z = _values(frame, w, gw, b - a, int(rel[-1]) + 1)
+        if len(sel) == 1:  # one record: sum its differences, no running sum (the sum wraps like them)
+            z = z.sum(axis=2, dtype=t, keepdims=True)
+        else:
+            np.cumsum(z, axis=2, dtype=t, out=z)
+            if len(rel) != rel[-1] + 1:  # not every record of the range: keep the asked ones
+                z = z[:, :, rel]
+        if a >= 1:
+            z += base[:, :, None]
+        out[:, sel[0]:sel[-1] + 1] = z.transpose(0, 2, 1)  # the asked records of a range are consecutive
+    return out
+
+
+def decode_groups(buf, header: dict, offsets, groups, records=None) -> dict:
+    """Records ``records`` (local positions; None: all) of the column groups ``groups`` (indices
+    into header["frames"]): {g: (len(records), width) array}. ``buf`` is the block's bytes (or a
+    mmap of them); runs of equal-width groups are decoded together, in parallel chunks."""
+    records = np.arange(header["n"]) if records is None else np.unique(np.asarray(records, np.int64))
+    table, size = header["frames"], header["n"] * header["itemsize"]
+    jobs: list[list[int]] = []
+    for g in sorted(groups):  # batches of consecutive equal-width groups, ~4 MB of decoded frames each
+        gw = table[g][1] - table[g][0]
+        if not jobs or gw != table[jobs[-1][0]][1] - table[jobs[-1][0]][0] \
+                or len(jobs[-1]) >= max(1, (4 << 20) // (gw * size)):
+            jobs.append([])
+        jobs[-1].append(g)
+    run = lambda gs: _decode_batch(buf, header, offsets, gs, table[gs[0]][1] - table[gs[0]][0], records)  # noqa: E731
+    results = list(_POOL.map(run, jobs)) if len(jobs) > 1 else [run(j) for j in jobs]
+    return {g: res[i] for gs, res in zip(jobs, results) for i, g in enumerate(gs)}
 
 
 # --- raw records (the append-only tail) ------------------------------------------------------

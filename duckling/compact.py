@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from .errors import DucklingError
-from .format_v2 import BLOCK_STEPS, FORMAT_V2, GROUP_ROWS, make_streams
+from .format_v2 import BLOCK_STEPS, FORMAT_V2, layout_keys, make_streams
 from .recording import FIELDS, Recording, _atomic_json, _rec_dir
 from .streams import Stream
 
@@ -129,7 +129,7 @@ def compact(run_dir, block_steps: int = BLOCK_STEPS) -> dict:
     if shutil.disk_usage(root).free < before:  # v2 is never larger than v1 (+1%), v1 stays until the end
         raise DucklingError(f"compacting {root} needs up to {before / 1e9:.2f} GB free next to it (the v1 "
                             f"files are kept until the v2 copy is verified); free disk space first.")
-    meta2 = dict(meta, format_version=FORMAT_V2, block_steps=int(block_steps), group_rows=GROUP_ROWS)
+    meta2 = dict(meta, format_version=FORMAT_V2, **layout_keys(block_steps))
     try:
         _write_v2(old, root, meta2)
         _verify(old, root, meta2)

@@ -13,8 +13,20 @@ GROUP_ROWS = 16  # rows of W per zstd frame: a trajectory of a few rows decodes 
 # Measured on a real run (docs/recording.md): 16 rows keep 98.6% of 64 rows' ratio and decode a
 # 16-row trajectory 3x faster. Stored in meta.json as "group_rows" (absent: 64, the first v2 files).
 LEGACY_GROUP_ROWS = 64
+DEAD_GROUP_ROWS = 1  # dead rows get a frame each: their trajectories are what the research reads.
+# Measured (docs/recording.md): 1-row frames cost the dead rows 10-19% of their ratio, and a 16-row
+# dead trajectory decodes 16x fewer bytes. Stored as "dead_group_rows" (absent: group_rows).
+SEGMENT_STEPS = BLOCK_STEPS // 2  # a block's records after the anchor, in frames of this many: a
+# random snapshot decompresses the anchor and one half of its block. Stored as "segment_steps"
+# (absent: one frame per group over the whole block, the first v2 files).
 KNOWN_MATRICES = ("wte", "lm_head")
 PRECISIONS = ("bf16", "float32", "mixed")
+
+
+def layout_keys(block_steps: int) -> dict:
+    """meta.json's block layout for a new recording with blocks of ``block_steps`` records."""
+    return {"block_steps": int(block_steps), "group_rows": GROUP_ROWS, "dead_group_rows": DEAD_GROUP_ROWS,
+            "segment_steps": max(1, int(block_steps) // 2)}
 
 
 def _bad(root, what: str) -> DucklingError:
@@ -36,15 +48,20 @@ def check_meta(root, meta: dict) -> None:
         raise _bad(root, f"n_live {n_live!r}: expected an integer in 0..{shape[0]}")
     if meta.get("precision") not in PRECISIONS:
         raise _bad(root, f"precision {meta.get('precision')!r}: expected one of {PRECISIONS}")
-    for key in ("every", "block_steps", "group_rows"):
-        if key == "group_rows" and key not in meta:
+    for key in ("every", "block_steps", "group_rows", "dead_group_rows", "segment_steps"):
+        if key in ("group_rows", "dead_group_rows", "segment_steps") and key not in meta:
             continue
         if type(meta.get(key)) is not int or meta[key] < 1:
             raise _bad(root, f"{key} {meta.get(key)!r}: expected a positive integer")
 
 
-def _row_widths(n_rows: int, d: int, group: int = GROUP_ROWS) -> list[int]:
-    return [min(group, n_rows - r) * d for r in range(0, n_rows, group)]
+def _row_widths(rows: slice, n_live: int, d: int, group: int, dead_group: int) -> list[int]:
+    """Column group sizes of a stream holding rows ``rows`` of W: live rows in groups of ``group``
+    rows, dead rows (ids >= n_live) in groups of ``dead_group``."""
+    out = []
+    for lo, hi, g in ((rows.start, min(rows.stop, n_live), group), (max(rows.start, n_live), rows.stop, dead_group)):
+        out += [min(g, hi - r) * d for r in range(lo, hi, g)]
+    return out
 
 
 def make_streams(root, meta: dict, parts) -> tuple[dict, Stream, Stream]:
@@ -52,8 +69,9 @@ def make_streams(root, meta: dict, parts) -> tuple[dict, Stream, Stream]:
     V, d = meta["shape"]
     B, n_m = meta["block_steps"], len(meta["matrices"])
     G = meta.get("group_rows", LEGACY_GROUP_ROWS)
-    snaps = {(m, ext): Stream(root, f"{m}.{ext}", (sl.stop - sl.start) * d, dt,
-                              _row_widths(sl.stop - sl.start, d, G), B)
+    widths = {ext: _row_widths(sl, meta["n_live"], d, G, meta.get("dead_group_rows", G)) for ext, sl, _ in parts}
+    snaps = {(m, ext): Stream(root, f"{m}.{ext}", (sl.stop - sl.start) * d, dt, widths[ext], B,
+                              meta.get("segment_steps"))
              for m in meta["matrices"] for ext, sl, dt in parts}
     scalars = Stream(root, "scalars", n_m * 4 * V + d + 1, np.float32, [V] * (4 * n_m) + [d + 1], B)
     probe = Stream(root, "probe", 2, np.float32, [2], B)

@@ -7,23 +7,24 @@ chunk), the block wins and the raw chunk is stale. Only the last chunk may be pa
 """
 from __future__ import annotations
 
+import mmap
 import os
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
-from .codec import (TRAILER, CorruptBlock, check_record, decode_frame, decode_groups, encode_block,
-                    pack_trailer, read_header)
+from .codec import TRAILER, CorruptBlock, check_record, decode_groups, encode_block, pack_trailer, read_header
 from .errors import DucklingError
 
 CACHE_BYTES = 160 << 20  # decoded frames kept per stream (one 64-step bf16 block of W fits)
 
 
 class Stream:
-    def __init__(self, root: Path, name: str, width: int, dtype, widths: list[int], block: int):
+    def __init__(self, root: Path, name: str, width: int, dtype, widths: list[int], block: int,
+                 segment: int | None = None):
         self.root, self.name, self.width, self.dtype = Path(root), name, int(width), np.dtype(dtype)
-        self.widths, self.block = list(widths), int(block)
+        self.widths, self.block, self.segment = list(widths), int(block), segment
         self.bounds = np.cumsum([0] + self.widths)  # column group edges
         self.payload = self.width * self.dtype.itemsize
         self.rec_bytes = self.payload + TRAILER.itemsize
@@ -46,6 +47,8 @@ class Stream:
         if self._headers.get(c, (None,))[0] != key:
             with open(p, "rb") as f:
                 head = f.read(1 << 16)
+                if len(head) >= 16 and head[:8] == b"DUCKBLK2":  # a long frame table: read it whole
+                    head += f.read(max(0, int.from_bytes(head[8:12], "little") + 16 - len(head)))
             try:
                 h, offsets = read_header(head, size)
             except CorruptBlock as e:
@@ -144,10 +147,8 @@ class Stream:
         # read was in this block too (a walk over steps): then decode the block once and keep it
         single = len(local) == 1 and any((c, g) not in self._cache for g in groups) and self._last_single != c
         self._last_single = c if len(local) == 1 else None
-        with open(self.blk_path(c), "rb") as f:
-            buf = f.read()
         todo = [g for g in groups if single or (c, g) not in self._cache]
-        got = decode_groups(buf, h, offsets, todo, at=int(local[0]) if single else None)
+        got = self._decode(c, h, offsets, todo, local if single else None)
         have = {g: got[g] if g in got else self._cache[(c, g)] for g in groups}  # before any eviction
         res = np.empty((len(local), len(cols)), self.dtype)
         for g in groups:
@@ -157,7 +158,7 @@ class Stream:
                 mine = order[edge[g]:edge_hi[g]]
                 inner = cols[mine] - self.bounds[g]
             if single:  # one record of a block not in the cache: sum the differences up to it only
-                res[0, mine] = got[g].view(self.dtype)[inner]
+                res[0, mine] = got[g][0].view(self.dtype)[inner]
                 continue
             arr = have[g]
             if g in got:
@@ -166,6 +167,13 @@ class Stream:
                 self._cache.move_to_end((c, g))
             res[:, mine] = (arr[local] if order is None else arr[local[:, None], inner[None, :]]).view(self.dtype)
         return res
+
+    def _decode(self, c: int, h: dict, offsets, groups, records=None) -> dict:
+        """decode_groups on block c's file, mapped (only the frames used are read)."""
+        if not groups:
+            return {}
+        with open(self.blk_path(c), "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return decode_groups(buf, h, offsets, groups, records)
 
     def _remember(self, key, arr: np.ndarray) -> None:
         old = self._cache.pop(key, None)
@@ -188,13 +196,12 @@ class Stream:
     def write_block(self, c: int, records: np.ndarray, steps) -> int:
         """Encode block c, decode it back and compare with ``records`` bit for bit, then write it
         atomically (tmp, fsync, rename); returns its size."""
-        blob = encode_block(records, steps, self.widths)
+        blob = encode_block(records, steps, self.widths, segment=self.segment)
         h, offsets = read_header(blob, len(blob))
+        got = decode_groups(blob, h, offsets, range(len(self.widths)))  # in this thread (the writer's niced one)
         u = records.view(np.uint16 if records.dtype.itemsize == 2 else np.uint32)
-        for g, (lo, hi, length) in enumerate(h["frames"]):  # in this thread (the writer's niced one)
-            got = decode_frame(blob[offsets[g]:offsets[g] + length], h["n"], hi - lo, h["itemsize"])
-            if not np.array_equal(got, u[:, lo:hi]):
-                raise CorruptBlock(f"{self.blk_path(c)}: the encoded block does not decode to its records")
+        if not all(np.array_equal(got[g], u[:, lo:hi]) for g, (lo, hi, *_) in enumerate(h["frames"])):
+            raise CorruptBlock(f"{self.blk_path(c)}: the encoded block does not decode to its records")
         tmp = self.blk_path(c).with_suffix(".blk.tmp")
         with open(tmp, "wb") as f:
             f.write(blob)
@@ -215,7 +222,7 @@ class Stream:
     def decode_all(self, c: int) -> tuple[np.ndarray, np.ndarray]:
         """Every record of block c: ((n, width) dtype, steps)."""
         h, offsets = self._header(c)
-        got = decode_groups(open(self.blk_path(c), "rb").read(), h, offsets, range(len(h["frames"])))
+        got = self._decode(c, h, offsets, range(len(h["frames"])))
         data = np.concatenate([got[g] for g in range(len(h["frames"]))], axis=1)
         return data.view(self.dtype), np.asarray(h["steps"], np.int64)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import N_LIVE, RecordConfig
 from .errors import DucklingError
-from .format_v2 import BLOCK_STEPS, FORMAT_V2, GROUP_ROWS, LEGACY_GROUP_ROWS, make_streams
+from .format_v2 import BLOCK_STEPS, FORMAT_V2, layout_keys, make_streams
 from .recording import (FIELDS, SHAPE, SUBDIR, V1_CHUNK_STEPS, _atomic_json, _count, _Layout,
                         f32_to_bf16_bits, snapshot_parts)
 from .streams import CorruptBlock, pack_trailer
@@ -100,7 +100,7 @@ class RecordingWriter:
                 "n_live": int(n_live), "n_dead": int(shape[0] - n_live), "fields": list(FIELDS),
                 "probe_columns": ["step", "dead_mass", "max_dead_prob"], **(extra_meta or {})}
         if self.v2:
-            meta["block_steps"], meta["group_rows"] = int(block_steps), GROUP_ROWS
+            meta.update(layout_keys(block_steps))
         else:
             meta["chunk_steps"] = int(chunk_steps)
         self._compactor = None
@@ -193,7 +193,10 @@ class RecordingWriter:
             self.counts[st.name] = keep
         self.n_scalar = self.counts["scalars"]
         # the files' own layout wins (a block length is fixed when the recording is created)
-        meta["block_steps"], meta["group_rows"] = old["block_steps"], old.get("group_rows", LEGACY_GROUP_ROWS)
+        for key in layout_keys(old["block_steps"]):  # absent in older files: absent here too
+            meta.pop(key, None)
+            if key in old:
+                meta[key] = old[key]
         old.update(meta, status="recording")
         _atomic_json(root / "meta.json", old)
 

@@ -67,7 +67,7 @@ def test_v2_is_bit_identical_to_v1(tmp_path, precision):
     v1, v2 = Recording(tmp_path / "v1"), Recording(tmp_path / "v2")
     same(v1, v2)
     assert v2.meta["format_version"] == 2 and v1.compression_ratio == pytest.approx(1.0, abs=0.05)
-    assert abs(v2.raw_bytes - v1.raw_bytes) < 64 and v2.bytes_on_disk < v1.bytes_on_disk  # meta.json differs
+    assert abs(v2.raw_bytes - v1.raw_bytes) < 160 and v2.bytes_on_disk < v1.bytes_on_disk  # meta.json differs
     assert not list(v2.root.glob("*.raw"))  # a finished recording is fully compacted
     assert v2.rows("norm")[3:5].shape == (2, V) and v2.rows("norm", steps=[2])[0, 1] == v1.rows("norm")[2, 1]
 

@@ -1,0 +1,95 @@
+"""The block codec (duckling/codec.py): exact round trips for every layout it writes and reads, any
+subset of records, and the first format-2 layout (no segments, 64-row groups) still read."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import duckling.writer
+from duckling import codec
+from duckling.errors import DucklingError
+from duckling.recording import Recording
+
+from test_recording_v2 import B, N_LIVE, V, _files, _flip, same, write
+
+WIDTHS = [16, 16, 16, 8, 4, 4, 4, 1, 1]  # uneven groups, like W's 16-row live and 1-row dead groups
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+@pytest.mark.parametrize("segment", [None, 1, 2, 3, 32])
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 64])
+def test_round_trip_is_exact_for_any_records(n, segment, dtype):
+    rng = np.random.default_rng(n)
+    top = np.iinfo(dtype).max
+    walk = rng.integers(-3, 4, (n, sum(WIDTHS))).cumsum(0)  # small steps (like training) ...
+    x = (rng.integers(0, top, sum(WIDTHS), dtype=np.uint64) + walk).astype(dtype)  # ... wrapping around
+    x[:, -1] = rng.integers(0, top, n, dtype=np.uint64).astype(dtype)  # and one column of noise
+    blob = codec.encode_block(x, range(10, 10 + n), WIDTHS, segment=segment)
+    h, offsets = codec.read_header(blob, len(blob))
+    assert h["steps"] == list(range(10, 10 + n)) and h.get("segment") == segment
+    got = codec.decode_groups(blob, h, offsets, range(len(WIDTHS)))
+    assert np.array_equal(np.concatenate([got[g] for g in range(len(WIDTHS))], axis=1), x)
+    bounds = np.cumsum([0, *WIDTHS])
+    for records in ([0], [n - 1], [n // 2], list(range(0, n, 2)), list(range(n // 2, n))):
+        got = codec.decode_groups(blob, h, offsets, [1, 7, 8], records)
+        for g in (1, 7, 8):
+            assert np.array_equal(got[g], x[records, bounds[g]:bounds[g + 1]]), (records, g)
+
+
+def test_segments_cut_a_snapshot_read_to_the_anchor_and_one_range():
+    x = np.arange(64 * 32, dtype=np.uint16).reshape(64, 32)
+    blob = codec.encode_block(x, range(64), [16, 16], segment=32)
+    h, offsets = codec.read_header(blob, len(blob))
+    assert h["ranges"] == [(0, 1), (1, 32), (32, 64)] and all(len(o) == 4 for o in offsets)
+    one = codec._decode_batch(blob, h, offsets, [0, 1], 16, np.array([40]))
+    assert np.array_equal(one[:, 0], x[40].reshape(2, 16))
+    blob = bytearray(blob)
+    blob[offsets[0][1] + 5] ^= 0xFF  # damage records 1..31 of group 0: record 40 still reads
+    assert np.array_equal(codec._decode_batch(bytes(blob), h, offsets, [0], 16, np.array([40]))[0, 0], x[40, :16])
+    with pytest.raises(codec.CorruptBlock):
+        codec._decode_batch(bytes(blob), h, offsets, [0], 16, np.array([5]))
+
+
+def test_bad_frame_tables_are_refused():
+    blob = codec.encode_block(np.zeros((4, 8), np.uint16), range(4), [4, 4], segment=2)
+    h, _ = codec.read_header(blob, len(blob))
+    for table in ([[0, 4, 9, 9], [4, 8, 9, 9]], [[0, 4, 9, 9, 9], [4, 8, 9, 9]]):  # a frame missing
+        head = json.dumps(dict({k: v for k, v in h.items() if k != "ranges"}, frames=table)).encode()
+        bad = codec.MAGIC + len(head).to_bytes(4, "little") + codec.zlib.crc32(head).to_bytes(4, "little") + head
+        with pytest.raises(codec.CorruptBlock):
+            codec.read_header(bad, len(bad) + 36)
+
+
+def test_the_first_v2_layout_is_still_read_and_resumed(tmp_path, monkeypatch):
+    """Recordings written before segments and 1-row dead groups (meta.json without segment_steps and
+    dead_group_rows, 64-row groups) read bit-identically and resume in their own layout."""
+    legacy = lambda block_steps: {"block_steps": int(block_steps)}  # noqa: E731 - the first v2 meta
+    write(tmp_path / "v1", fmt=1, steps=range(21))
+    write(tmp_path / "new", steps=range(21))
+    monkeypatch.setattr(duckling.writer, "layout_keys", legacy)
+    write(tmp_path / "full", steps=range(21))
+    write(tmp_path / "cut", steps=range(14), close="interrupted")
+    monkeypatch.undo()
+    write(tmp_path / "cut", steps=range(10, 21))  # resumed by today's writer: the files' layout wins
+    meta = json.loads((tmp_path / "cut" / "recording" / "meta.json").read_text())
+    assert "segment_steps" not in meta and "dead_group_rows" not in meta and meta["block_steps"] == B
+    assert _files(tmp_path / "full") == _files(tmp_path / "cut")
+    assert _files(tmp_path / "full") != _files(tmp_path / "new")  # the layouts really differ
+    for run in ("full", "new"):
+        same(Recording(tmp_path / "v1"), Recording(tmp_path / run))
+
+
+def test_a_flipped_byte_in_a_one_row_dead_frame_is_detected(tmp_path):
+    write(tmp_path)
+    rec = Recording(tmp_path)
+    s = rec._v2.snaps[("wte", "u16")]
+    h, offsets = s._header(0)
+    dead = len(s.widths) - 1  # the last dead row's group: one row
+    assert s.widths[dead] == rec.shape[1] and s.widths[0] == 16 * rec.shape[1]
+    path = tmp_path / "recording" / "wte.u16.00000.blk"
+    _flip(path, path.stat().st_size - (offsets[dead][1] + offsets[dead][2]) // 2)  # its frame of record 1
+    with pytest.raises(DucklingError, match="steps 0..6"):
+        Recording(tmp_path).trajectory([V - 1])
+    assert Recording(tmp_path).trajectory([0, N_LIVE]).shape[1] == 2  # its neighbours still read
