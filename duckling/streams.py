@@ -151,12 +151,16 @@ class Stream:
         got = self._decode(c, h, offsets, todo, local if single else None)
         have = {g: got[g] if g in got else self._cache[(c, g)] for g in groups}  # before any eviction
         res = np.empty((len(local), len(cols)), self.dtype)
+        every_record = len(local) == h["n"] and (local == np.arange(h["n"])).all()
         for g in groups:
             if order is None:  # every column: group g fills res[:, bounds[g]:bounds[g + 1]] whole
                 mine, inner = slice(edge[g], edge_hi[g]), slice(None)
             else:
                 mine = order[edge[g]:edge_hi[g]]
                 inner = cols[mine] - self.bounds[g]
+                if len(inner) == self.widths[g] and (inner == np.arange(len(inner))).all() \
+                        and (np.diff(mine) == 1).all():  # a whole group into consecutive columns
+                    mine, inner = slice(int(mine[0]), int(mine[-1]) + 1), slice(None)
             if single:  # one record of a block not in the cache: sum the differences up to it only
                 res[0, mine] = got[g][0].view(self.dtype)[inner]
                 continue
@@ -165,7 +169,12 @@ class Stream:
                 self._remember((c, g), arr)
             elif (c, g) in self._cache:
                 self._cache.move_to_end((c, g))
-            res[:, mine] = (arr[local] if order is None else arr[local[:, None], inner[None, :]]).view(self.dtype)
+            if every_record:
+                res[:, mine] = arr[:, inner].view(self.dtype)
+            elif isinstance(inner, slice):
+                res[:, mine] = arr[local][:, inner].view(self.dtype)
+            else:
+                res[:, mine] = arr[local[:, None], inner[None, :]].view(self.dtype)
         return res
 
     def _decode(self, c: int, h: dict, offsets, groups, records=None) -> dict:
