@@ -203,10 +203,10 @@ def _decode_batch(buf, h, offsets, gs: list[int], gw: int, records: np.ndarray) 
         if not len(sel):
             continue
         rel = records[sel] - a
-        z = _values(frame, w, gw, b - a, int(rel[-1]) + 1)
-        if len(sel) == 1:  # one record: sum its differences, no running sum (the sum wraps like them)
-            z = z.sum(axis=2, dtype=t, keepdims=True)
+        if len(sel) == 1:  # one record: sum its differences, no running sum (the sums wrap like them)
+            z = _values(frame, w, gw, b - a, int(rel[0]) + 1).sum(axis=2, dtype=t, keepdims=True)
         else:
+            z = _values(frame, w, gw, b - a, int(rel[-1]) + 1)
             np.cumsum(z, axis=2, dtype=t, out=z)
             if len(rel) != rel[-1] + 1:  # not every record of the range: keep the asked ones
                 z = z[:, :, rel]
@@ -216,22 +216,27 @@ def _decode_batch(buf, h, offsets, gs: list[int], gw: int, records: np.ndarray) 
     return out
 
 
-def decode_groups(buf, header: dict, offsets, groups, records=None) -> dict:
-    """Records ``records`` (local positions; None: all) of the column groups ``groups`` (indices
-    into header["frames"]): {g: (len(records), width) array}. ``buf`` is the block's bytes (or a
-    mmap of them); runs of equal-width groups are decoded together, in parallel chunks."""
+def decode_runs(buf, header: dict, offsets, groups, records=None) -> list[tuple[list[int], np.ndarray]]:
+    """Records ``records`` (local positions, sorted; None: all) of the column groups ``groups``
+    (indices into header["frames"]), as [(groups of a run, (ng, len(records), width) array)]: runs
+    of consecutive equal-width groups (~4 MB of decoded frames each), decoded in parallel. ``buf`` is
+    the block's bytes or a mmap of them."""
     records = np.arange(header["n"]) if records is None else np.unique(np.asarray(records, np.int64))
     table, size = header["frames"], header["n"] * header["itemsize"]
+    width = lambda g: table[g][1] - table[g][0]  # noqa: E731
     jobs: list[list[int]] = []
-    for g in sorted(groups):  # batches of consecutive equal-width groups, ~4 MB of decoded frames each
-        gw = table[g][1] - table[g][0]
-        if not jobs or gw != table[jobs[-1][0]][1] - table[jobs[-1][0]][0] \
-                or len(jobs[-1]) >= max(1, (4 << 20) // (gw * size)):
+    for g in sorted(groups):
+        if not jobs or width(g) != width(jobs[-1][0]) or g != jobs[-1][-1] + 1 \
+                or len(jobs[-1]) >= max(1, (4 << 20) // (width(g) * size)):
             jobs.append([])
         jobs[-1].append(g)
-    run = lambda gs: _decode_batch(buf, header, offsets, gs, table[gs[0]][1] - table[gs[0]][0], records)  # noqa: E731
-    results = list(_POOL.map(run, jobs)) if len(jobs) > 1 else [run(j) for j in jobs]
-    return {g: res[i] for gs, res in zip(jobs, results) for i, g in enumerate(gs)}
+    run = lambda gs: _decode_batch(buf, header, offsets, gs, width(gs[0]), records)  # noqa: E731
+    return list(zip(jobs, _POOL.map(run, jobs) if len(jobs) > 1 else map(run, jobs)))
+
+
+def decode_groups(buf, header: dict, offsets, groups, records=None) -> dict:
+    """decode_runs as {group: (len(records), width) array}."""
+    return {g: arr[i] for gs, arr in decode_runs(buf, header, offsets, groups, records) for i, g in enumerate(gs)}
 
 
 # --- raw records (the append-only tail) ------------------------------------------------------

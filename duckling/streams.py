@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .codec import TRAILER, CorruptBlock, check_record, decode_groups, encode_block, pack_trailer, read_header
+from .codec import (TRAILER, CorruptBlock, check_record, decode_groups, decode_runs, encode_block, pack_trailer,
+                    read_header)
 from .errors import DucklingError
 
 CACHE_BYTES = 160 << 20  # decoded frames kept per stream (one 64-step bf16 block of W fits)
@@ -147,6 +148,12 @@ class Stream:
         # read was in this block too (a walk over steps): then decode the block once and keep it
         single = len(local) == 1 and any((c, g) not in self._cache for g in groups) and self._last_single != c
         self._last_single = c if len(local) == 1 else None
+        if single and order is None:  # one whole record: each run of groups straight into place
+            res = np.empty((1, len(cols)), self.dtype)
+            with self._map(c) as buf:
+                for gs, arr in decode_runs(buf, h, offsets, groups, local):
+                    res[0, self.bounds[gs[0]]:self.bounds[gs[0]] + arr.size] = arr.reshape(-1).view(self.dtype)
+            return res
         todo = [g for g in groups if single or (c, g) not in self._cache]
         got = self._decode(c, h, offsets, todo, local if single else None)
         have = {g: got[g] if g in got else self._cache[(c, g)] for g in groups}  # before any eviction
@@ -177,11 +184,16 @@ class Stream:
                 res[:, mine] = arr[local[:, None], inner[None, :]].view(self.dtype)
         return res
 
+    def _map(self, c: int) -> mmap.mmap:
+        """Block c's file, mapped read-only (only the frames a read uses are read from disk)."""
+        with open(self.blk_path(c), "rb") as f:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
     def _decode(self, c: int, h: dict, offsets, groups, records=None) -> dict:
-        """decode_groups on block c's file, mapped (only the frames used are read)."""
+        """decode_groups on block c's file."""
         if not groups:
             return {}
-        with open(self.blk_path(c), "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        with self._map(c) as buf:
             return decode_groups(buf, h, offsets, groups, records)
 
     def _remember(self, key, arr: np.ndarray) -> None:

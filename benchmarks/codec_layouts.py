@@ -1,0 +1,89 @@
+"""Block layouts of recording format 2 compared on the W blocks of a real run: size, encoding time, a
+random snapshot's decode time and a 16-dead-row trajectory's decode time, per layout.
+
+    python -P benchmarks/codec_layouts.py RUN [--blocks 2 15 30]
+
+RUN is a finished run folder recorded in bf16 every step (``benchmarks/recording_size.py --keep``
+leaves one). Each chosen block of W is decoded once, then re-encoded in every layout with
+``duckling.codec`` (the format's own encoder and decoder, in memory; nothing is written):
+  rows G / dead G: rows of W per zstd frame for the live / the dead rows
+  segment:         records per time range after the anchor (none: one range over the whole block)
+Per layout it prints the ratio (raw bf16 bytes / encoded bytes, all chosen blocks together), the
+encoding time per block, the median time to decode one random record of every row (a snapshot) and
+the time to decode every record of 16 random dead rows (a trajectory), both per block, all on the
+codec's thread pool. The first layout is the format's first one (docs/recording.md), the last the
+current default. Run it under the CPU lock: ``flock /tmp/duckling-cpu.lock python -P ...``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path[0] = os.path.dirname(sys.path[0])  # benchmarks/tokenize.py would shadow the stdlib
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+LAYOUTS = [  # (rows G, dead rows G, segment)
+    (16, 16, None), (16, 1, None), (16, 16, 32), (16, 4, 32), (16, 1, 16), (16, 1, 32)]
+
+
+def widths(V: int, d: int, n_live: int, g: int, g_dead: int) -> list[int]:
+    from duckling.format_v2 import _row_widths
+
+    return _row_widths(slice(0, V), n_live, d, g, g_dead)
+
+
+def main() -> None:
+    from duckling import codec
+    from duckling.recording import Recording
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("run")
+    ap.add_argument("--blocks", type=int, nargs="+", default=[2, 15, 30], help="W block numbers (64 steps each)")
+    a = ap.parse_args()
+    rec = Recording(a.run)
+    if rec.precision != "bf16" or rec.every != 1:
+        raise SystemExit(f"{a.run}: needs an every-step bf16 recording")
+    stream = rec._v2.snaps[("wte", "u16")]
+    blocks = [b for b in a.blocks if (b + 1) * stream.block <= len(rec.steps)]
+    data = [stream.decode_all(b)[0].view(np.uint16) for b in blocks]
+    V, d = rec.shape
+    rng = np.random.default_rng(0)
+    dead_rows = rng.choice(np.arange(rec.n_live, V), 16, replace=False)
+    out = []
+    for g, g_dead, seg in LAYOUTS:
+        ws = widths(V, d, rec.n_live, g, g_dead)
+        bounds = np.cumsum([0, *ws])
+        size, t_enc, t_snap, t_traj = 0, [], [], []
+        for x in data:
+            t0 = time.perf_counter()
+            blob = codec.encode_block(x, range(len(x)), ws, segment=seg)
+            t_enc.append(time.perf_counter() - t0)
+            size += len(blob)
+            h, offsets = codec.read_header(blob, len(blob))
+            for k in rng.integers(0, len(x), 5):
+                t0 = time.perf_counter()
+                got = codec.decode_groups(blob, h, offsets, range(len(ws)), [int(k)])
+                t_snap.append(time.perf_counter() - t0)
+            assert np.array_equal(np.concatenate([got[i] for i in range(len(ws))], axis=1)[0], x[k])
+            groups = sorted({int(np.searchsorted(bounds, r * d, side="right") - 1) for r in dead_rows})
+            t0 = time.perf_counter()
+            codec.decode_groups(blob, h, offsets, groups)
+            t_traj.append(time.perf_counter() - t0)
+        row = {"rows_G": g, "dead_rows_G": g_dead, "segment": seg or "none",
+               "ratio": round(sum(x.nbytes for x in data) / size, 2),
+               "encode_ms_per_block": round(float(np.median(t_enc)) * 1e3),
+               "snapshot_decode_ms": round(float(np.median(t_snap)) * 1e3, 1),
+               "trajectory16_decode_ms": round(float(np.median(t_traj)) * 1e3, 2)}
+        out.append(row)
+        print("  ".join(f"{k}: {v}" for k, v in row.items()), flush=True)
+    print(json.dumps({"run": str(a.run), "blocks": [f"steps {b * 64}-{b * 64 + 63}" for b in blocks], "layouts": out}))
+
+
+if __name__ == "__main__":
+    main()
