@@ -159,19 +159,24 @@ def read_header(buf: bytes, file_size: int) -> tuple[dict, list[list[int]]]:
     return h, offsets
 
 
-def _decompress(buf, offsets, gs: list[int], rs: list[int], sizes: list[int]) -> np.ndarray:
-    """Frames rs (with decoded sizes ``sizes``) of each group in gs, in one C call (zstd checks every
-    frame's checksum): (len(gs), sum(sizes)) uint8."""
-    segs = np.array([(offsets[g][r], offsets[g][r + 1] - offsets[g][r]) for g in gs for r in rs], np.uint64)
+def _decompress(items, rs: list[int], sizes: list[int]) -> np.ndarray:
+    """Frames rs (decoded sizes ``sizes``) of each (block buffer, group's frame offsets) in items, in
+    one C call (zstd checks every frame's checksum): (len(items), sum(sizes)) uint8."""
+    if all(b is items[0][0] for b, _ in items):  # one block: the span of its frames, copied (so
+        segs = np.array([(o[r], o[r + 1] - o[r]) for _, o in items for r in rs], np.int64)  # that no
+        lo, hi = int(segs[:, 0].min()), int((segs[:, 0] + segs[:, 1]).max())  # mmap stays exported)
+        segs[:, 0] -= lo
+        frames = zstd.BufferWithSegments(items[0][0][lo:hi], segs.astype(np.uint64).tobytes())
+    else:  # frames of several blocks: copies of their compressed bytes
+        frames = [b[o[r]:o[r + 1]] for b, o in items for r in rs]
     try:
         out = zstd.ZstdDecompressor().multi_decompress_to_buffer(
-            zstd.BufferWithSegments(buf, segs.tobytes()),
-            decompressed_sizes=np.array(sizes * len(gs), np.uint64).tobytes(), threads=0)
+            frames, decompressed_sizes=np.array(sizes * len(items), np.uint64).tobytes(), threads=0)
     except zstd.ZstdError as e:
         raise CorruptBlock(f"zstd: {e}") from None
-    if out.size() != len(gs) * sum(sizes):
+    if out.size() != len(items) * sum(sizes):
         raise CorruptBlock("a frame holds the wrong number of bytes")
-    return np.concatenate([np.frombuffer(out[i], np.uint8) for i in range(len(out))]).reshape(len(gs), -1)
+    return np.concatenate([np.frombuffer(out[i], np.uint8) for i in range(len(out))]).reshape(len(items), -1)
 
 
 def _values(raw: np.ndarray, w: int, gw: int, m: int, upto: int) -> np.ndarray:
@@ -184,15 +189,16 @@ def _values(raw: np.ndarray, w: int, gw: int, m: int, upto: int) -> np.ndarray:
     return _undo_zigzag(z)
 
 
-def _decode_batch(buf, h, offsets, gs: list[int], gw: int, records: np.ndarray) -> np.ndarray:
-    """Records (sorted local positions) of the groups gs (all gw columns wide): (ng, len, gw)."""
+def _decode_batch(items, h, gw: int, records: np.ndarray) -> np.ndarray:
+    """Records (sorted local positions) of groups gw columns wide, given as (block buffer, the
+    group's frame offsets) in items, of blocks laid out like header h: (len(items), len, gw)."""
     w, t, ranges = h["itemsize"], _UINT[h["itemsize"]], h["ranges"]
     need = [r for r, (a, b) in enumerate(ranges) if ((records >= a) & (records < b)).any()]
     if ranges[need[-1]][0] >= 1 and 0 not in need:  # the anchor: later ranges start from record 0
         need.insert(0, 0)
     sizes = [gw * (ranges[r][1] - ranges[r][0]) * w for r in need]
-    raw = _decompress(buf, offsets, gs, need, sizes)
-    out = np.empty((len(gs), len(records), gw), t)
+    raw = _decompress(items, need, sizes)
+    out = np.empty((len(items), len(records), gw), t)
     base, pos = None, 0
     for r, size in zip(need, sizes):
         a, b = ranges[r]
@@ -230,8 +236,30 @@ def decode_runs(buf, header: dict, offsets, groups, records=None) -> list[tuple[
                 or len(jobs[-1]) >= max(1, (4 << 20) // (width(g) * size)):
             jobs.append([])
         jobs[-1].append(g)
-    run = lambda gs: _decode_batch(buf, header, offsets, gs, width(gs[0]), records)  # noqa: E731
+    run = lambda gs: _decode_batch([(buf, offsets[g]) for g in gs], header, width(gs[0]), records)  # noqa: E731
     return list(zip(jobs, _POOL.map(run, jobs) if len(jobs) > 1 else map(run, jobs)))
+
+
+def decode_blocks(blocks) -> list[dict]:
+    """Every record of some groups of several blocks, decoded together (one zstd call and one
+    numpy pass per ~4 MB of frames of equal layout, across blocks): blocks is a list of (buffer,
+    header, offsets, groups); returns per block {group: (n, width) array}."""
+    batches: dict = {}
+    for i, (buf, h, offsets, groups) in enumerate(blocks):
+        for g in groups:
+            key = (h["n"], h.get("segment"), h["itemsize"], h["frames"][g][1] - h["frames"][g][0])
+            batches.setdefault(key, []).append((i, g, buf, offsets[g], h))
+    jobs = []
+    for (n, _, w, gw), items in batches.items():
+        per_job = max(1, (4 << 20) // (gw * n * w))
+        jobs += [items[j:j + per_job] for j in range(0, len(items), per_job)]
+    run = lambda job: _decode_batch([(b, o) for _, _, b, o, _ in job], job[0][4], job[0][4]["frames"][job[0][1]][1]  # noqa: E731
+                                    - job[0][4]["frames"][job[0][1]][0], np.arange(job[0][4]["n"]))
+    out: list[dict] = [{} for _ in blocks]
+    for job, arr in zip(jobs, _POOL.map(run, jobs) if len(jobs) > 1 else map(run, jobs)):
+        for k, (i, g, *_) in enumerate(job):
+            out[i][g] = arr[k]
+    return out
 
 
 def decode_groups(buf, header: dict, offsets, groups, records=None) -> dict:

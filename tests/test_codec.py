@@ -43,13 +43,26 @@ def test_segments_cut_a_snapshot_read_to_the_anchor_and_one_range():
     blob = codec.encode_block(x, range(64), [16, 16], segment=32)
     h, offsets = codec.read_header(blob, len(blob))
     assert h["ranges"] == [(0, 1), (1, 32), (32, 64)] and all(len(o) == 4 for o in offsets)
-    one = codec._decode_batch(blob, h, offsets, [0, 1], 16, np.array([40]))
-    assert np.array_equal(one[:, 0], x[40].reshape(2, 16))
+    one = codec.decode_groups(blob, h, offsets, [0, 1], [40])
+    assert np.array_equal(np.concatenate([one[0], one[1]], axis=1), x[[40]])
     blob = bytearray(blob)
     blob[offsets[0][1] + 5] ^= 0xFF  # damage records 1..31 of group 0: record 40 still reads
-    assert np.array_equal(codec._decode_batch(bytes(blob), h, offsets, [0], 16, np.array([40]))[0, 0], x[40, :16])
+    assert np.array_equal(codec.decode_groups(bytes(blob), h, offsets, [0], [40])[0], x[[40], :16])
     with pytest.raises(codec.CorruptBlock):
-        codec._decode_batch(bytes(blob), h, offsets, [0], 16, np.array([5]))
+        codec.decode_groups(bytes(blob), h, offsets, [0], [5])
+
+
+def test_blocks_decode_together_as_they_do_alone():
+    rng = np.random.default_rng(0)
+    xs = [rng.integers(0, 9, (n, sum(WIDTHS)), dtype=np.uint16).cumsum(0, dtype=np.uint16) for n in (8, 8, 5)]
+    blobs = [codec.encode_block(x, range(len(x)), WIDTHS, segment=s) for x, s in zip(xs, (4, 4, None))]
+    heads = [codec.read_header(b, len(b)) for b in blobs]
+    got = codec.decode_blocks([(b, h, o, [0, 3, 8]) for b, (h, o) in zip(blobs, heads)])
+    bounds = np.cumsum([0, *WIDTHS])
+    for x, per_block in zip(xs, got):
+        assert sorted(per_block) == [0, 3, 8]
+        for g, arr in per_block.items():
+            assert np.array_equal(arr, x[:, bounds[g]:bounds[g + 1]])
 
 
 def test_bad_frame_tables_are_refused():
