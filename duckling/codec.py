@@ -165,12 +165,12 @@ def read_header(buf: bytes, file_size: int) -> tuple[dict, list[list[int]]]:
 def _decompress(items, rs: list[int], sizes: list[int]) -> np.ndarray:
     """Frames rs (decoded sizes ``sizes``) of each (block buffer, group's frame offsets) in items, in
     one C call (zstd checks every frame's checksum): (len(items), sum(sizes)) uint8."""
-    if all(b is items[0][0] for b, _ in items):  # one block: the span of its frames, copied (so
-        segs = np.array([(o[r], o[r + 1] - o[r]) for _, o in items for r in rs], np.int64)  # that no
-        lo, hi = int(segs[:, 0].min()), int((segs[:, 0] + segs[:, 1]).max())  # mmap stays exported)
-        segs[:, 0] -= lo
-        frames = zstd.BufferWithSegments(items[0][0][lo:hi], segs.astype(np.uint64).tobytes())
-    else:  # frames of several blocks: copies of their compressed bytes
+    segs = np.array([(o[r], o[r + 1] - o[r]) for _, o in items for r in rs], np.int64)
+    lo, hi = int(segs[:, 0].min()), int((segs[:, 0] + segs[:, 1]).max())
+    if all(b is items[0][0] for b, _ in items) and hi - lo <= 2 * int(segs[:, 1].sum()) + (1 << 16):
+        segs[:, 0] -= lo  # frames of one block, close together: one copy of their span (a copy, so
+        frames = zstd.BufferWithSegments(items[0][0][lo:hi], segs.astype(np.uint64).tobytes())  # that
+    else:  # no mmap stays exported); scattered frames, or several blocks': a copy of each frame
         frames = [b[o[r]:o[r + 1]] for b, o in items for r in rs]
     try:
         out = zstd.ZstdDecompressor().multi_decompress_to_buffer(
@@ -225,22 +225,28 @@ def _decode_batch(items, h, gw: int, records: np.ndarray) -> np.ndarray:
     return out
 
 
-def decode_runs(buf, header: dict, offsets, groups, records=None) -> list[tuple[list[int], np.ndarray]]:
+def decode_runs(buf, header: dict, offsets, groups, records=None, consecutive: bool = True) -> list:
     """Records ``records`` (local positions, sorted; None: all) of the column groups ``groups``
-    (indices into header["frames"]), as [(groups of a run, (ng, len(records), width) array)]: runs
-    of consecutive equal-width groups (~4 MB of decoded frames each), decoded in parallel. ``buf`` is
-    the block's bytes or a mmap of them."""
+    (indices into header["frames"]), as [(groups of a batch, (ng, len(records), width) array)]:
+    batches of equal-width groups (consecutive ones only, by default: runs of columns), ~4 MB of
+    decoded frames each, decoded in parallel. ``buf`` is the block's bytes or a mmap of them."""
     records = np.arange(header["n"]) if records is None else np.unique(np.asarray(records, np.int64))
     table, size = header["frames"], header["n"] * header["itemsize"]
     width = lambda g: table[g][1] - table[g][0]  # noqa: E731
     jobs: list[list[int]] = []
     for g in sorted(groups):
-        if not jobs or width(g) != width(jobs[-1][0]) or g != jobs[-1][-1] + 1 \
+        if not jobs or width(g) != width(jobs[-1][0]) or (consecutive and g != jobs[-1][-1] + 1) \
                 or len(jobs[-1]) >= max(1, (4 << 20) // (width(g) * size)):
             jobs.append([])
         jobs[-1].append(g)
     run = lambda gs: _decode_batch([(buf, offsets[g]) for g in gs], header, width(gs[0]), records)  # noqa: E731
     return list(zip(jobs, _POOL.map(run, jobs) if len(jobs) > 1 else map(run, jobs)))
+
+
+def decode_groups(buf, header: dict, offsets, groups, records=None) -> dict:
+    """decode_runs as {group: (len(records), width) array}."""
+    return {g: arr[i] for gs, arr in decode_runs(buf, header, offsets, groups, records, consecutive=False)
+            for i, g in enumerate(gs)}
 
 
 def decode_blocks(blocks) -> list[dict]:
@@ -263,11 +269,6 @@ def decode_blocks(blocks) -> list[dict]:
         for k, (i, g, *_) in enumerate(job):
             out[i][g] = arr[k]
     return out
-
-
-def decode_groups(buf, header: dict, offsets, groups, records=None) -> dict:
-    """decode_runs as {group: (len(records), width) array}."""
-    return {g: arr[i] for gs, arr in decode_runs(buf, header, offsets, groups, records) for i, g in enumerate(gs)}
 
 
 # --- raw records (the append-only tail) ------------------------------------------------------
