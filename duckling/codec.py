@@ -232,14 +232,17 @@ def decode_runs(buf, header: dict, offsets, groups, records=None, consecutive: b
     decoded frames each, decoded in parallel. ``buf`` is the block's bytes or a mmap of them."""
     records = np.arange(header["n"]) if records is None else np.unique(np.asarray(records, np.int64))
     table, size = header["frames"], header["n"] * header["itemsize"]
-    width = lambda g: table[g][1] - table[g][0]  # noqa: E731
     jobs: list[list[int]] = []
+    last_w = last_g = cap = None
     for g in sorted(groups):
-        if not jobs or width(g) != width(jobs[-1][0]) or (consecutive and g != jobs[-1][-1] + 1) \
-                or len(jobs[-1]) >= max(1, (4 << 20) // (width(g) * size)):
+        w = table[g][1] - table[g][0]
+        if w != last_w or (consecutive and g != last_g + 1) or len(jobs[-1]) >= cap:
             jobs.append([])
+            last_w, cap = w, max(1, (4 << 20) // (w * size))
         jobs[-1].append(g)
-    run = lambda gs: _decode_batch([(buf, offsets[g]) for g in gs], header, width(gs[0]), records)  # noqa: E731
+        last_g = g
+    run = lambda gs: _decode_batch([(buf, offsets[g]) for g in gs], header, table[gs[0]][1] - table[gs[0]][0],  # noqa: E731
+                                   records)
     return list(zip(jobs, _POOL.map(run, jobs) if len(jobs) > 1 else map(run, jobs)))
 
 

@@ -34,6 +34,8 @@ class Stream:
         self._cache_bytes = 0  # sum of the cached arrays' nbytes (kept, not recomputed per insert)
         self._headers: dict = {}
         self._last_single = None  # block of the last one-record read
+        self._whole = None  # the column plan of a whole-record read
+        self._all_cols = None  # np.arange(width), made once
 
     def raw_path(self, c: int) -> Path:
         return self.root / f"{self.name}.{c:05d}.raw"
@@ -101,7 +103,12 @@ class Stream:
 
         ``steps`` is the stream's step array (for error messages). Verifies every byte it uses."""
         positions = np.asarray(positions, np.int64)
-        cols = np.arange(self.width)[cols] if isinstance(cols, slice) else np.asarray(cols, np.int64)
+        if isinstance(cols, slice):
+            if self._all_cols is None:
+                self._all_cols = np.arange(self.width)
+            cols = self._all_cols if cols == slice(None) else self._all_cols[cols]
+        else:
+            cols = np.asarray(cols, np.int64)
         out = np.empty((len(positions), len(cols)), self.dtype)
         chunk_of = positions // self.block
         plan = self._prefetch(np.unique(chunk_of, return_counts=True), cols)
@@ -166,7 +173,10 @@ class Stream:
         """(every column in order?, [(group, columns of the result, columns of the group)]) for a
         read of ``cols``; slices wherever a whole group lands in consecutive columns."""
         if len(cols) == self.width and cols[0] == 0 and cols[-1] == self.width - 1:
-            return True, [(g, slice(self.bounds[g], self.bounds[g + 1]), slice(None)) for g in range(len(self.widths))]
+            if self._whole is None:  # the same for every whole-record read: made once
+                self._whole = True, [(g, slice(self.bounds[g], self.bounds[g + 1]), slice(None))
+                                     for g in range(len(self.widths))]
+            return self._whole
         g_of = np.searchsorted(self.bounds, cols, side="right") - 1
         order = np.argsort(g_of, kind="stable")  # columns of each group: order[edge[g]:edge_hi[g]]
         groups = np.unique(g_of)
