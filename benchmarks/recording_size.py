@@ -139,6 +139,22 @@ def write_v1_copy(rec, out: Path):
     return Recording(out)
 
 
+def overhead(t: dict, block: int, n: int, close_s: float) -> dict:
+    """The overhead figures from the interleaved block times."""
+    per_round = t["plain"] / t["recorded"]
+    plain_sps, rec_sps = block * len(t["plain"]) / t["plain"].sum(), block * len(t["recorded"]) / t["recorded"].sum()
+    return {
+        "compressed_recording_overhead_ratio": round(rec_sps / plain_sps, 3),
+        # CPU: blocks are compressed when the run closes (writer defer=True), outside the timed blocks;
+        # spread over the run's steps, that close-time compaction gives the end-to-end figure
+        "close_compaction_s": close_s,
+        "end_to_end_overhead_ratio": round((1 / plain_sps) / (1 / rec_sps + close_s / n), 3),
+        "overhead_ratio_per_round_median": round(float(statistics.median(per_round)), 3),
+        "overhead_ratio_per_round_range": [round(float(per_round.min()), 3), round(float(per_round.max()), 3)],
+        "timed_rounds": len(per_round), "block_steps_timed": block,
+        "plain_steps_per_s": round(plain_sps, 2), "recorded_steps_per_s": round(rec_sps, 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="300 steps")
@@ -148,6 +164,9 @@ def main() -> None:
                     help="text for the dataset (default: the shared TinyStories slice, else 'sample')")
     ap.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (the recording)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="measure the size and read figures of the run a --keep left in --dir, without training "
+                         "again (the overhead figures are then not measured)")
     a = ap.parse_args()
     n = 300 if a.quick else a.steps
     from duckling.config import DucklingConfig
@@ -160,12 +179,13 @@ def main() -> None:
         build_dataset(data, REPO / "token_mapping.json", work / "ds", progress=False)
     cfg = DucklingConfig().override({"train.max_steps": n, "train.compile": False,
                                      "train.save_steps": n + 1, "record.dtype": "bf16", "record.every": 1})
-    for p in (work / "run", work / "v1"):
+    if a.reuse and not (a.dir and (work / "run" / "recording" / "meta.json").exists()):
+        raise SystemExit(f"--reuse needs --dir with a kept run ({work / 'run'} has no recording)")
+    for p in ((work / "v1",) if a.reuse else (work / "run", work / "v1")):
         shutil.rmtree(p, ignore_errors=True)
     t_train = time.perf_counter()
-    t = interleaved(cfg, work / "ds", work / "run", a.block, n)
+    t = None if a.reuse else interleaved(cfg, work / "ds", work / "run", a.block, n)
     t_train = time.perf_counter() - t_train
-    per_round = t["plain"] / t["recorded"]
     rec = Recording(work / "run")
     size = stats(work / "run")  # W's ratio overall and per block: benchmarks/recording_stats.py
     rng = np.random.default_rng(0)
@@ -191,19 +211,12 @@ def main() -> None:
 
     assert np.array_equal(v1.trajectory(ids), rec.trajectory(ids))  # same bits either way
     t1, t2 = traj_time(v1), traj_time(rec)
-    plain_sps, rec_sps = a.block * len(t["plain"]) / t["plain"].sum(), a.block * len(t["recorded"]) / t["recorded"].sum()
     figures = {
-        "steps": n, "snapshot_compression_ratio": size["snapshot_compression_ratio"],
-        "recording_compression_ratio": round(v1.bytes_on_disk / rec.bytes_on_disk, 2),
-        "compressed_recording_overhead_ratio": round(rec_sps / plain_sps, 3),
-        # CPU: blocks are compressed when the run closes (writer defer=True), outside the timed blocks;
-        # spread over the run's steps, that close-time compaction gives the end-to-end figure
-        "close_compaction_s": rec.meta.get("close_compaction_s"),
-        "end_to_end_overhead_ratio": round((1 / plain_sps) / (1 / rec_sps + (rec.meta.get("close_compaction_s") or 0) / n), 3),
-        "overhead_ratio_per_round_median": round(float(statistics.median(per_round)), 3),
-        "overhead_ratio_per_round_range": [round(float(per_round.min()), 3), round(float(per_round.max()), 3)],
-        "timed_rounds": len(per_round), "block_steps_timed": a.block,
-        "plain_steps_per_s": round(plain_sps, 2), "recorded_steps_per_s": round(rec_sps, 2),
+        "steps": len(rec.scalar_steps) - 1, "snapshot_compression_ratio": size["snapshot_compression_ratio"],
+        "recording_compression_ratio": round(v1.bytes_on_disk / rec.bytes_on_disk, 2)}
+    if t is not None:
+        figures.update(overhead(t, a.block, n, rec.meta.get("close_compaction_s") or 0))
+    figures.update({
         "snapshot_read_ms": round(float(np.median(times)) * 1e3, 1),
         "trajectory_read_ratio": round(t2 / t1, 2), "trajectory_v1_ms": round(t1 * 1e3, 1),
         "trajectory_v2_ms": round(t2 * 1e3, 1),
@@ -213,7 +226,7 @@ def main() -> None:
         "v1_snapshots_per_gb": round(len(v1.steps) / (v1.bytes_on_disk / 1e9)),
         "snapshot_ratio_per_block": size["snapshot_ratio_per_block"],
         "seconds": {"training_both": round(t_train), "v1_copy": round(t_v1)},
-    }
+    })
     for k, v in figures.items():
         print(f"{k}: {v}")
     print(json.dumps(figures))
