@@ -62,16 +62,26 @@ def n_snapshot_steps(start: int, end: int, every: int) -> int:
 
 V1_CHUNK_STEPS = 256  # format 1: snapshots per file
 RAW_TRAILER = 16  # format 2: bytes after each raw record (step, crc32, magic)
-BLOCK_SLACK = 1.01  # a zstd block is at most ~0.4% larger than its raw records; 1% is the bound used
+BLOCK_SLACK = 1.01  # the scratch of one compaction: its block, bounded with room to spare
+FRAME_BYTES = 32  # at most per zstd frame besides its data: magic, header, checksum, one block header
+GROUP_BYTES = 4 * FRAME_BYTES + 64  # per column group of a block: its frames (anchor, 2 ranges) + JSON
+
+
+def _block_overhead(n_blocks: int, n_groups: int, payload_bytes: int, block_steps: int) -> int:
+    """Upper bound of what n_blocks blocks add to their records' bytes: incompressible data is stored
+    raw by zstd (+3 bytes per 128 KB), each frame adds at most FRAME_BYTES, each block its header."""
+    return n_blocks * (n_groups * GROUP_BYTES + block_steps * 24 + 512) + 3 * (payload_bytes // 131072 + n_blocks)
 
 
 def recording_bytes(record_cfg, n_steps: int, shape=SHAPE, n_live: int = N_LIVE,
                     n_matrices: int = 1, start_step: int = 0, every: int | None = None,
-                    block_steps: int = 64) -> int:
+                    block_steps: int = 64, scratch: bool = True) -> int:
     """Bytes a recording of steps ``start_step..n_steps`` can add to disk (step 0 included if start
     is 0), constant memory. An upper bound for format 2: every record counted raw (compression's
-    ratio is unknown before the run), plus the scratch of the largest compaction (a block is written
-    next to its raw chunk before the chunk is deleted; one at a time) at ``BLOCK_SLACK`` x its raw size."""
+    ratio is unknown before the run) plus the most a block can add to its records (frame and header
+    bytes, as if every row were its own column group and nothing compressed), plus the scratch of the
+    largest compaction (a block is written next to its raw chunk before the chunk is deleted; one at a
+    time) at ``BLOCK_SLACK`` x its raw size (``scratch=False``: the bound of the finished recording)."""
     n_rows, d = shape
     every = every or record_cfg.every
     n_snap = n_snapshot_steps(start_step, n_steps, every) + (start_step == 0)
@@ -80,9 +90,13 @@ def recording_bytes(record_cfg, n_steps: int, shape=SHAPE, n_live: int = N_LIVE,
                    for _, sl, dt in snapshot_parts(record_cfg.dtype, n_rows, n_live)) + RAW_TRAILER
     per_scalar = n_matrices * len(FIELDS) * n_rows * 4 + d * 4 + 4 + RAW_TRAILER  # rows + hidden + lr
     n_probe = (n_scalar // record_cfg.probe_every + 1) if record_cfg.probe_every else 0
-    scratch = BLOCK_SLACK * max(min(block_steps, n_snap) * n_matrices * per_snap,  # one compaction at a time
+    scratch = 0 if not scratch else BLOCK_SLACK * max(min(block_steps, n_snap) * n_matrices * per_snap,  # one compaction at a time
                                 min(block_steps, n_scalar) * per_scalar) + 65536
-    return int(n_snap * n_matrices * per_snap + n_scalar * per_scalar + n_probe * (8 + RAW_TRAILER) + scratch)
+    blocks = lambda n: -(-n // block_steps)  # noqa: E731
+    framing = (_block_overhead(blocks(n_snap) * n_matrices, n_rows, n_snap * n_matrices * per_snap, block_steps)
+               + _block_overhead(blocks(n_scalar), 4 * n_matrices + 1, n_scalar * per_scalar, block_steps)
+               + _block_overhead(blocks(n_probe), 1, n_probe * 8, block_steps))
+    return int(n_snap * n_matrices * per_snap + n_scalar * per_scalar + n_probe * (8 + RAW_TRAILER) + framing + scratch)
 
 
 def _free_bytes(path: Path) -> int:

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+import duckling.recording
 from duckling.compact import compact
 from duckling.config import RecordConfig
 from duckling.errors import DucklingError
@@ -286,6 +287,31 @@ def test_budget_is_constant_memory_and_counts_extra_bytes(tmp_path):
     assert huge > 10**9 * 2 * 8192 * 128
     small = check_budget(tmp_path, RecordConfig(), 100)
     assert check_budget(tmp_path, RecordConfig(), 100, extra_bytes=12345) == small + 12345
+
+
+@pytest.mark.parametrize("precision", ["bf16", "mixed"])
+def test_budget_bounds_an_incompressible_recording(tmp_path, monkeypatch, precision):
+    """Random bits do not compress: the blocks are their records plus frame and header bytes, which
+    the budget counts (the bound must hold for any data, not only training's)."""
+    rng = np.random.default_rng(0)
+    cfg = RecordConfig(dtype=precision, every=1, probe_every=3)
+    w = RecordingWriter(tmp_path, shape=(V, D), n_live=N_LIVE, precision=precision, every=1, block_steps=B)
+    for s in range(11):
+        W = rng.integers(0, 2**32, (V, D), dtype=np.uint64).astype(np.uint32).view(np.float32)
+        W[~np.isfinite(W)] = 1.0
+        rows = rng.integers(0, 2**32, (len(FIELDS), V), dtype=np.uint64).astype(np.uint32).view(np.float32)
+        w.append_step(s, {"wte": rows}, hidden_mean=rng.standard_normal(D).astype(np.float32), lr=0.1,
+                      snapshot={"wte": W})
+        if s % 3 == 0:
+            w.append_probe(s, 0.01 * s, 0.001 * s)
+    w.close("complete")
+    rec = Recording(tmp_path)
+    assert rec.compression_ratio < 1.01  # really incompressible
+    size = rec.bytes_on_disk - (tmp_path / "recording" / "meta.json").stat().st_size
+    bound = lambda: recording_bytes(cfg, 10, shape=(V, D), n_live=N_LIVE, block_steps=B, scratch=False)  # noqa: E731
+    assert size <= bound()
+    monkeypatch.setattr(duckling.recording, "_block_overhead", lambda *a: 0)
+    assert size > bound()  # the records alone do not bound the blocks: the framing term is needed
 
 
 # --- compact() --------------------------------------------------------------------------------
