@@ -129,9 +129,10 @@ def encode_block(records: np.ndarray, steps, widths, level: int = LEVEL, segment
                      *(f for fs in frames for f in fs)])
 
 
-def read_header(buf: bytes, file_size: int) -> tuple[dict, list[list[int]]]:
-    """Parse and check a block's header; returns (header, per group the byte offset of each frame,
-    with the offset after its last frame at the end)."""
+def read_header(buf: bytes, file_size: int) -> tuple[dict, np.ndarray]:
+    """Parse and check a block's header; returns (header, with "frames" as an (n_groups, 2 + n_frames)
+    array, and per group the byte offset of each frame and the one after its last: (n_groups,
+    n_frames + 1))."""
     if len(buf) < 16 or buf[:8] != MAGIC:
         raise CorruptBlock("not a duckling block (bad magic)")
     hlen, crc = struct.unpack("<II", buf[8:16])
@@ -159,19 +160,22 @@ def read_header(buf: bytes, file_size: int) -> tuple[dict, list[list[int]]]:
     if a != k or w not in _UINT or len(steps) != n or n < 1 or pos != file_size:
         raise CorruptBlock(f"header does not match the file ({file_size} bytes)")
     h["ranges"] = time_ranges(n, h.get("segment"))
-    return h, offsets
+    h["frames"] = np.asarray(table, np.int64).reshape(len(table), 2 + n_frames)  # arrays, not thousands
+    return h, np.asarray(offsets, np.int64).reshape(len(table), n_frames + 1)  # of lists (a reader keeps them)
 
 
 def _decompress(items, rs: list[int], sizes: list[int]) -> np.ndarray:
     """Frames rs (decoded sizes ``sizes``) of each (block buffer, group's frame offsets) in items, in
     one C call (zstd checks every frame's checksum): (len(items), sum(sizes)) uint8."""
-    segs = np.array([(o[r], o[r + 1] - o[r]) for _, o in items for r in rs], np.int64)
+    offs = np.stack([o for _, o in items])  # (n_items, n_frames + 1)
+    starts = offs[:, rs]
+    segs = np.stack([starts.ravel(), (offs[:, [r + 1 for r in rs]] - starts).ravel()], axis=1)
     lo, hi = int(segs[:, 0].min()), int((segs[:, 0] + segs[:, 1]).max())
     if all(b is items[0][0] for b, _ in items) and hi - lo <= 2 * int(segs[:, 1].sum()) + (1 << 16):
         segs[:, 0] -= lo  # frames of one block, close together: one copy of their span (a copy, so
         frames = zstd.BufferWithSegments(items[0][0][lo:hi], segs.astype(np.uint64).tobytes())  # that
     else:  # no mmap stays exported); scattered frames, or several blocks': a copy of each frame
-        frames = [b[o[r]:o[r + 1]] for b, o in items for r in rs]
+        frames = [items[i // len(rs)][0][a:a + n] for i, (a, n) in enumerate(segs.tolist())]
     try:
         out = zstd.ZstdDecompressor().multi_decompress_to_buffer(
             frames, decompressed_sizes=np.array(sizes * len(items), np.uint64).tobytes(), threads=0)
@@ -231,18 +235,17 @@ def decode_runs(buf, header: dict, offsets, groups, records=None, consecutive: b
     batches of equal-width groups (consecutive ones only, by default: runs of columns), ~4 MB of
     decoded frames each, decoded in parallel. ``buf`` is the block's bytes or a mmap of them."""
     records = np.arange(header["n"]) if records is None else np.unique(np.asarray(records, np.int64))
-    table, size = header["frames"], header["n"] * header["itemsize"]
+    widths, size = (header["frames"][:, 1] - header["frames"][:, 0]).tolist(), header["n"] * header["itemsize"]
     jobs: list[list[int]] = []
     last_w = last_g = cap = None
     for g in sorted(groups):
-        w = table[g][1] - table[g][0]
+        w = widths[g]
         if w != last_w or (consecutive and g != last_g + 1) or len(jobs[-1]) >= cap:
             jobs.append([])
             last_w, cap = w, max(1, (4 << 20) // (w * size))
         jobs[-1].append(g)
         last_g = g
-    run = lambda gs: _decode_batch([(buf, offsets[g]) for g in gs], header, table[gs[0]][1] - table[gs[0]][0],  # noqa: E731
-                                   records)
+    run = lambda gs: _decode_batch([(buf, offsets[g]) for g in gs], header, widths[gs[0]], records)  # noqa: E731
     return list(zip(jobs, _POOL.map(run, jobs) if len(jobs) > 1 else map(run, jobs)))
 
 
@@ -259,14 +262,14 @@ def decode_blocks(blocks) -> list[dict]:
     batches: dict = {}
     for i, (buf, h, offsets, groups) in enumerate(blocks):
         for g in groups:
-            key = (h["n"], h.get("segment"), h["itemsize"], h["frames"][g][1] - h["frames"][g][0])
+            key = (h["n"], h.get("segment"), h["itemsize"], int(h["frames"][g, 1] - h["frames"][g, 0]))
             batches.setdefault(key, []).append((i, g, buf, offsets[g], h))
     jobs = []
     for (n, _, w, gw), items in batches.items():
         per_job = max(1, (4 << 20) // (gw * n * w))
         jobs += [items[j:j + per_job] for j in range(0, len(items), per_job)]
-    run = lambda job: _decode_batch([(b, o) for _, _, b, o, _ in job], job[0][4], job[0][4]["frames"][job[0][1]][1]  # noqa: E731
-                                    - job[0][4]["frames"][job[0][1]][0], np.arange(job[0][4]["n"]))
+    run = lambda job: _decode_batch([(b, o) for _, _, b, o, _ in job], job[0][4],  # noqa: E731
+                                    int(np.diff(job[0][4]["frames"][job[0][1], :2])[0]), np.arange(job[0][4]["n"]))
     out: list[dict] = [{} for _ in blocks]
     for job, arr in zip(jobs, _POOL.map(run, jobs) if len(jobs) > 1 else map(run, jobs)):
         for k, (i, g, *_) in enumerate(job):
