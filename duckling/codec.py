@@ -148,7 +148,8 @@ def read_header(buf: bytes, file_size: int) -> tuple[dict, np.ndarray]:
         n_frames = len(time_ranges(n, seg)) if n >= 1 else 0
         offsets, pos, a = [], 16 + hlen, 0
         for lo, hi, *lengths in table:
-            if lo != a or hi <= lo or len(lengths) != n_frames or min(lengths) <= 0:
+            if lo != a or hi <= lo or len(lengths) != n_frames or min(lengths) <= 0 \
+                    or not all(type(v) is int for v in (hi, *lengths)):
                 raise CorruptBlock("frame table is not a partition of the columns and time ranges")
             offs = [pos]
             for length in lengths:

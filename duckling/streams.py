@@ -263,7 +263,7 @@ class Stream:
         atomically (tmp, fsync, rename); returns its size."""
         blob = encode_block(records, steps, self.widths, segment=self.segment)
         h, offsets = read_header(blob, len(blob))
-        got = decode_groups(blob, h, offsets, range(len(self.widths)))  # in this thread (the writer's niced one)
+        got = decode_groups(blob, h, offsets, range(len(self.widths)))  # on the codec threads
         u = records.view(np.uint16 if records.dtype.itemsize == 2 else np.uint32)
         if not all(np.array_equal(got[g], u[:, lo:hi]) for g, (lo, hi, *_) in enumerate(h["frames"])):
             raise CorruptBlock(f"{self.blk_path(c)}: the encoded block does not decode to its records")
