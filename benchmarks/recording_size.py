@@ -3,6 +3,8 @@
     python -P benchmarks/recording_size.py --quick      # 300 steps
     python -P benchmarks/recording_size.py              # 2,000 steps
     python -P benchmarks/recording_size.py --steps 10000
+    python -P benchmarks/recording_size.py --steps 2000 --dir DIR --keep      # keeps DIR/run
+    python -P benchmarks/recording_size.py --steps 2000 --dir DIR --reuse     # reads only, no training
 
 Two worker processes train the default configuration (CPU: no compile) on the same real text: one
 without a recording, one with every-step bf16 recording in format 2. They take turns, one block of
