@@ -103,6 +103,17 @@ class Stream:
 
         ``steps`` is the stream's step array (for error messages). Verifies every byte it uses."""
         positions = np.asarray(positions, np.int64)
+        if len(positions) == 1 and isinstance(cols, slice) and cols == slice(None):  # one whole record
+            c = int(positions[0] // self.block)
+            if self._last_single != c and self.blk_path(c).exists() \
+                    and any((c, g) not in self._cache for g in range(len(self.widths))):
+                self._last_single = c  # a second one-record read in this block decodes it whole
+                try:
+                    return self._read_one(c, int(positions[0] - c * self.block))
+                except FileNotFoundError:
+                    pass  # replaced meanwhile: the general path below
+                except CorruptBlock as e:
+                    raise self._corrupt(c, steps, e) from None
         if isinstance(cols, slice):
             if self._all_cols is None:
                 self._all_cols = np.arange(self.width)
@@ -115,7 +126,6 @@ class Stream:
         for c in np.unique(chunk_of):
             sel = np.nonzero(chunk_of == c)[0]
             local = positions[sel] - c * self.block
-            lo, hi = c * self.block, min((c + 1) * self.block, len(steps)) - 1
             try:
                 if self.blk_path(int(c)).exists():
                     out[sel] = self._read_blk(int(c), local, cols, plan)
@@ -125,11 +135,27 @@ class Stream:
                     except FileNotFoundError:  # compacted by a live writer meanwhile
                         out[sel] = self._read_blk(int(c), local, cols)
             except CorruptBlock as e:
-                raise DucklingError(
-                    f"corrupt recording data in {self.root / self.name} chunk {int(c)}, covering steps "
-                    f"{steps[lo]}..{steps[hi]} ({e}). Those steps are unreadable; other steps still read. "
-                    f"Restore the file from a copy, or re-record the run.") from None
+                raise self._corrupt(int(c), steps, e) from None
         return out
+
+    def _corrupt(self, c: int, steps: np.ndarray, e: Exception) -> DucklingError:
+        lo, hi = c * self.block, min((c + 1) * self.block, len(steps)) - 1
+        return DucklingError(
+            f"corrupt recording data in {self.root / self.name} chunk {c}, covering steps "
+            f"{steps[lo]}..{steps[hi]} ({e}). Those steps are unreadable; other steps still read. "
+            f"Restore the file from a copy, or re-record the run.")
+
+    def _read_one(self, c: int, i: int) -> np.ndarray:
+        """Record i of block c, every column: each run of groups decoded from the anchor and the one
+        time range holding it, straight into place; (1, width)."""
+        h, offsets = self._header(c)
+        if i >= h["n"]:
+            raise CorruptBlock(f"block holds {h['n']} records, position {i} asked")
+        res = np.empty((1, self.width), self.dtype)
+        with self._map(c) as buf:
+            for gs, arr in decode_runs(buf, h, offsets, range(len(self.widths)), [i]):
+                res[0, self.bounds[gs[0]]:self.bounds[gs[0]] + arr.size] = arr.reshape(-1).view(self.dtype)
+        return res
 
     def _prefetch(self, chunks, cols: np.ndarray):
         """Several blocks read whole (a trajectory): decode their groups of ``cols`` together, one
@@ -200,12 +226,8 @@ class Stream:
         # read was in this block too (a walk over steps): then decode the block once and keep it
         single = len(local) == 1 and any((c, g) not in self._cache for g in groups) and self._last_single != c
         self._last_single = c if len(local) == 1 else None
-        if single and whole:  # one whole record: each run of groups straight into place
-            res = np.empty((1, len(cols)), self.dtype)
-            with self._map(c) as buf:
-                for gs, arr in decode_runs(buf, h, offsets, groups, local):
-                    res[0, self.bounds[gs[0]]:self.bounds[gs[0]] + arr.size] = arr.reshape(-1).view(self.dtype)
-            return res
+        if single and whole:
+            return self._read_one(c, int(local[0]))
         todo = [g for g in groups if single or (c, g) not in self._cache]
         got = self._decode(c, h, offsets, todo, local if single else None)
         have = {g: got[g] if g in got else self._cache[(c, g)] for g in groups}  # before any eviction
