@@ -63,6 +63,12 @@ class Stream:
                 raise DucklingError(f"{p} holds blocks of shape ({h['n']}, {h['k']}) x {h['itemsize']} "
                                     f"bytes; meta.json implies at most ({self.block}, {self.width}) x "
                                     f"{self.dtype.itemsize}. The metadata or the block was edited.")
+            table = h["frames"]
+            if len(table) != len(self.widths) or not (np.array_equal(table[:, 0], self.bounds[:-1])
+                                                      and np.array_equal(table[:, 1], self.bounds[1:])):
+                raise DucklingError(f"{p} groups its columns differently from what meta.json implies "
+                                    f"(group_rows, dead_group_rows, n_live): the metadata or the block was "
+                                    f"edited. Restore the run's original meta.json.")
             self._headers[c] = (key, h, offsets)
         return self._headers[c][1], self._headers[c][2]
 

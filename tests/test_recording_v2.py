@@ -258,7 +258,9 @@ def test_hand_edited_metadata_is_refused(tmp_path):
     for edit, match in [({"matrices": ["../../outside"]}, "matrices"), ({"matrices": ["wte", "wte"]}, "matrices"),
                         ({"shape": [V, D + 1]}, "shape"), ({"shape": [V, -8]}, "shape"),
                         ({"block_steps": 3}, "edited"), ({"n_live": V + 1}, "n_live"),
-                        ({"precision": "float32"}, "does not match"), ({"every": 0}, "every")]:
+                        ({"precision": "float32"}, "does not match"), ({"every": 0}, "every"),
+                        ({"dead_group_rows": 2}, "groups its columns"), ({"n_live": N_LIVE - 8}, "groups its columns"),
+                        ({"segment_steps": 0}, "segment_steps"), ({"group_rows": 64}, "groups its columns")]:
         meta_path.write_text(json.dumps({**good, **edit}))
         with pytest.raises(DucklingError, match=match):
             rec = Recording(tmp_path)
