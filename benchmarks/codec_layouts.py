@@ -2,6 +2,7 @@
 random snapshot's decode time and a 16-dead-row trajectory's decode time, per layout.
 
     python -P benchmarks/codec_layouts.py RUN [--blocks 2 15 30]
+    python -P benchmarks/codec_layouts.py RUN --scalars [--blocks ...]   # the per-row scalars instead
 
 RUN is a finished run folder recorded in bf16 every step (``benchmarks/recording_size.py --keep``
 leaves one). Each chosen block of W is decoded once, then re-encoded in every layout with
@@ -38,6 +39,42 @@ def widths(V: int, d: int, n_live: int, g: int, g_dead: int) -> list[int]:
     return _row_widths(slice(0, V), n_live, d, g, g_dead)
 
 
+def scalar_variants(rec, blocks: list[int]) -> dict:
+    """The per-row float32 scalars (4 fields x V per step) of the chosen blocks in other encodings:
+    the format's (difference along time, zigzag, byte planes, zstd 3) against no difference, xor with
+    the previous step, zstd 9 and 19, and bit planes instead of byte planes: ratio to raw float32."""
+    import zstandard as zstd
+
+    from duckling import codec
+
+    st, V = rec._v2.scalars, rec.shape[0]
+
+    def planes(a: np.ndarray, bits: bool = False) -> np.ndarray:  # (n, K) uint32 -> time innermost
+        t = np.ascontiguousarray(a.T)
+        if bits:
+            b = np.unpackbits(t.view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")
+            return np.packbits(np.ascontiguousarray(b.T), axis=1, bitorder="little")
+        return np.ascontiguousarray(t.view(np.uint8).reshape(a.shape[1], a.shape[0], 4).transpose(2, 0, 1))
+
+    sizes: dict = {}
+    raw = 0
+    for b in blocks:
+        x = st.decode_all(b)[0].view(np.uint32)[:, :4 * V * len(rec.matrices)]
+        raw += x.nbytes
+        for f in range(x.shape[1] // V):
+            g = x[:, f * V:(f + 1) * V]
+            diff = codec._zigzag_diffs(g, [(0, len(g))])
+            xor = g.copy()
+            xor[1:] = g[1:] ^ g[:-1]
+            for name, data, level in (("difference (the format)", planes(diff), 3), ("no difference", planes(g), 3),
+                                      ("xor", planes(xor), 3), ("difference, zstd 9", planes(diff), 9),
+                                      ("difference, zstd 19", planes(diff), 19),
+                                      ("difference, bit planes", planes(diff, bits=True), 3)):
+                comp = zstd.ZstdCompressor(level=level, write_checksum=True)
+                sizes[name] = sizes.get(name, 0) + len(comp.compress(data))
+    return {name: round(raw / size, 2) for name, size in sizes.items()}
+
+
 def main() -> None:
     from duckling import codec
     from duckling.recording import Recording
@@ -45,12 +82,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run")
     ap.add_argument("--blocks", type=int, nargs="+", default=[2, 15, 30], help="W block numbers (64 steps each)")
+    ap.add_argument("--scalars", action="store_true",
+                    help="compare encodings of the per-row float32 scalars of the same blocks instead")
     a = ap.parse_args()
     rec = Recording(a.run)
     if rec.precision != "bf16" or rec.every != 1:
         raise SystemExit(f"{a.run}: needs an every-step bf16 recording")
     stream = rec._v2.snaps[("wte", "u16")]
     blocks = [b for b in a.blocks if (b + 1) * stream.block <= len(rec.steps)]
+    if a.scalars:
+        ratios = scalar_variants(rec, blocks)
+        for name, r in ratios.items():
+            print(f"{name}: {r}")
+        print(json.dumps({"run": str(a.run), "blocks": [f"steps {b * 64}-{b * 64 + 63}" for b in blocks],
+                          "scalar_ratios": ratios}))
+        return
     data = [stream.decode_all(b)[0].view(np.uint16) for b in blocks]
     V, d = rec.shape
     rng = np.random.default_rng(0)
