@@ -46,8 +46,8 @@ class Stream:
     # --- structure ------------------------------------------------------------------------------
     def _header(self, c: int) -> tuple[dict, list[int]]:
         p = self.blk_path(c)
-        size = p.stat().st_size
-        key = (c, size, p.stat().st_mtime_ns)
+        st = os.stat(p)
+        size, key = st.st_size, (c, st.st_size, st.st_mtime_ns)
         if self._headers.get(c, (None,))[0] != key:
             with open(p, "rb") as f:
                 head = f.read(1 << 16)
