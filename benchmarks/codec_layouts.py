@@ -33,12 +33,6 @@ LAYOUTS = [  # (rows G, dead rows G, segment)
     (16, 16, None), (16, 1, None), (16, 16, 32), (16, 4, 32), (16, 1, 16), (16, 1, 32)]
 
 
-def widths(V: int, d: int, n_live: int, g: int, g_dead: int) -> list[int]:
-    from duckling.format_v2 import _row_widths
-
-    return _row_widths(slice(0, V), n_live, d, g, g_dead)
-
-
 def scalar_variants(rec, blocks: list[int]) -> dict:
     """The per-row float32 scalars (4 fields x V per step) of the chosen blocks in other encodings:
     the format's (difference along time, zigzag, byte planes, zstd 3) against no difference, xor with
@@ -77,6 +71,8 @@ def scalar_variants(rec, blocks: list[int]) -> dict:
 
 def main() -> None:
     from duckling import codec
+    from duckling.errors import DucklingError
+    from duckling.format_v2 import _row_widths
     from duckling.recording import Recording
 
     ap = argparse.ArgumentParser()
@@ -85,11 +81,19 @@ def main() -> None:
     ap.add_argument("--scalars", action="store_true",
                     help="compare encodings of the per-row float32 scalars of the same blocks instead")
     a = ap.parse_args()
-    rec = Recording(a.run)
-    if rec.precision != "bf16" or rec.every != 1:
-        raise SystemExit(f"{a.run}: needs an every-step bf16 recording")
+    try:
+        rec = Recording(a.run)
+    except DucklingError as e:
+        raise SystemExit(str(e)) from None
+    version = rec.meta["format_version"]
+    if version != 2 or rec.precision != "bf16" or rec.every != 1:
+        raise SystemExit(f"{a.run}: needs an every-step bf16 recording in format 2 (this one: format "
+                         f"{version}, {rec.precision}, every {rec.every})")
     stream = rec._v2.snaps[("wte", "u16")]
-    blocks = [b for b in a.blocks if (b + 1) * stream.block <= len(rec.steps)]
+    full = len(rec.steps) // stream.block  # full blocks: 0 .. full - 1
+    blocks = [b for b in a.blocks if 0 <= b < full]
+    if not blocks:
+        raise SystemExit(f"--blocks {a.blocks}: {a.run} has full blocks 0..{full - 1} only")
     if a.scalars:
         ratios = scalar_variants(rec, blocks)
         for name, r in ratios.items():
@@ -103,7 +107,7 @@ def main() -> None:
     dead_rows = rng.choice(np.arange(rec.n_live, V), 16, replace=False)
     out = []
     for g, g_dead, seg in LAYOUTS:
-        ws = widths(V, d, rec.n_live, g, g_dead)
+        ws = _row_widths(slice(0, V), rec.n_live, d, g, g_dead)
         bounds = np.cumsum([0, *ws])
         size, t_enc, t_snap, t_traj = 0, [], [], []
         for x in data:

@@ -175,14 +175,15 @@ def main() -> None:
     from duckling.data import build_dataset
     from duckling.recording import Recording
 
+    if a.reuse and not (a.dir and (Path(a.dir) / "run" / "recording" / "meta.json").exists()):
+        raise SystemExit(f"--reuse needs --dir with a run that --keep left there ({a.dir or 'no --dir'}: "
+                         f"no run/recording)")  # checked before anything is built or written
     work = Path(a.dir or tempfile.mkdtemp(prefix="duckling-recsize-"))
     data = a.data if Path(a.data).exists() else "sample"
     if not (work / "ds").exists():
         build_dataset(data, REPO / "token_mapping.json", work / "ds", progress=False)
     cfg = DucklingConfig().override({"train.max_steps": n, "train.compile": False,
                                      "train.save_steps": n + 1, "record.dtype": "bf16", "record.every": 1})
-    if a.reuse and not (a.dir and (work / "run" / "recording" / "meta.json").exists()):
-        raise SystemExit(f"--reuse needs --dir with a kept run ({work / 'run'} has no recording)")
     for p in ((work / "v1",) if a.reuse else (work / "run", work / "v1")):
         shutil.rmtree(p, ignore_errors=True)
     t_train = time.perf_counter()

@@ -230,6 +230,28 @@ def _decode_batch(items, h, gw: int, records: np.ndarray) -> np.ndarray:
     return out
 
 
+BATCH_BYTES = 4 << 20  # decoded bytes per batch of groups (one zstd call, one numpy pass, one thread)
+
+
+def _in_batches(items: list, size_of, same) -> list[list]:
+    """Consecutive items cut into batches of ~BATCH_BYTES (size_of(item): its decoded bytes) whose
+    neighbours all satisfy same(previous, item)."""
+    batches: list[list] = []
+    total = 0
+    for it in items:
+        if not batches or not same(batches[-1][-1], it) or total + size_of(it) > BATCH_BYTES:
+            batches.append([])
+            total = 0
+        batches[-1].append(it)
+        total += size_of(it)
+    return batches
+
+
+def _map(f, jobs: list) -> list:
+    """f over jobs, on the codec's threads when there are several."""
+    return list(_POOL.map(f, jobs) if len(jobs) > 1 else map(f, jobs))
+
+
 def decode_runs(buf, header: dict, offsets, groups, records=None, consecutive: bool = True) -> list:
     """Records ``records`` (local positions, sorted; None: all) of the column groups ``groups``
     (indices into header["frames"]), as [(groups of a batch, (ng, len(records), width) array)]:
@@ -237,17 +259,10 @@ def decode_runs(buf, header: dict, offsets, groups, records=None, consecutive: b
     decoded frames each, decoded in parallel. ``buf`` is the block's bytes or a mmap of them."""
     records = np.arange(header["n"]) if records is None else np.unique(np.asarray(records, np.int64))
     widths, size = (header["frames"][:, 1] - header["frames"][:, 0]).tolist(), header["n"] * header["itemsize"]
-    jobs: list[list[int]] = []
-    last_w = last_g = cap = None
-    for g in sorted(groups):
-        w = widths[g]
-        if w != last_w or (consecutive and g != last_g + 1) or len(jobs[-1]) >= cap:
-            jobs.append([])
-            last_w, cap = w, max(1, (4 << 20) // (w * size))
-        jobs[-1].append(g)
-        last_g = g
+    jobs = _in_batches(sorted(groups), lambda g: widths[g] * size,
+                       lambda g, h: widths[g] == widths[h] and (not consecutive or h == g + 1))
     run = lambda gs: _decode_batch([(buf, offsets[g]) for g in gs], header, widths[gs[0]], records)  # noqa: E731
-    return list(zip(jobs, _POOL.map(run, jobs) if len(jobs) > 1 else map(run, jobs)))
+    return list(zip(jobs, _map(run, jobs)))
 
 
 def decode_groups(buf, header: dict, offsets, groups, records=None) -> dict:
@@ -260,20 +275,18 @@ def decode_blocks(blocks) -> list[dict]:
     """Every record of some groups of several blocks, decoded together (one zstd call and one
     numpy pass per ~4 MB of frames of equal layout, across blocks): blocks is a list of (buffer,
     header, offsets, groups); returns per block {group: (n, width) array}."""
-    batches: dict = {}
+    items = []  # (layout, block, group, buffer, group's frame offsets, header); equal layouts together
     for i, (buf, h, offsets, groups) in enumerate(blocks):
         for g in groups:
-            key = (h["n"], h.get("segment"), h["itemsize"], int(h["frames"][g, 1] - h["frames"][g, 0]))
-            batches.setdefault(key, []).append((i, g, buf, offsets[g], h))
-    jobs = []
-    for (n, _, w, gw), items in batches.items():
-        per_job = max(1, (4 << 20) // (gw * n * w))
-        jobs += [items[j:j + per_job] for j in range(0, len(items), per_job)]
-    run = lambda job: _decode_batch([(b, o) for _, _, b, o, _ in job], job[0][4],  # noqa: E731
-                                    int(np.diff(job[0][4]["frames"][job[0][1], :2])[0]), np.arange(job[0][4]["n"]))
+            layout = (h["n"], h.get("segment"), h["itemsize"], int(h["frames"][g, 1] - h["frames"][g, 0]))
+            items.append((layout, i, g, buf, offsets[g], h))
+    items.sort(key=lambda it: (it[0][0], it[0][1] or 0, *it[0][2:], it[1], it[2]))  # (no segment: 0)
+    jobs = _in_batches(items, lambda it: it[0][0] * it[0][2] * it[0][3], lambda a, b: a[0] == b[0])
+    run = lambda job: _decode_batch([(b, o) for *_, b, o, _ in job], job[0][5], job[0][0][3],  # noqa: E731
+                                    np.arange(job[0][0][0]))
     out: list[dict] = [{} for _ in blocks]
-    for job, arr in zip(jobs, _POOL.map(run, jobs) if len(jobs) > 1 else map(run, jobs)):
-        for k, (i, g, *_) in enumerate(job):
+    for job, arr in zip(jobs, _map(run, jobs)):
+        for k, (_, i, g, *_) in enumerate(job):
             out[i][g] = arr[k]
     return out
 

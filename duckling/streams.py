@@ -109,17 +109,6 @@ class Stream:
 
         ``steps`` is the stream's step array (for error messages). Verifies every byte it uses."""
         positions = np.asarray(positions, np.int64)
-        if len(positions) == 1 and isinstance(cols, slice) and cols == slice(None):  # one whole record
-            c = int(positions[0] // self.block)
-            if self._last_single != c and self.blk_path(c).exists() \
-                    and any((c, g) not in self._cache for g in range(len(self.widths))):
-                self._last_single = c  # a second one-record read in this block decodes it whole
-                try:
-                    return self._read_one(c, int(positions[0] - c * self.block))
-                except FileNotFoundError:
-                    pass  # replaced meanwhile: the general path below
-                except CorruptBlock as e:
-                    raise self._corrupt(c, steps, e) from None
         if isinstance(cols, slice):
             if self._all_cols is None:
                 self._all_cols = np.arange(self.width)
@@ -128,8 +117,12 @@ class Stream:
             cols = np.asarray(cols, np.int64)
         out = np.empty((len(positions), len(cols)), self.dtype)
         chunk_of = positions // self.block
-        plan = self._prefetch(np.unique(chunk_of, return_counts=True), cols)
-        for c in np.unique(chunk_of):
+        chunks, counts = np.unique(chunk_of, return_counts=True)
+        plan = None
+        if len(chunks) > 1:  # one column plan for every block of the read
+            plan = self._plan(cols)
+            self._prefetch(chunks, counts, plan)
+        for c in chunks:
             sel = np.nonzero(chunk_of == c)[0]
             local = positions[sel] - c * self.block
             try:
@@ -141,15 +134,12 @@ class Stream:
                     except FileNotFoundError:  # compacted by a live writer meanwhile
                         out[sel] = self._read_blk(int(c), local, cols)
             except CorruptBlock as e:
-                raise self._corrupt(int(c), steps, e) from None
+                lo, hi = c * self.block, min((c + 1) * self.block, len(steps)) - 1
+                raise DucklingError(
+                    f"corrupt recording data in {self.root / self.name} chunk {int(c)}, covering steps "
+                    f"{steps[lo]}..{steps[hi]} ({e}). Those steps are unreadable; other steps still read. "
+                    f"Restore the file from a copy, or re-record the run.") from None
         return out
-
-    def _corrupt(self, c: int, steps: np.ndarray, e: Exception) -> DucklingError:
-        lo, hi = c * self.block, min((c + 1) * self.block, len(steps)) - 1
-        return DucklingError(
-            f"corrupt recording data in {self.root / self.name} chunk {c}, covering steps "
-            f"{steps[lo]}..{steps[hi]} ({e}). Those steps are unreadable; other steps still read. "
-            f"Restore the file from a copy, or re-record the run.")
 
     def _read_one(self, c: int, i: int) -> np.ndarray:
         """Record i of block c, every column: each run of groups decoded from the anchor and the one
@@ -163,34 +153,30 @@ class Stream:
                 res[0, self.bounds[gs[0]]:self.bounds[gs[0]] + arr.size] = arr.reshape(-1).view(self.dtype)
         return res
 
-    def _prefetch(self, chunks, cols: np.ndarray):
-        """Several blocks read whole (a trajectory): decode their groups of ``cols`` together, one
-        zstd call and one numpy pass per ~4 MB across blocks instead of per block, into the cache.
-        Only when it fits half the cache; a failure is left to the per-block read, which names it.
-        Returns the read's column plan (None for a one-chunk read: each block makes its own)."""
-        if len(chunks[0]) < 2:
-            return None
-        plan = self._plan(cols)
+    def _prefetch(self, chunks, counts, plan) -> None:
+        """Several blocks read whole (a trajectory): decode their groups of the read's columns
+        together, one zstd call and one numpy pass per ~4 MB across blocks instead of per block, into
+        the cache. Only when it fits half the cache; a failure is left to the per-block read, which
+        names it."""
         groups = [g for g, _, _ in plan[1]]
         todo = []
-        for c, count in zip(*chunks):
+        for c, count in zip(chunks, counts):
             if self.blk_path(int(c)).exists():
                 h, offsets = self._header(int(c))
                 if count == h["n"] and any((int(c), g) not in self._cache for g in groups):
                     todo.append((int(c), h, offsets))
         size = sum(h["n"] for _, h, _ in todo) * sum(self.widths[g] for g in groups) * self.dtype.itemsize
         if len(todo) < 2 or size > CACHE_BYTES // 2:
-            return plan
+            return
         try:
             with ExitStack() as stack:
                 bufs = [stack.enter_context(self._map(c)) for c, _, _ in todo]
                 got = decode_blocks([(b, h, o, groups) for b, (_, h, o) in zip(bufs, todo)])
         except (CorruptBlock, OSError, ValueError):
-            return plan
+            return
         for (c, _, _), per_group in zip(todo, got):
             for g, arr in per_group.items():
                 self._remember((c, g), arr)
-        return plan
 
     def _read_raw(self, c: int, local: np.ndarray, cols: np.ndarray) -> np.ndarray:
         mm = np.memmap(self.raw_path(c), np.uint8, "r")

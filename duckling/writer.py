@@ -193,10 +193,8 @@ class RecordingWriter:
             self.counts[st.name] = keep
         self.n_scalar = self.counts["scalars"]
         # the files' own layout wins (a block length is fixed when the recording is created)
-        for key in layout_keys(old["block_steps"]):  # absent in older files: absent here too
+        for key in layout_keys(old["block_steps"]):  # old's own (absent in older files: stays absent)
             meta.pop(key, None)
-            if key in old:
-                meta[key] = old[key]
         old.update(meta, status="recording")
         _atomic_json(root / "meta.json", old)
 
