@@ -265,12 +265,15 @@ class Stream:
     # --- writing --------------------------------------------------------------------------------
     def raw_records(self, c: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(n, width) payloads and steps of raw chunk c, every record checked."""
-        mm = np.memmap(self.raw_path(c), np.uint8, "r", shape=(n, self.rec_bytes))
-        data = np.array(mm)
+        data = np.empty((n, self.rec_bytes), np.uint8)
+        with open(self.raw_path(c), "rb") as f:  # one copy: the payloads are used where they lie
+            got = f.readinto(memoryview(data.reshape(-1)))
+        if got != data.nbytes:
+            raise CorruptBlock(f"raw chunk {c} holds {got} bytes, {n} records ({data.nbytes} bytes) expected")
         for i in range(n):
             check_record(data[i])
         steps = np.ascontiguousarray(data[:, self.payload:]).view(TRAILER)[:, 0]["step"]
-        return np.ascontiguousarray(data[:, :self.payload]).view(self.dtype), steps
+        return data[:, :self.payload].view(self.dtype), steps
 
     def write_block(self, c: int, records: np.ndarray, steps) -> int:
         """Encode block c, decode it back and compare with ``records`` bit for bit, then write it

@@ -106,3 +106,20 @@ def test_a_flipped_byte_in_a_one_row_dead_frame_is_detected(tmp_path):
     with pytest.raises(DucklingError, match="steps 0..6"):
         Recording(tmp_path).trajectory([V - 1])
     assert Recording(tmp_path).trajectory([0, N_LIVE]).shape[1] == 2  # its neighbours still read
+
+
+def test_compaction_reads_a_raw_chunk_once_and_refuses_a_short_one(tmp_path):
+    """Compaction takes the records where they lie in the raw chunk (every trailer checked) and
+    refuses a chunk shorter than the records it is asked for, naming it, instead of reading past it."""
+    write(tmp_path, steps=range(B - 1), every=1, close=None)  # killed: chunk 0 raw, B - 1 records
+    s = Recording(tmp_path)._v2.snaps[("wte", "u16")]
+    n = B - 1
+    records, steps = s.raw_records(0, n)
+    assert records.shape == (n, s.width) and steps.tolist() == list(range(n))
+    raw = s.raw_path(0).read_bytes()
+    assert np.array_equal(np.frombuffer(raw, np.uint8).reshape(n, -1)[:, :s.payload].view(np.uint16), records)
+    with pytest.raises(codec.CorruptBlock, match="raw chunk 0 holds"):
+        s.raw_records(0, n + 1)
+    s.raw_path(0).write_bytes(raw[:-1])
+    with pytest.raises(codec.CorruptBlock, match="holds"):
+        s.raw_records(0, n)
