@@ -4,7 +4,8 @@ the W blocks of a real run, in memory (nothing is written).
     python -P benchmarks/codec_costs.py RUN [--blocks 2 15 30]
 
 RUN is a finished every-step bf16 run in format 2 (``benchmarks/recording_size.py --keep`` leaves one).
-Per block, medians over the chosen blocks, in milliseconds, on the codec's thread pool (2 threads on a
+Per block, medians over the chosen blocks (``*_ratio_all_blocks``: raw / encoded bytes of all of them
+together), in milliseconds, on the codec's thread pool (2 threads on a
 2-core machine) unless a line says one thread:
   encode_ms             the format's encoder (``duckling.codec.encode_block``)
   encode_numpy_1t_ms    its numpy part alone, on one thread: difference, zigzag, transposes to byte planes
@@ -210,6 +211,8 @@ def main() -> None:
     rows = [block_costs(stream.decode_all(b)[0].view(np.uint16), stream.widths, stream.segment, dead_groups, rng)
             for b in blocks]
     med = {key: round(float(np.median([r[key] for r in rows])), 2) for key in rows[0]}
+    for key in [k for k in rows[0] if k.endswith("ratio")]:  # all chosen blocks together: raw / encoded
+        med[key.replace("ratio", "ratio_all_blocks")] = round(len(rows) / sum(1 / r[key] for r in rows), 2)
     for key, v in med.items():
         print(f"{key}: {v}")
     print(json.dumps({"run": str(a.run), "blocks": [f"steps {b * 64}-{b * 64 + 63}" for b in blocks],
