@@ -37,6 +37,7 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
     sys.path[0] = os.path.dirname(sys.path[0])  # benchmarks/tokenize.py would shadow the stdlib
 
 import argparse
+import importlib.util
 import json
 import time
 
@@ -188,10 +189,8 @@ def main() -> None:
     ap.add_argument("run")
     ap.add_argument("--blocks", type=int, nargs="+", default=[2, 15, 30], help="W block numbers (64 steps each)")
     a = ap.parse_args()
-    try:
-        import blosc2  # noqa: F401
-    except ImportError:
-        raise SystemExit("codec_costs.py needs python-blosc2 for its comparison: pip install blosc2") from None
+    if importlib.util.find_spec("blosc2") is None:
+        raise SystemExit("codec_costs.py needs python-blosc2 for its comparison: pip install blosc2")
     try:
         rec = Recording(a.run)
     except DucklingError as e:

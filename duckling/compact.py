@@ -49,7 +49,7 @@ def _write_v2(old: Recording, root, meta2: dict) -> None:
     """Every record of ``old`` into the v2 streams, a block at a time (memory: one block)."""
     parts = old._lay.parts
     snaps, scalars, probe = make_streams(root, meta2, parts)
-    B, V, d = meta2["block_steps"], *old.shape
+    B, d = meta2["block_steps"], old.shape[1]
 
     def blocks(stream: Stream, n: int, get) -> None:
         for c in range(-(-n // B)):

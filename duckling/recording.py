@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import N_LIVE, VOCAB_SIZE, ModelConfig, RecordConfig
+from .config import N_LIVE, VOCAB_SIZE, ModelConfig
 from .errors import DucklingError
 
 FORMAT_VERSION = 2  # written by default; format 1 (uncompressed) stays readable

@@ -340,9 +340,9 @@ def _cancel(refs: dict, entries: dict, board) -> None:
     for ref in refs:
         ray.cancel(ref)
     try:
-        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=60)
+        ray.wait(list(refs), num_returns=len(refs), timeout=60)
     except KeyboardInterrupt:
-        done = []
+        pass
     for ref, run in refs.items():
         entries[run.name]["status"] = "interrupted"
         board.event(run.name, "interrupted", None)

@@ -8,7 +8,6 @@ process shows (exit code, no traceback from the real entry point).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -23,7 +22,6 @@ import numpy as np
 import pytest
 
 from corpus import make_stories, write_corpus
-from duckling import config as C
 from duckling.cli import main
 from duckling.config import DucklingConfig
 from duckling.errors import DucklingError
@@ -195,8 +193,8 @@ FIELD_CASES = [pytest.param(name, raw, shown, id=f"{name}={raw}")
 @pytest.mark.parametrize("name,raw,shown", FIELD_CASES)
 def test_set_bad_value_names_field_value_and_range(name, raw, shown, capsys, tmp_path, fx, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    err = refused(["train", "--run", "r", "--dataset", fx["ds"], "--mapping", fx["map"], "--set", f"{name}={raw}"],
-                  capsys, tmp_path, fx, "train", [name, shown, "must be"])
+    refused(["train", "--run", "r", "--dataset", fx["ds"], "--mapping", fx["map"], "--set", f"{name}={raw}"],
+            capsys, tmp_path, fx, "train", [name, shown, "must be"])
     assert not (tmp_path / "r").exists()
 
 
