@@ -79,8 +79,10 @@ def compress_planes(job) -> None:
 def zstd_only(blob, h, offsets, groups, rs: list[int]) -> None:
     """Decompress frames ``rs`` of ``groups`` as the reader batches them, nothing else."""
     widths = (h["frames"][:, 1] - h["frames"][:, 0]).tolist()
-    per = lambda g: sum(widths[g] * (h["ranges"][r][1] - h["ranges"][r][0]) * 2 for r in rs)  # noqa: E731
-    jobs = codec._in_batches(sorted(groups), per, lambda g, q: widths[g] == widths[q])
+    gs = sorted(groups)
+    brk = np.array([i == 0 or widths[g] != widths[gs[i - 1]] for i, g in enumerate(gs)])
+    per = np.array([widths[g] * h["n"] * 2 for g in gs])  # batches as the reader cuts them
+    jobs = [gs[a:b] for a, b in codec._batches(brk, per)]
     codec._map(lambda gs: codec._decompress([(blob, offsets[g]) for g in gs], rs,
                                             [widths[gs[0]] * (b - a) * 2 for a, b in (h["ranges"][r] for r in rs)]),
                jobs)

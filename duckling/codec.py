@@ -233,18 +233,16 @@ def _decode_batch(items, h, gw: int, records: np.ndarray) -> np.ndarray:
 BATCH_BYTES = 4 << 20  # decoded bytes per batch of groups (one zstd call, one numpy pass, one thread)
 
 
-def _in_batches(items: list, size_of, same) -> list[list]:
-    """Consecutive items cut into batches of ~BATCH_BYTES (size_of(item): its decoded bytes) whose
-    neighbours all satisfy same(previous, item)."""
-    batches: list[list] = []
-    total = 0
-    for it in items:
-        if not batches or not same(batches[-1][-1], it) or total + size_of(it) > BATCH_BYTES:
-            batches.append([])
-            total = 0
-        batches[-1].append(it)
-        total += size_of(it)
-    return batches
+def _batches(brk: np.ndarray, sizes: np.ndarray) -> list[tuple[int, int]]:
+    """[a, b) index ranges cutting items into batches: a new batch wherever ``brk`` is True (brk[0]
+    is; items that cannot share one zstd call and numpy pass) and every ~BATCH_BYTES of decoded bytes
+    (``sizes``: per item; the items between two breaks are of one size)."""
+    starts = [*np.flatnonzero(brk).tolist(), len(brk)]
+    out = []
+    for a, b in zip(starts[:-1], starts[1:]):
+        k = max(1, BATCH_BYTES // int(sizes[a]))
+        out += [(s, min(b, s + k)) for s in range(a, b, k)]
+    return out
 
 
 def _map(f, jobs: list) -> list:
@@ -258,10 +256,13 @@ def decode_runs(buf, header: dict, offsets, groups, records=None, consecutive: b
     batches of equal-width groups (consecutive ones only, by default: runs of columns), ~4 MB of
     decoded frames each, decoded in parallel. ``buf`` is the block's bytes or a mmap of them."""
     records = np.arange(header["n"]) if records is None else np.unique(np.asarray(records, np.int64))
-    widths, size = (header["frames"][:, 1] - header["frames"][:, 0]).tolist(), header["n"] * header["itemsize"]
-    jobs = _in_batches(sorted(groups), lambda g: widths[g] * size,
-                       lambda g, h: widths[g] == widths[h] and (not consecutive or h == g + 1))
-    run = lambda gs: _decode_batch([(buf, offsets[g]) for g in gs], header, widths[gs[0]], records)  # noqa: E731
+    gs = np.unique(np.asarray(groups, np.int64))
+    widths = header["frames"][:, 1] - header["frames"][:, 0]
+    w = widths[gs]
+    brk = np.ones(len(gs), bool)
+    brk[1:] = (w[1:] != w[:-1]) | (consecutive & (gs[1:] != gs[:-1] + 1))
+    jobs = [gs[a:b].tolist() for a, b in _batches(brk, w * (header["n"] * header["itemsize"]))]
+    run = lambda g: _decode_batch([(buf, offsets[i]) for i in g], header, int(widths[g[0]]), records)  # noqa: E731
     return list(zip(jobs, _map(run, jobs)))
 
 
@@ -281,7 +282,9 @@ def decode_blocks(blocks) -> list[dict]:
             layout = (h["n"], h.get("segment"), h["itemsize"], int(h["frames"][g, 1] - h["frames"][g, 0]))
             items.append((layout, i, g, buf, offsets[g], h))
     items.sort(key=lambda it: (it[0][0], it[0][1] or 0, *it[0][2:], it[1], it[2]))  # (no segment: 0)
-    jobs = _in_batches(items, lambda it: it[0][0] * it[0][2] * it[0][3], lambda a, b: a[0] == b[0])
+    brk = np.array([i == 0 or it[0] != items[i - 1][0] for i, it in enumerate(items)], bool)
+    sizes = np.array([it[0][0] * it[0][2] * it[0][3] for it in items], np.int64)
+    jobs = [items[a:b] for a, b in _batches(brk, sizes)]
     run = lambda job: _decode_batch([(b, o) for *_, b, o, _ in job], job[0][5], job[0][0][3],  # noqa: E731
                                     np.arange(job[0][0][0]))
     out: list[dict] = [{} for _ in blocks]

@@ -7,6 +7,16 @@ import numpy as np
 from .errors import DucklingError
 from .streams import Stream
 
+
+def put_values(out: np.ndarray, stored: np.ndarray, ext: str) -> None:
+    """out (float32, same shape) = the stored values: bf16 bits (ext "u16") widened exactly into
+    float32's high half in one pass, or float32 as is."""
+    if ext == "u16":
+        np.left_shift(stored, 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        out[...] = stored
+
+
 FORMAT_V2 = 2
 BLOCK_STEPS = 64  # records per block: 64 gives 95% of 256's ratio and decodes 4x faster
 GROUP_ROWS = 16  # rows of W per zstd frame: a trajectory of a few rows decodes only their groups.
@@ -121,11 +131,6 @@ class V2Reader:
         return self.scalar_steps, self.steps
 
     # snapshots
-    def _part_to_f32(self, arr: np.ndarray, ext: str) -> np.ndarray:
-        if ext == "u16":
-            return (arr.astype(np.uint32) << 16).view(np.float32)
-        return arr
-
     def preload(self, pos: np.ndarray, m: str) -> None:
         """Decode the snapshots at ``pos`` once, block by block, and keep their stored values (bf16
         bits: 2 bytes per value), replacing what was kept before; ``snapshot`` then only converts."""
@@ -140,7 +145,7 @@ class V2Reader:
             raw = self.kept.get((m, pos, ext))
             if raw is None:
                 raw = self.snaps[(m, ext)].read([pos], slice(None), self.steps)[0]
-            out[sl] = self._part_to_f32(raw, ext).reshape(-1, self.d)
+            put_values(out[sl], raw.reshape(-1, self.d), ext)
         return out
 
     def trajectory(self, ids: np.ndarray, pos: np.ndarray, m: str) -> np.ndarray:
@@ -150,7 +155,13 @@ class V2Reader:
             if len(mine):
                 cols = ((ids[mine] - sl.start)[:, None] * self.d + np.arange(self.d)).ravel()
                 raw = self.snaps[(m, ext)].read(pos, cols, self.steps)  # (n_pos, len(mine) * d)
-                out[:, mine] = self._part_to_f32(raw, ext).reshape(len(pos), len(mine), self.d)
+                raw = raw.reshape(len(pos), len(mine), self.d)
+                if len(mine) == len(ids):
+                    put_values(out, raw, ext)
+                else:
+                    part = np.empty(raw.shape, np.float32)
+                    put_values(part, raw, ext)
+                    out[:, mine] = part
         return out
 
     # per-step scalars

@@ -16,6 +16,7 @@ import numpy as np
 
 from .config import N_LIVE, VOCAB_SIZE, ModelConfig
 from .errors import DucklingError
+from .format_v2 import put_values
 
 FORMAT_VERSION = 2  # written by default; format 1 (uncompressed) stays readable
 READABLE = (1, 2)
@@ -37,7 +38,10 @@ def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
 
 def bf16_bits_to_f32(u: np.ndarray) -> np.ndarray:
     """Raw bf16 bits (uint16) -> float32, exactly."""
-    return (np.asarray(u, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    u = np.asarray(u, dtype=np.uint16)
+    out = np.empty(u.shape, np.float32)
+    put_values(out, u, "u16")
+    return out
 
 
 # --- sizes and the budget ----------------------------------------------------------------------
@@ -315,7 +319,10 @@ class Recording:
                     continue
                 mm = self._chunk(matrix, int(c), ext, sl, dt)  # (k, rows, d) on disk
                 block = mm[local[:, None], (ids[mine] - sl.start)[None, :]]  # reads only these rows
-                out[sel[:, None], mine[None, :]] = bf16_bits_to_f32(block) if ext == "u16" else block
+                if len(mine) == len(ids) and sel[-1] - sel[0] + 1 == len(sel):  # a plain slice of out
+                    put_values(out[sel[0]:sel[-1] + 1], block, ext)
+                else:
+                    out[sel[:, None], mine[None, :]] = bf16_bits_to_f32(block) if ext == "u16" else block
         return out
 
     def preload(self, steps, matrix: str = "wte") -> None:
@@ -338,8 +345,7 @@ class Recording:
         c, local = divmod(int(pos), self._lay.chunk)
         out = np.empty((self._lay.n_rows, self._lay.d), np.float32)
         for ext, sl, dt in self._lay.parts:  # one contiguous read per part, no fancy indexing
-            block = self._chunk(matrix, c, ext, sl, dt)[local]
-            out[sl] = bf16_bits_to_f32(block) if ext == "u16" else block
+            put_values(out[sl], self._chunk(matrix, c, ext, sl, dt)[local], ext)
         return out
 
     # per-step scalars (every step, whatever the stride)

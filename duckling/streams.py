@@ -7,6 +7,7 @@ chunk), the block wins and the raw chunk is stale. Only the last chunk may be pa
 """
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 from collections import OrderedDict
@@ -20,6 +21,13 @@ from .codec import (TRAILER, CorruptBlock, check_record, decode_blocks, decode_g
 from .errors import DucklingError
 
 CACHE_BYTES = 160 << 20  # decoded frames kept per stream (one 64-step bf16 block of W fits)
+
+
+@functools.lru_cache(maxsize=8)
+def _whole_plan(widths: tuple) -> tuple[bool, list]:
+    """Stream._plan of a whole-record read: every group to its own columns (made once per layout)."""
+    b = np.cumsum((0, *widths)).tolist()
+    return True, [(g, slice(b[g], b[g + 1]), slice(None)) for g in range(len(widths))]
 
 
 class Stream:
@@ -109,13 +117,13 @@ class Stream:
 
         ``steps`` is the stream's step array (for error messages). Verifies every byte it uses."""
         positions = np.asarray(positions, np.int64)
-        if isinstance(cols, slice):
+        if isinstance(cols, slice) and cols != slice(None):
             if self._all_cols is None:
                 self._all_cols = np.arange(self.width)
-            cols = self._all_cols if cols == slice(None) else self._all_cols[cols]
-        else:
+            cols = self._all_cols[cols]
+        elif not isinstance(cols, slice):
             cols = np.asarray(cols, np.int64)
-        out = np.empty((len(positions), len(cols)), self.dtype)
+        out = np.empty((len(positions), self._n_cols(cols)), self.dtype)  # cols: indices, or slice(None)
         chunk_of = positions // self.block
         chunks, counts = np.unique(chunk_of, return_counts=True)
         plan = None
@@ -180,20 +188,23 @@ class Stream:
 
     def _read_raw(self, c: int, local: np.ndarray, cols: np.ndarray) -> np.ndarray:
         mm = np.memmap(self.raw_path(c), np.uint8, "r")
-        res = np.empty((len(local), len(cols)), self.dtype)
+        res = np.empty((len(local), self._n_cols(cols)), self.dtype)
         for j, i in enumerate(local):
             rec = np.asarray(mm[i * self.rec_bytes:(i + 1) * self.rec_bytes])
             check_record(rec)
             res[j] = rec[:self.payload].view(self.dtype)[cols]
         return res
 
-    def _plan(self, cols: np.ndarray) -> tuple[bool, list]:
+    def _n_cols(self, cols) -> int:
+        return self.width if isinstance(cols, slice) else len(cols)
+
+    def _plan(self, cols) -> tuple[bool, list]:
         """(every column in order?, [(group, columns of the result, columns of the group)]) for a
-        read of ``cols``; slices wherever a whole group lands in consecutive columns."""
-        if len(cols) == self.width and cols[0] == 0 and cols[-1] == self.width - 1:
-            if self._whole is None:  # the same for every whole-record read: made once
-                self._whole = True, [(g, slice(self.bounds[g], self.bounds[g + 1]), slice(None))
-                                     for g in range(len(self.widths))]
+        read of ``cols`` (indices, or slice(None): every column); slices wherever a whole group lands
+        in consecutive columns."""
+        if isinstance(cols, slice) or (len(cols) == self.width and cols[0] == 0 and cols[-1] == self.width - 1):
+            if self._whole is None:  # the same for every whole-record read (and stream of this layout)
+                self._whole = _whole_plan(tuple(self.widths))
             return self._whole
         g_of = np.searchsorted(self.bounds, cols, side="right") - 1
         order = np.argsort(g_of, kind="stable")  # columns of each group: order[edge[g]:edge_hi[g]]
@@ -223,7 +234,7 @@ class Stream:
         todo = [g for g in groups if single or (c, g) not in self._cache]
         got = self._decode(c, h, offsets, todo, local if single else None)
         have = {g: got[g] if g in got else self._cache[(c, g)] for g in groups}  # before any eviction
-        res = np.empty((len(local), len(cols)), self.dtype)
+        res = np.empty((len(local), self._n_cols(cols)), self.dtype)
         every_record = len(local) == h["n"] and (local == np.arange(h["n"])).all()
         for g, mine, inner in places:
             if single:  # one record of a block not in the cache: sum the differences up to it only

@@ -55,6 +55,11 @@ def same(a: Recording, b: Recording) -> None:
     for s in a.steps:
         assert np.array_equal(bits(a.snapshot(int(s))), bits(b.snapshot(int(s)))), s
     assert np.array_equal(bits(a.trajectory([0, N_LIVE, V - 1])), bits(b.trajectory([0, N_LIVE, V - 1])))
+    for r in (a, b):  # trajectories (rows across the live and dead parts) agree with the snapshots
+        ids = [N_LIVE, 0, V - 1]
+        want = np.stack([r.snapshot(int(s))[ids] for s in r.steps])
+        assert np.array_equal(bits(r.trajectory(ids)), bits(want))
+        assert np.array_equal(bits(r.trajectory(ids, steps=r.steps[::2])), bits(want[::2]))
     for f in FIELDS:
         assert np.array_equal(bits(np.asarray(a.rows(f))), bits(np.asarray(b.rows(f))))
     for x, y in ((a.hidden_mean, b.hidden_mean), (a.lr, b.lr), (a.probe, b.probe)):
