@@ -69,15 +69,6 @@ def _zigzag_diffs(x: np.ndarray, ranges) -> np.ndarray:
     return d
 
 
-def _undo_zigzag(z: np.ndarray) -> np.ndarray:
-    """In place: zigzag -> two's complement difference (same uint dtype)."""
-    low = z & 1
-    z >>= 1
-    np.negative(low, out=low)
-    z ^= low
-    return z
-
-
 def _encode_unit(x: np.ndarray, gw: int, ranges, level: int) -> list[list[bytes]]:
     """Columns of ng groups of gw columns each -> per group, one frame per time range."""
     n, ucols = x.shape
@@ -187,19 +178,13 @@ def _decompress(items, rs: list[int], sizes: list[int]) -> np.ndarray:
     return np.concatenate([np.frombuffer(out[i], np.uint8) for i in range(len(out))]).reshape(len(items), -1)
 
 
-def _values(raw: np.ndarray, w: int, gw: int, m: int, upto: int) -> np.ndarray:
-    """(ng, frame bytes (planes, gw, m)) -> zigzag-undone differences of the first ``upto``
-    records, (ng, gw, upto) uint (time innermost, as stored)."""
-    planes = raw.reshape(len(raw), w, gw, m)[..., :upto]
-    z = planes[:, 0].astype(_UINT[w])
-    for i in range(1, w):  # little-endian: plane i is byte i
-        z |= planes[:, i].astype(_UINT[w]) << (8 * i)
-    return _undo_zigzag(z)
-
-
 def _decode_batch(items, h, gw: int, records: np.ndarray) -> np.ndarray:
     """Records (sorted local positions) of groups gw columns wide, given as (block buffer, the
-    group's frame offsets) in items, of blocks laid out like header h: (len(items), len, gw)."""
+    group's frame offsets) in items, of blocks laid out like header h: (len(items), len, gw).
+    zstd decompresses the frames needed (the anchor and the ranges holding the records) in one
+    call; one compiled loop per range turns their bytes back into values (kernels.decode_range)."""
+    from .kernels import decode_range  # numba: imported (and its cached code loaded) on first decode
+
     w, t, ranges = h["itemsize"], _UINT[h["itemsize"]], h["ranges"]
     need = [r for r, (a, b) in enumerate(ranges) if ((records >= a) & (records < b)).any()]
     if ranges[need[-1]][0] >= 1 and 0 not in need:  # the anchor: later ranges start from record 0
@@ -207,26 +192,21 @@ def _decode_batch(items, h, gw: int, records: np.ndarray) -> np.ndarray:
     sizes = [gw * (ranges[r][1] - ranges[r][0]) * w for r in need]
     raw = _decompress(items, need, sizes)
     out = np.empty((len(items), len(records), gw), t)
-    base, pos = None, 0
+    zeros = np.zeros((len(items), gw), t)
+    base, pos = zeros, 0
     for r, size in zip(need, sizes):
         a, b = ranges[r]
         frame, pos = raw[:, pos:pos + size], pos + size
-        if a == 0 and b == 1 and len(ranges) > 1:
-            base = _values(frame, w, gw, 1, 1)[:, :, 0]
         sel = np.nonzero((records >= a) & (records < b))[0]
-        if not len(sel):
+        if a == 0 and b == 1 and len(ranges) > 1:  # the anchor: the start of every later range
+            anchor = np.empty((len(items), 1, gw), t)
+            decode_range(frame, w, gw, 1, np.zeros(1, np.int64), zeros, anchor, 0)
+            base = np.ascontiguousarray(anchor[:, 0])
+            if len(sel):
+                out[:, sel[0]] = base
             continue
-        rel = records[sel] - a
-        if len(sel) == 1:  # one record: sum its differences, no running sum (the sums wrap like them)
-            z = _values(frame, w, gw, b - a, int(rel[0]) + 1).sum(axis=2, dtype=t, keepdims=True)
-        else:
-            z = _values(frame, w, gw, b - a, int(rel[-1]) + 1)
-            np.cumsum(z, axis=2, dtype=t, out=z)
-            if len(rel) != rel[-1] + 1:  # not every record of the range: keep the asked ones
-                z = z[:, :, rel]
-        if a >= 1:
-            z += base[:, :, None]
-        out[:, sel[0]:sel[-1] + 1] = z.transpose(0, 2, 1)  # the asked records of a range are consecutive
+        if len(sel):  # the asked records of a range are consecutive in ``records``
+            decode_range(frame, w, gw, b - a, records[sel] - a, base if a >= 1 else zeros, out, int(sel[0]))
     return out
 
 
