@@ -158,16 +158,22 @@ def read_header(buf: bytes, file_size: int) -> tuple[dict, np.ndarray]:
 
 def _decompress(items, rs: list[int], sizes: list[int]) -> np.ndarray:
     """Frames rs (decoded sizes ``sizes``) of each (block buffer, group's frame offsets) in items, in
-    one C call (zstd checks every frame's checksum): (len(items), sum(sizes)) uint8."""
+    one C call (zstd checks every frame's checksum): (len(items), sum(sizes)) uint8.
+
+    The frames are handed to zstd as one contiguous copy (so no mmap stays exported, and zstd works
+    without the GIL: given a list of separate frames it holds it, and two threads run no faster
+    than one)."""
     offs = np.stack([o for _, o in items])  # (n_items, n_frames + 1)
     starts = offs[:, rs]
-    segs = np.stack([starts.ravel(), (offs[:, [r + 1 for r in rs]] - starts).ravel()], axis=1)
-    lo, hi = int(segs[:, 0].min()), int((segs[:, 0] + segs[:, 1]).max())
-    if all(b is items[0][0] for b, _ in items) and hi - lo <= 2 * int(segs[:, 1].sum()) + (1 << 16):
-        segs[:, 0] -= lo  # frames of one block, close together: one copy of their span (a copy, so
-        frames = zstd.BufferWithSegments(items[0][0][lo:hi], segs.astype(np.uint64).tobytes())  # that
-    else:  # no mmap stays exported); scattered frames, or several blocks': a copy of each frame
-        frames = [items[i // len(rs)][0][a:a + n] for i, (a, n) in enumerate(segs.tolist())]
+    lens = offs[:, [r + 1 for r in rs]] - starts
+    lo, hi = int(starts.min()), int((starts + lens).max())
+    if all(b is items[0][0] for b, _ in items) and hi - lo <= 2 * int(lens.sum()) + (1 << 16):
+        data, starts = items[0][0][lo:hi], starts - lo  # frames of one block, close together: their span
+    else:  # scattered frames, or several blocks': each item's span, joined
+        first, last = starts.min(axis=1), (starts + lens).max(axis=1)
+        data = b"".join([items[i][0][a:b] for i, (a, b) in enumerate(zip(first.tolist(), last.tolist()))])
+        starts = starts - first[:, None] + np.concatenate([[0], np.cumsum(last - first)[:-1]])[:, None]
+    frames = zstd.BufferWithSegments(data, np.stack([starts.ravel(), lens.ravel()], 1).astype(np.uint64).tobytes())
     try:
         out = zstd.ZstdDecompressor().multi_decompress_to_buffer(
             frames, decompressed_sizes=np.array(sizes * len(items), np.uint64).tobytes(), threads=0)
