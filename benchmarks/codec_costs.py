@@ -23,9 +23,10 @@ together), in milliseconds, on the codec's thread pool (2 threads on a
                         laid out columns x time: ratio of the whole block (format: ``ratio``), encode,
                         and decode of one time range of every column (the bulk of a snapshot, against
                         ``range_zstd_ms``, the format's zstd on the same range); round trips checked
-  numba ...             only if numba is installed (it is not a dependency): one compiled loop over the
-                        decompressed frames (byte planes, zigzag, running sum, transposed write) in
-                        place of numpy, for the trajectory, one thread, against ``trajectory_1t_ms``
+  numpy_...             the format's decoding before its compiled loop (duckling/kernels.py): the same
+                        frames through whole-array numpy passes, on one thread, for the trajectory
+                        (against ``trajectory_1t_ms``) and for one record of 256 live rows
+                        (``snapshot_live256_1t_ms``); results checked equal
 Run it under the CPU lock: ``flock /tmp/duckling-cpu.lock python -P benchmarks/codec_costs.py RUN``.
 """
 from __future__ import annotations
@@ -111,36 +112,47 @@ def blosc2_variants(x: np.ndarray, ranges) -> dict:
     return out
 
 
-def numba_trajectory(blob, h, offsets, groups):
-    """The trajectory's decode with one compiled loop after zstd, or None without numba."""
-    try:
-        import numba
-    except ImportError:
-        return None
+def numpy_decode(items, h, gw: int, records: np.ndarray) -> np.ndarray:
+    """codec._decode_batch as it was before the compiled loop (duckling/kernels.py): the same frames,
+    turned into values by whole-array numpy passes (byte planes, zigzag, running sums, transpose)."""
+    w, t, ranges = h["itemsize"], np.uint16 if h["itemsize"] == 2 else np.uint32, h["ranges"]
 
-    @numba.njit(nogil=True, cache=False)
-    def run(raw, gw, m, base, out, t0):  # raw: (items, 2 * gw * m) byte planes, time innermost
-        plane = gw * m
-        for i in range(raw.shape[0]):
-            for c in range(gw):
-                acc = base[i, c]
-                for t in range(m):
-                    z = np.uint16(raw[i, c * m + t]) | (np.uint16(raw[i, plane + c * m + t]) << np.uint16(8))
-                    acc = np.uint16(acc + ((z >> np.uint16(1)) ^ (np.uint16(0) - (z & np.uint16(1)))))
-                    out[i, t0 + t, c] = acc
-
-    def decode():
-        gw, rs = int(h["frames"][groups[0], 1] - h["frames"][groups[0], 0]), h["ranges"]
-        sizes = [gw * (b - a) * 2 for a, b in rs]
-        raw = codec._decompress([(blob, offsets[g]) for g in groups], list(range(len(rs))), sizes)
-        out = np.empty((len(groups), h["n"], gw), np.uint16)
-        zero = np.zeros((len(groups), gw), np.uint16)
-        pos = 0
-        for (a, b), size in zip(rs, sizes):
-            run(raw[:, pos:pos + size], gw, b - a, zero if a == 0 else out[:, 0], out, a)
-            pos += size
-        return out
-    return decode
+    def values(raw, m, upto):  # (items, frame) -> zigzag-undone differences, (items, gw, upto)
+        planes = raw.reshape(len(raw), w, gw, m)[..., :upto]
+        z = planes[:, 0].astype(t)
+        for i in range(1, w):
+            z |= planes[:, i].astype(t) << (8 * i)
+        low = z & 1
+        z >>= 1
+        np.negative(low, out=low)
+        z ^= low
+        return z
+    need = [r for r, (a, b) in enumerate(ranges) if ((records >= a) & (records < b)).any()]
+    if ranges[need[-1]][0] >= 1 and 0 not in need:
+        need.insert(0, 0)
+    sizes = [gw * (ranges[r][1] - ranges[r][0]) * w for r in need]
+    raw = codec._decompress(items, need, sizes)
+    out = np.empty((len(items), len(records), gw), t)
+    base, pos = None, 0
+    for r, size in zip(need, sizes):
+        a, b = ranges[r]
+        frame, pos = raw[:, pos:pos + size], pos + size
+        if a == 0 and b == 1 and len(ranges) > 1:
+            base = values(frame, 1, 1)[:, :, 0]
+        sel = np.nonzero((records >= a) & (records < b))[0]
+        if not len(sel):
+            continue
+        rel = records[sel] - a
+        if len(sel) == 1:
+            z = values(frame, b - a, int(rel[0]) + 1).sum(axis=2, dtype=t, keepdims=True)
+        else:
+            z = values(frame, b - a, int(rel[-1]) + 1)
+            np.cumsum(z, axis=2, dtype=t, out=z)
+            z = z[:, :, rel] if len(rel) != rel[-1] + 1 else z
+        if a >= 1:
+            z += base[:, :, None]
+        out[:, sel[0]:sel[-1] + 1] = z.transpose(0, 2, 1)
+    return out
 
 
 def block_costs(x: np.ndarray, widths, seg: int, dead_groups: list[int], rng) -> dict:
@@ -175,11 +187,13 @@ def block_costs(x: np.ndarray, widths, seg: int, dead_groups: list[int], rng) ->
     for name, v in blosc2_variants(x, ranges).items():
         row.update({f"blosc2_{name}_ratio": x.nbytes / v["bytes"], f"blosc2_{name}_encode_ms": v["encode_ms"],
                     f"blosc2_{name}_range_decode_ms": v["range_decode_ms"]})
-    fused = numba_trajectory(blob, h, offsets, dead_groups)
-    if fused is not None:
-        ref = codec._decode_batch([(blob, offsets[g]) for g in dead_groups], h, widths[dead_groups[0]], np.arange(len(x)))
-        assert np.array_equal(fused(), ref), "numba decode"
-        row["numba_trajectory_1t_ms"] = timed(fused)
+    items = [(blob, offsets[g]) for g in dead_groups]
+    ref = codec._decode_batch(items, h, widths[dead_groups[0]], np.arange(len(x)))
+    assert np.array_equal(numpy_decode(items, h, widths[dead_groups[0]], np.arange(len(x))), ref)
+    row["numpy_trajectory_1t_ms"] = timed(lambda: numpy_decode(items, h, widths[dead_groups[0]], np.arange(len(x))))
+    live = [(blob, offsets[g]) for g in range(16)]  # 16 live groups (256 rows): one record, as a snapshot
+    row["snapshot_live256_1t_ms"] = timed(lambda: codec._decode_batch(live, h, widths[0], np.array([k])))
+    row["numpy_snapshot_live256_1t_ms"] = timed(lambda: numpy_decode(live, h, widths[0], np.array([k])))
     return row
 
 
