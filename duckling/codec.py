@@ -264,10 +264,11 @@ def decode_blocks(blocks) -> list[dict]:
     header, offsets, groups); returns per block {group: (n, width) array}."""
     items = []  # (layout, block, group, buffer, group's frame offsets, header); equal layouts together
     for i, (buf, h, offsets, groups) in enumerate(blocks):
-        for g in groups:
-            layout = (h["n"], h.get("segment"), h["itemsize"], int(h["frames"][g, 1] - h["frames"][g, 0]))
-            items.append((layout, i, g, buf, offsets[g], h))
-    items.sort(key=lambda it: (it[0][0], it[0][1] or 0, *it[0][2:], it[1], it[2]))  # (no segment: 0)
+        groups = sorted(groups)
+        widths = (h["frames"][groups, 1] - h["frames"][groups, 0]).tolist()
+        head = (h["n"], h.get("segment") or 0, h["itemsize"])  # (no segment: 0, which sorts)
+        items += [((*head, w), i, g, buf, offsets[g], h) for g, w in zip(groups, widths)]
+    items.sort(key=lambda it: it[0])  # stable: blocks, then groups, in order within a layout
     brk = np.array([i == 0 or it[0] != items[i - 1][0] for i, it in enumerate(items)], bool)
     sizes = np.array([it[0][0] * it[0][2] * it[0][3] for it in items], np.int64)
     jobs = [items[a:b] for a, b in _batches(brk, sizes)]
