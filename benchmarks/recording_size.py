@@ -20,7 +20,8 @@ The first round is warm-up and is dropped. Then it prints
   snapshot_read_ms:            median time to read one random snapshot with a fresh ``Recording``
                                (nothing decoded yet; files in the page cache)
   trajectory_read_ratio:       time to read 16 dead rows over every step, v2 / v1 (a v1 copy is
-                               written from the v2 recording; both warm in the page cache)
+                               written from the v2 recording; both warm in the page cache; medians
+                               of 11 interleaved reads each, with a fresh ``Recording``)
 and the snapshot ratio per 64-step block at a few places. Run it under the CPU lock:
 ``flock /tmp/duckling-cpu.lock python -P benchmarks/recording_size.py``.
 """
@@ -204,16 +205,14 @@ def main() -> None:
     ids = rng.choice(rec.dead_ids, size=16, replace=False)
 
     def traj_time(r) -> float:
-        best = []
-        for _ in range(3):
-            fresh = Recording(r.root)
-            t0 = time.perf_counter()
-            fresh.trajectory(ids)
-            best.append(time.perf_counter() - t0)
-        return float(np.median(best))
+        fresh = Recording(r.root)
+        t0 = time.perf_counter()
+        fresh.trajectory(ids)
+        return time.perf_counter() - t0
 
     assert np.array_equal(v1.trajectory(ids), rec.trajectory(ids))  # same bits either way
-    t1, t2 = traj_time(v1), traj_time(rec)
+    rounds = [(traj_time(v1), traj_time(rec)) for _ in range(11)]  # interleaved: noise hits both alike
+    t1, t2 = (float(np.median(x)) for x in zip(*rounds))
     figures = {
         "steps": len(rec.scalar_steps) - 1, "snapshot_compression_ratio": size["snapshot_compression_ratio"],
         "recording_compression_ratio": round(v1.bytes_on_disk / rec.bytes_on_disk, 2)}
