@@ -16,8 +16,16 @@ import numba
 import numpy as np
 
 
-@numba.njit(nogil=True, cache=True, boundscheck=False)
-def decode_range(raw, w, gw, m, rel, start, out, o0):  # pragma: no cover - compiled
+def _compiled(f):
+    """f compiled by numba, its machine code cached on disk; where no cache folder is writable (a
+    read-only install and home), compiled once per process instead."""
+    try:
+        return numba.njit(nogil=True, cache=True, boundscheck=False)(f)
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+        return numba.njit(nogil=True, boundscheck=False)(f)
+
+
+def _decode_range(raw, w, gw, m, rel, start, out, o0):  # pragma: no cover - compiled
     """raw: (items, w * gw * m) uint8 with w = 2 or 4, one time range's frame (byte planes, column,
     time) per item;
     rel: sorted record offsets within the range to produce; start: (items, gw) the value each running
@@ -49,3 +57,6 @@ def decode_range(raw, w, gw, m, rel, start, out, o0):  # pragma: no cover - comp
                 for c in range(gw):
                     out[i, o0 + k, c] = acc[c]
                 k += 1
+
+
+decode_range = _compiled(_decode_range)

@@ -123,3 +123,29 @@ def test_compaction_reads_a_raw_chunk_once_and_refuses_a_short_one(tmp_path):
     s.raw_path(0).write_bytes(raw[:-1])
     with pytest.raises(codec.CorruptBlock, match="holds"):
         s.raw_records(0, n)
+
+
+def test_the_decoder_works_where_numba_cannot_cache(monkeypatch):
+    """A read-only install and home leave numba no cache folder: the decode loop is then compiled per
+    process instead of failing, and decodes the same values."""
+    import importlib
+
+    import numba
+    from numba.core import caching
+
+    from duckling import kernels
+
+    x = np.arange(5 * 8, dtype=np.uint16).reshape(5, 8) * 3
+    blob = codec.encode_block(x, range(5), [4, 4], segment=2)
+    h, offsets = codec.read_header(blob, len(blob))
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
+    try:
+        with pytest.raises(RuntimeError, match="no locator"):  # what numba does without a cache folder
+            numba.njit(cache=True)(lambda a: a)
+        importlib.reload(kernels)
+        assert type(kernels.decode_range._cache).__name__ == "NullCache"  # compiled, not cached
+        got = codec.decode_groups(blob, h, offsets, [0, 1])
+        assert np.array_equal(np.concatenate([got[0], got[1]], axis=1), x)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(kernels)
