@@ -160,9 +160,8 @@ def _decompress(items, rs: list[int], sizes: list[int]) -> np.ndarray:
     """Frames rs (decoded sizes ``sizes``) of each (block buffer, group's frame offsets) in items, in
     one C call (zstd checks every frame's checksum): (len(items), sum(sizes)) uint8.
 
-    The frames are handed to zstd as one contiguous copy (so no mmap stays exported, and zstd works
-    without the GIL: given a list of separate frames it holds it, and two threads run no faster
-    than one)."""
+    The frames are handed to zstd as one contiguous copy: zstd then works without the GIL (given a
+    list of separate frames it holds it, and two threads run no faster than one)."""
     offs = np.stack([o for _, o in items])  # (n_items, n_frames + 1)
     starts = offs[:, rs]
     lens = offs[:, [r + 1 for r in rs]] - starts
@@ -240,7 +239,8 @@ def decode_runs(buf, header: dict, offsets, groups, records=None, consecutive: b
     """Records ``records`` (local positions, sorted; None: all) of the column groups ``groups``
     (indices into header["frames"]), as [(groups of a batch, (ng, len(records), width) array)]:
     batches of equal-width groups (consecutive ones only, by default: runs of columns), ~4 MB of
-    decoded frames each, decoded in parallel. ``buf`` is the block's bytes or a mmap of them."""
+    decoded frames each, decoded in parallel. ``buf`` is the block's bytes, or a ``streams.BlockFile``
+    (its slices are read with pread)."""
     records = np.arange(header["n"]) if records is None else np.unique(np.asarray(records, np.int64))
     gs = np.unique(np.asarray(groups, np.int64))
     widths = header["frames"][:, 1] - header["frames"][:, 0]

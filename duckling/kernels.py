@@ -26,11 +26,12 @@ def _compiled(f):
 
 
 def _decode_range(raw, w, gw, m, rel, start, out, o0):  # pragma: no cover - compiled
-    """raw: (items, w * gw * m) uint8 with w = 2 or 4, one time range's frame (byte planes, column,
-    time) per item;
-    rel: sorted record offsets within the range to produce; start: (items, gw) the value each running
-    sum starts from (record 0 for a range starting at 1 or later, else zeros). Writes
-    out[i, o0 + j, c] = start[i, c] + the sum of the first rel[j] + 1 differences of column c."""
+    """One time range of gw-column groups, m records long, back to values.
+
+    raw: (items, w * gw * m) uint8, per item the range's frame (byte planes, column, time), with w =
+    out's itemsize (2 or 4); rel: sorted record offsets within the range to produce; start: (items,
+    gw) the value each running sum starts from (record 0 for a range starting at 1 or later, else
+    zeros). Writes out[i, o0 + j, c] = start[i, c] + the first rel[j] + 1 differences of column c."""
     upto = rel[len(rel) - 1] + 1
     plane = gw * m
     d = np.empty(plane, out.dtype)

@@ -179,7 +179,7 @@ class Stream:
         if i >= h["n"]:
             raise CorruptBlock(f"block holds {h['n']} records, position {i} asked")
         res = np.empty((1, self.width), self.dtype)
-        with self._map(c) as buf:
+        with self._open(c) as buf:
             for gs, arr in decode_runs(buf, h, offsets, range(len(self.widths)), [i]):
                 res[0, self.bounds[gs[0]]:self.bounds[gs[0]] + arr.size] = arr.reshape(-1).view(self.dtype)
         return res
@@ -201,7 +201,7 @@ class Stream:
             return
         try:
             with ExitStack() as stack:
-                bufs = [stack.enter_context(self._map(c)) for c, _, _ in todo]
+                bufs = [stack.enter_context(self._open(c)) for c, _, _ in todo]
                 got = decode_blocks([(b, h, o, groups) for b, (_, h, o) in zip(bufs, todo)])
         except (CorruptBlock, OSError, ValueError):
             return
@@ -279,7 +279,7 @@ class Stream:
                 res[:, mine] = arr[local[:, None], inner[None, :]].view(self.dtype)
         return res
 
-    def _map(self, c: int) -> "BlockFile":
+    def _open(self, c: int) -> "BlockFile":
         """Block c's file, read only where a read's frames lie."""
         return BlockFile(self.blk_path(c))
 
@@ -287,7 +287,7 @@ class Stream:
         """decode_groups on block c's file."""
         if not groups:
             return {}
-        with self._map(c) as buf:
+        with self._open(c) as buf:
             return decode_groups(buf, h, offsets, groups, records)
 
     def _remember(self, key, arr: np.ndarray) -> None:
