@@ -206,7 +206,7 @@ def _decode_batch(items, h, gw: int, records: np.ndarray) -> np.ndarray:
         if a == 0 and b == 1 and len(ranges) > 1:  # the anchor: the start of every later range
             anchor = np.empty((len(items), 1, gw), t)
             decode_range(frame, w, gw, 1, np.zeros(1, np.int64), zeros, anchor, 0)
-            base = np.ascontiguousarray(anchor[:, 0])
+            base = anchor[:, 0]
             if len(sel):
                 out[:, sel[0]] = base
             continue
@@ -215,12 +215,12 @@ def _decode_batch(items, h, gw: int, records: np.ndarray) -> np.ndarray:
     return out
 
 
-BATCH_BYTES = 4 << 20  # decoded bytes per batch of groups (one zstd call, one numpy pass, one thread)
+BATCH_BYTES = 4 << 20  # decoded bytes per batch of groups (one zstd call, one thread)
 
 
 def _batches(brk: np.ndarray, sizes: np.ndarray) -> list[tuple[int, int]]:
     """[a, b) index ranges cutting items into batches: a new batch wherever ``brk`` is True (brk[0]
-    is; items that cannot share one zstd call and numpy pass) and every ~BATCH_BYTES of decoded bytes
+    is; items that cannot share one zstd call and decode loop) and every ~BATCH_BYTES of decoded bytes
     (``sizes``: per item; the items between two breaks are of one size)."""
     starts = [*np.flatnonzero(brk).tolist(), len(brk)]
     out = []
@@ -259,9 +259,9 @@ def decode_groups(buf, header: dict, offsets, groups, records=None) -> dict:
 
 
 def decode_blocks(blocks) -> list[dict]:
-    """Every record of some groups of several blocks, decoded together (one zstd call and one
-    numpy pass per ~4 MB of frames of equal layout, across blocks): blocks is a list of (buffer,
-    header, offsets, groups); returns per block {group: (n, width) array}."""
+    """Every record of some groups of several blocks, decoded together (one zstd call per ~4 MB of
+    frames of equal layout, across blocks): blocks is a list of (buffer, header, offsets, groups);
+    returns per block {group: (n, width) array}."""
     items = []  # (layout, block, group, buffer, group's frame offsets, header); equal layouts together
     for i, (buf, h, offsets, groups) in enumerate(blocks):
         groups = sorted(groups)

@@ -26,15 +26,15 @@ LEGACY_GROUP_ROWS = 64
 DEAD_GROUP_ROWS = 1  # dead rows get a frame each: their trajectories are what the research reads.
 # Measured (docs/recording.md): 1-row frames cost the dead rows 10-19% of their ratio, and a 16-row
 # dead trajectory decodes 16x fewer bytes. Stored as "dead_group_rows" (absent: group_rows).
-SEGMENT_STEPS = BLOCK_STEPS // 2  # a block's records after the anchor, in frames of this many: a
-# random snapshot decompresses the anchor and one half of its block. Stored as "segment_steps"
-# (absent: one frame per group over the whole block, the first v2 files).
 KNOWN_MATRICES = ("wte", "lm_head")
 PRECISIONS = ("bf16", "float32", "mixed")
 
 
 def layout_keys(block_steps: int) -> dict:
-    """meta.json's block layout for a new recording with blocks of ``block_steps`` records."""
+    """meta.json's block layout for a new recording with blocks of ``block_steps`` records. Its
+    "segment_steps" is half a block: the records after the anchor go in frames of that many, so a
+    random snapshot decompresses the anchor and one half of its block (absent in the first v2 files:
+    one frame per group over the whole block)."""
     return {"block_steps": int(block_steps), "group_rows": GROUP_ROWS, "dead_group_rows": DEAD_GROUP_ROWS,
             "segment_steps": max(1, int(block_steps) // 2)}
 

@@ -186,9 +186,8 @@ class Stream:
 
     def _prefetch(self, chunks, counts, plan) -> None:
         """Several blocks read whole (a trajectory): decode their groups of the read's columns
-        together, one zstd call and one numpy pass per ~4 MB across blocks instead of per block, into
-        the cache. Only when it fits half the cache; a failure is left to the per-block read, which
-        names it."""
+        together, one zstd call per ~4 MB across blocks instead of per block, into the cache. Only
+        when it fits half the cache; a failure is left to the per-block read, which names it."""
         groups = [g for g, _, _ in plan[1]]
         todo = []
         for c, count in zip(chunks, counts):
