@@ -38,8 +38,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from duckling.config import N_LIVE, VOCAB_SIZE, DucklingConfig  # noqa: E402
-from duckling.recording import Recording  # noqa: E402
-from duckling.writer import RecordingWriter  # noqa: E402
+from duckling.recording.reader import Recording  # noqa: E402
+from duckling.recording.writer import RecordingWriter  # noqa: E402
 
 
 def synthesize(run: Path, steps: int, precision: str, seed: int = 0) -> None:
@@ -77,7 +77,7 @@ def synthesize(run: Path, steps: int, precision: str, seed: int = 0) -> None:
 
 def decode_everything(run: Path) -> int:
     """Format 2: decode every block (and check every raw record) of every stream once; values decoded."""
-    from duckling.format_v2 import make_streams
+    from duckling.recording.layout import make_streams
 
     rec = Recording(run)
     snaps, scalars, probe = make_streams(rec.root, rec.meta, rec._lay.parts)

@@ -7,7 +7,7 @@ RUN is a finished every-step bf16 run in format 2 (``benchmarks/recording_size.p
 Per block, medians over the chosen blocks (``*_ratio_all_blocks``: raw / encoded bytes of all of them
 together), in milliseconds, on the codec's thread pool (2 threads on a
 2-core machine) unless a line says one thread:
-  encode_ms             the format's encoder (``duckling.codec.encode_block``)
+  encode_ms             the format's encoder (``duckling.recording.codec.encode_block``)
   encode_numpy_1t_ms    its numpy part alone, on one thread: difference, zigzag, transposes to byte planes
   encode_zstd_ms        its zstd part alone, on the planes prepared beforehand
   compaction_ms         what the writer does per block besides file I/O: encode, decode it all back,
@@ -23,7 +23,7 @@ together), in milliseconds, on the codec's thread pool (2 threads on a
                         laid out columns x time: ratio of the whole block (format: ``ratio``), encode,
                         and decode of one time range of every column (the bulk of a snapshot, against
                         ``range_zstd_ms``, the format's zstd on the same range); round trips checked
-  numpy_...             the format's decoding before its compiled loop (duckling/kernels.py): the same
+  numpy_...             the format's decoding before its compiled loop (duckling/recording/kernels.py): the same
                         frames through whole-array numpy passes, on one thread, for the trajectory
                         (against ``trajectory_1t_ms``) and for one record of 256 live rows
                         (``snapshot_live256_1t_ms``); results checked equal
@@ -45,7 +45,7 @@ import time
 import numpy as np
 import zstandard as zstd
 
-from duckling import codec
+from duckling.recording import codec
 
 
 def timed(f, repeat: int = 5) -> float:
@@ -113,7 +113,7 @@ def blosc2_variants(x: np.ndarray, ranges) -> dict:
 
 
 def numpy_decode(items, h, gw: int, records: np.ndarray) -> np.ndarray:
-    """codec._decode_batch as it was before the compiled loop (duckling/kernels.py): the same frames,
+    """codec._decode_batch as it was before the compiled loop (duckling/recording/kernels.py): the same frames,
     turned into values by whole-array numpy passes (byte planes, zigzag, running sums, transpose)."""
     w, t, ranges = h["itemsize"], np.uint16 if h["itemsize"] == 2 else np.uint32, h["ranges"]
 
@@ -199,7 +199,7 @@ def block_costs(x: np.ndarray, widths, seg: int, dead_groups: list[int], rng) ->
 
 def main() -> None:
     from duckling.errors import DucklingError
-    from duckling.recording import Recording
+    from duckling.recording.reader import Recording
 
     ap = argparse.ArgumentParser()
     ap.add_argument("run")

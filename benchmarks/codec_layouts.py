@@ -6,7 +6,7 @@ random snapshot's decode time and a 16-dead-row trajectory's decode time, per la
 
 RUN is a finished run folder recorded in bf16 every step (``benchmarks/recording_size.py --keep``
 leaves one). Each chosen block of W is decoded once, then re-encoded in every layout with
-``duckling.codec`` (the format's own encoder and decoder, in memory; nothing is written):
+``duckling.recording.codec`` (the format's own encoder and decoder, in memory; nothing is written):
   rows G / dead G: rows of W per zstd frame for the live / the dead rows
   segment:         records per time range after the anchor (none: one range over the whole block)
 Per layout it prints the ratio (raw bf16 bytes / encoded bytes, all chosen blocks together), the
@@ -39,7 +39,7 @@ def scalar_variants(rec, blocks: list[int]) -> dict:
     the previous step, zstd 9 and 19, and bit planes instead of byte planes: ratio to raw float32."""
     import zstandard as zstd
 
-    from duckling import codec
+    from duckling.recording import codec
 
     st, V = rec._v2.scalars, rec.shape[0]
 
@@ -70,10 +70,10 @@ def scalar_variants(rec, blocks: list[int]) -> dict:
 
 
 def main() -> None:
-    from duckling import codec
+    from duckling.recording import codec
     from duckling.errors import DucklingError
-    from duckling.format_v2 import _row_widths
-    from duckling.recording import Recording
+    from duckling.recording.layout import _row_widths
+    from duckling.recording.reader import Recording
 
     ap = argparse.ArgumentParser()
     ap.add_argument("run")

@@ -41,8 +41,8 @@ def python_step() -> int:  # ~0.5 ms of pure-Python work: a stand-in for one lau
 
 
 def run(seconds: float, with_python: bool, with_writer: bool, defer: bool = False) -> tuple[float, float]:
-    from duckling.recording import FIELDS
-    from duckling.writer import RecordingWriter, f32_to_bf16_bits
+    from duckling.recording.reader import FIELDS
+    from duckling.recording.writer import RecordingWriter, f32_to_bf16_bits
 
     work = tempfile.mkdtemp(prefix="duckling-gil-")
     count, stop = [0], threading.Event()

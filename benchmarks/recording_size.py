@@ -50,10 +50,10 @@ REPO = Path(__file__).resolve().parents[1]
 def _worker(kind: str, conn, cfg_dict: dict, block: int, dataset: str, run_dir: str | None) -> None:
     from transformers import TrainerCallback
 
-    import duckling.recorder as recorder_mod
+    import duckling.training.recorder as recorder_mod
     from duckling.config import DucklingConfig
-    from duckling.train import train
-    from duckling.writer import RecordingWriter
+    from duckling.training.train import train
+    from duckling.recording.writer import RecordingWriter
 
     writers = []
 
@@ -119,8 +119,8 @@ def stats(run) -> dict:
 
 def write_v1_copy(rec, out: Path):
     """The same steps in format 1 (bit-identical content), for the read-speed comparison."""
-    from duckling.recording import FIELDS, Recording
-    from duckling.writer import RecordingWriter
+    from duckling.recording.reader import FIELDS, Recording
+    from duckling.recording.writer import RecordingWriter
 
     V, d = rec.shape
     w = RecordingWriter(out, shape=(V, d), n_live=rec.n_live, precision=rec.precision, every=rec.every,
@@ -173,8 +173,8 @@ def main() -> None:
     a = ap.parse_args()
     n = 300 if a.quick else a.steps
     from duckling.config import DucklingConfig
-    from duckling.data import build_dataset
-    from duckling.recording import Recording
+    from duckling.data.build import build_dataset
+    from duckling.recording.reader import Recording
 
     if a.reuse and not (a.dir and (Path(a.dir) / "run" / "recording" / "meta.json").exists()):
         raise SystemExit(f"--reuse needs --dir with a run that --keep left there ({a.dir or 'no --dir'}: "

@@ -25,7 +25,7 @@ from pathlib import Path
 
 
 def stats(run) -> dict:
-    from duckling.recording import Recording
+    from duckling.recording.reader import Recording
 
     rec = Recording(run)
     if rec.meta.get("format_version", 1) != 2:

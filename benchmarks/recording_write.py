@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from duckling.config import DucklingConfig, RecordConfig
-from duckling.model import build_model
-from duckling.recorder import WRecorder
-from duckling.recording import FIELDS
-from duckling.writer import RecordingWriter
+from duckling.training.model import build_model
+from duckling.training.recorder import WRecorder
+from duckling.recording.reader import FIELDS
+from duckling.recording.writer import RecordingWriter
 
 
 def bench_writer(tmp: str, precision: str, n: int) -> float:

@@ -40,7 +40,7 @@ def main() -> None:
     from transformers import TrainerCallback
 
     from duckling.config import N_LIVE, DucklingConfig
-    from duckling.train import train
+    from duckling.training.train import train
 
     n, half = a.steps, a.steps // 2
     cfg = DucklingConfig().override({"train.device": a.device, "train.max_steps": n, "train.save_steps": half,

@@ -49,7 +49,7 @@ def _spec(rows, steps: int, seeds: list, cpus: float, gpus: float = 0.0, device:
 def _sequential(rows, steps: int, seeds: list, root: str, mapping) -> tuple[float, list]:
     """Wall time of the runs one after another at full threads, and their steps/s."""
     from duckling.config import DucklingConfig
-    from duckling.train import train
+    from duckling.training.train import train
 
     t0, speeds = time.perf_counter(), []
     for s in seeds:
@@ -61,7 +61,7 @@ def _sequential(rows, steps: int, seeds: list, root: str, mapping) -> tuple[floa
 
 
 def _sweep(spec: dict, out: str) -> tuple[float, object]:
-    from duckling.sweep import sweep
+    from duckling.sweeps.engine import sweep
 
     t0 = time.perf_counter()
     df = sweep(spec, out, progress=False, max_retries=0)
@@ -87,7 +87,7 @@ def main() -> int:
     import torch
 
     from duckling.config import N_LIVE, DucklingConfig
-    from duckling.sweep import start_ray
+    from duckling.sweeps.engine import start_ray
 
     mapping = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "token_mapping.json")
     mapping = os.path.abspath(mapping) if os.path.isfile(mapping) else None

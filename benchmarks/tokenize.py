@@ -37,8 +37,8 @@ if not os.environ.get("TIKTOKEN_CACHE_DIR") and (SHARED / "tiktoken-cache").is_d
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken-cache")
 
 from duckling import CompactTokenizer  # noqa: E402
-from duckling.data import EOT_TEXT, _batches, build_dataset, iter_stories, resolve_source  # noqa: E402
-from duckling.vocab import get_encoding  # noqa: E402
+from duckling.data.build import EOT_TEXT, _batches, build_dataset, iter_stories, resolve_source  # noqa: E402
+from duckling.data.vocab import get_encoding  # noqa: E402
 
 
 def seed_stories() -> list[str]:

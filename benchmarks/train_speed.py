@@ -11,11 +11,11 @@ range of the per-round ratios follow in parentheses.
 
 Configurations (default DucklingConfig: batch 2 x 512, 2 layers, dropout 0.1, precision auto,
 compile auto = CUDA graphs on CUDA, eager elsewhere):
-  duckling   duckling.train.train(cfg, run_dir=None): no recording
+  duckling   duckling.training.train.train(cfg, run_dir=None): no recording
   plain      a hand-written loop doing the same math: same model and seed, batch, fused AdamW,
              linear decay, grad clipping, autocast, compile mode, CPU allocator setting, and the
-             same graph-friendly model (duckling.trainer.graph_friendly)
-  recording  duckling.train.train(cfg, run_dir=TMP) recording W at every step in bf16
+             same graph-friendly model (duckling.training.trainer.graph_friendly)
+  recording  duckling.training.train.train(cfg, run_dir=TMP) recording W at every step in bf16
   naive      transformers.Trainer with only the mission's hyperparameters (batch 2, lr 1e-4,
              wd 0.01, seed 42, bf16 as configured) on a datasets.Dataset of python lists with the
              default collator; save_strategy="no" and report_to="none" so no checkpoint or
@@ -90,7 +90,7 @@ def _worker(kind: str, conn, cfg_dict: dict, block: int, n_steps: int, threads: 
     if threads:
         torch.set_num_threads(threads)
     from duckling.config import DucklingConfig
-    from duckling.train import pick_compile, pick_device, pick_precision, train
+    from duckling.training.train import pick_compile, pick_device, pick_precision, train
 
     cfg = DucklingConfig.from_dict(cfg_dict)
     flip = {"eager": False, "compiled": True}  # the other compile setting, for --compile
@@ -117,8 +117,8 @@ def naive_trainer(cfg, data, callbacks, device: str):
     import datasets
     from transformers import Trainer, TrainingArguments
 
-    from duckling.model import build_model
-    from duckling.train import pick_precision
+    from duckling.training.model import build_model
+    from duckling.training.train import pick_precision
 
     t = cfg.train
     rows = data.tolist()
@@ -135,8 +135,8 @@ def _plain(cfg, data, conn, block: int, device: str, precision: str, compile_mod
     """The same math as duckling's Trainer step, written out (compiled as duckling compiles)."""
     import torch
 
-    from duckling.model import build_model
-    from duckling.trainer import fused_adamw_available, graph_friendly, tune_cpu_allocator
+    from duckling.training.model import build_model
+    from duckling.training.trainer import fused_adamw_available, graph_friendly, tune_cpu_allocator
 
     if device == "cpu":
         tune_cpu_allocator()
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     from duckling.config import DucklingConfig
-    from duckling.train import pick_compile, pick_device, pick_precision
+    from duckling.training.train import pick_compile, pick_device, pick_precision
 
     cfg = DucklingConfig()
     if a.device:

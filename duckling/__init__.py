@@ -9,16 +9,16 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "CompactTokenizer": "duckling.vocab",
-    "Recording": "duckling.recording",
+    "CompactTokenizer": "duckling.data.vocab",
+    "Recording": "duckling.recording.reader",
     "DucklingConfig": "duckling.config",
     "ModelConfig": "duckling.config",
     "DataConfig": "duckling.config",
     "TrainConfig": "duckling.config",
     "RecordConfig": "duckling.config",
-    "build_model": "duckling.model",
-    "sweep": "duckling.sweep",
-    "compare": "duckling.compare",
+    "build_model": "duckling.training.model",
+    "sweep": "duckling.sweeps.engine",
+    "compare": "duckling.sweeps.compare",
 }
 
 __all__ = sorted(_LAZY)

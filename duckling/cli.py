@@ -15,8 +15,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import config as C
-from .errors import DucklingError
+from duckling import config as C
+from duckling.errors import DucklingError
 
 # Fields whose shorthand flag appears on `duckling train` (the rest are reachable with --set).
 TRAIN_SECTIONS = ("model", "data", "train", "record")
@@ -137,8 +137,8 @@ def _abs(path) -> str:
 
 def cli_vocab(args) -> int:
     """``duckling vocab``: count GPT-2 tokens over a corpus, write the mapping, print coverage."""
-    from .data import count_tokens, describe_source, resolve_source
-    from .vocab import CompactTokenizer, min_vocab_for_coverage
+    from duckling.data.build import count_tokens, describe_source, resolve_source
+    from duckling.data.vocab import CompactTokenizer, min_vocab_for_coverage
 
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -166,14 +166,14 @@ def cli_vocab(args) -> int:
 
 def cli_build(args) -> int:
     """``duckling build``: tokenize and pack a corpus into a tokenized dataset folder."""
-    from .data import build_dataset
+    from duckling.data.build import build_dataset
 
     mapping = args.mapping
     if not Path(mapping).is_file() and args.data == "sample" and mapping == C.DataConfig().mapping_path:
         import tempfile
 
-        from .quickstart import _write_mapping  # the bundled copy of the committed mapping
-        from .vocab import CompactTokenizer
+        from duckling.quickstart import _write_mapping  # the bundled copy of the committed mapping
+        from duckling.data.vocab import CompactTokenizer
 
         with tempfile.TemporaryDirectory() as tmp:
             mapping = CompactTokenizer.from_file(_write_mapping(Path(tmp) / "token_mapping.json"))
@@ -222,7 +222,7 @@ def train_overrides(args) -> dict:
 
 def cli_train(args) -> int:
     """``duckling train``: the run's stored config on --resume, else the defaults, plus the overrides."""
-    from .train import train
+    from duckling.training.train import train
 
     run = Path(args.run)
     overrides = train_overrides(args)
@@ -256,8 +256,8 @@ def cli_train(args) -> int:
 
 def cli_generate(args) -> int:
     """``duckling generate --run DIR "prompt"``: print the prompt and its continuation."""
-    from .generate import generate
-    from .runs import load_run
+    from duckling.training.generate import generate
+    from duckling.training.run_folder import load_run
 
     g = C.GenerateConfig(**{k[len("set:generate."):]: C.parse_value(v) for k, v in vars(args).items()
                             if k.startswith("set:generate.") and v is not None}, sample=args.sample)
@@ -270,8 +270,8 @@ def cli_generate(args) -> int:
 
 def cli_report(args) -> int:
     """``duckling report RUN [--out DIR]``."""
-    from . import analysis as A
-    from .report import report
+    from duckling.analysis import metrics as A
+    from duckling.analysis.report import report
 
     mp = args.max_points
     if mp is not None and mp < 0:
@@ -286,7 +286,7 @@ def cli_report(args) -> int:
 
 
 def cli_compact(args) -> int:
-    from .compact import compact
+    from duckling.recording.compact import compact
 
     r = compact(args.run)
     print(f"compacted {r['run']}: {r['steps']:,} steps, {r['snapshots']:,} snapshots, "
@@ -296,14 +296,14 @@ def cli_compact(args) -> int:
 
 
 def cli_quickstart(args) -> int:
-    from .quickstart import format_summary, quickstart
+    from duckling.quickstart import format_summary, quickstart
 
     print(format_summary(quickstart(args.out, steps=args.steps)))
     return 0
 
 
 def cli_sweep(args) -> int:
-    from .sweep import sweep
+    from duckling.sweeps.engine import sweep
 
     if args.max_retries < 0:
         raise DucklingError(f"--max-retries must be >= 0, not {args.max_retries}.")
@@ -319,7 +319,7 @@ def cli_sweep(args) -> int:
 
 
 def cli_compare(args) -> int:
-    from .compare import compare, markdown
+    from duckling.sweeps.compare import compare, markdown
 
     table = compare(args.out, refresh_reports=args.refresh_reports)
     print(markdown(table))

@@ -24,7 +24,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-from .errors import DucklingError
+from duckling.errors import DucklingError
 
 # The compact vocabulary: ids 0..N_LIVE-1 are live, N_LIVE..VOCAB_SIZE-1 are dead.
 N_LIVE = 6144
@@ -36,7 +36,7 @@ BASE_ENCODING = "gpt2"  # tiktoken encoding the compact ids are drawn from
 HUB_DATASET = "roneneldan/TinyStories"
 LR_SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
                 "polynomial", "inverse_sqrt")
-OPTIMIZERS = ("adamw", "sgd", "coupled_adam")  # duckling/optim.py
+OPTIMIZERS = ("adamw", "sgd", "coupled_adam")  # duckling/training/optim.py
 # train.learning_rate's default follows the optimizer (sgd's from the sweep in sweeps/sgd_lr.toml, README)
 LR_DEFAULTS = {"adamw": 1e-4, "coupled_adam": 1e-4, "sgd": 0.1}
 
@@ -216,7 +216,7 @@ class RecordConfig(_Checked):
 
 @dataclass
 class GenerateConfig(_Checked):
-    """`duckling generate` / ``duckling.generate``."""
+    """`duckling generate` / ``duckling.training.generate``."""
 
     _prefix = "generate."
     max_new_tokens: int = spec(60, "tokens to generate", lo=1, flag="max-new-tokens")

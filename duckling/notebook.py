@@ -2,8 +2,8 @@
 display defaults, a one-line machine description, a few plot and result helpers.
 
 Everything else a notebook does is a call into the package: ``DucklingConfig().override(OVERRIDES)``
-for the config (every default lives in ``duckling/config.py``), ``duckling.data`` for counting,
-packing and loading, ``duckling.train`` for training, ``duckling.plots`` for the dead-token figures.
+for the config (every default lives in ``duckling/config.py``), ``duckling.data.build`` for counting,
+packing and loading, ``duckling.training.train`` for training, ``duckling.analysis.plots`` for the dead-token figures.
 Tables are pandas DataFrames.
 
 Paths: a notebook's kernel may start in ``notebooks/`` (jupyter lab, ``papermill --cwd notebooks``),
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DucklingError
+from duckling.errors import DucklingError
 
 FIGSIZE = (6, 3.5)
 DPI = 90  # inline figures of ~540 x 315 px keep a committed notebook small
@@ -102,7 +102,7 @@ def path(p, default=None, must_exist: bool = False) -> Path | None:
 
 
 def source(data) -> Path | str | None:
-    """A ``DATA`` parameter for ``duckling.data``: None ($DUCKLING_DATA, else the hub) and ``"sample"``
+    """A ``DATA`` parameter for ``duckling.data.build``: None ($DUCKLING_DATA, else the hub) and ``"sample"``
     (the text bundled with the package) pass through; anything else is a text file or folder that
     must exist (``path``)."""
     if data is None or (isinstance(data, str) and data == "sample"):
@@ -122,8 +122,8 @@ def machine(device: str | None = None) -> str:
     """One line naming the hardware a notebook ran on, for its provenance (device None = the config's)."""
     import torch
 
-    from .config import TrainConfig
-    from .trainer import pick_device
+    from duckling.config import TrainConfig
+    from duckling.training.trainer import pick_device
 
     dev = pick_device(device or TrainConfig().device)
     if dev == "cuda":

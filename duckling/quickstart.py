@@ -19,7 +19,7 @@ import os
 import time
 from pathlib import Path
 
-from .errors import DucklingError
+from duckling.errors import DucklingError
 
 # Sized for ~2 minutes on 2 CPU cores: on this project's 2-core AMD EPYC, training with every-step
 # recording ran at 14.4 steps/s when the machine was otherwise idle (600 steps in 43 s; build + report
@@ -29,7 +29,7 @@ DEFAULT_STEPS = 1000
 SUMMARY_FILE = "quickstart.json"
 BUNDLED_MAPPING = Path(__file__).parent / "sample" / "token_mapping.json.gz"  # == the repo's token_mapping.json
 
-# The report's headline numbers (duckling.report summary keys), with what each one says.
+# The report's headline numbers (duckling.analysis.report summary keys), with what each one says.
 HEADLINE = {
     "dead_norm_over_null": "mean dead-row norm / its pure-weight-decay value (1 = dead rows only decay)",
     "dead_mean_pairwise_cosine": "mean cosine between dead rows (0 = unrelated directions)",
@@ -47,7 +47,7 @@ FULL_RUN = [
 
 def quickstart_config(steps: int, out: Path):
     """The default config, shortened to ``steps`` (the linear lr decay reaches 0 at the last step)."""
-    from .config import DucklingConfig
+    from duckling.config import DucklingConfig
 
     return DucklingConfig().override({
         "train.max_steps": steps,
@@ -103,10 +103,10 @@ def quickstart(out="runs/quickstart", steps: int | None = None, progress: bool =
 
     A folder that already holds a finished quickstart is not trained again: its summary comes back
     with ``reused=True`` (a different ``steps`` there is refused: pass a new ``out``)."""
-    from .data import build_dataset
-    from .report import report
-    from .train import train
-    from .vocab import CompactTokenizer
+    from duckling.data.build import build_dataset
+    from duckling.analysis.report import report
+    from duckling.training.train import train
+    from duckling.data.vocab import CompactTokenizer
 
     out = Path(out)
     old = _finished(out, steps)

@@ -26,7 +26,7 @@ def repo_root() -> Path:
 def tok(repo_root):
     """The committed compact tokenizer; skipped only where tiktoken's gpt2 files cannot be had."""
     from duckling.errors import DucklingError
-    from duckling.vocab import CompactTokenizer, get_encoding
+    from duckling.data.vocab import CompactTokenizer, get_encoding
 
     try:
         get_encoding()

@@ -19,7 +19,7 @@ def make_stories(n: int, seed: int = 0) -> list[str]:
 
 def shared_stories(split: str, n: int, skip: int = 0) -> list[str] | None:
     """Stories ``skip..skip+n`` of the shared ``split`` (train | valid), or None when it is absent."""
-    from duckling.data import iter_stories, resolve_source
+    from duckling.data.build import iter_stories, resolve_source
 
     folder = SHARED_TEXT / split
     if not (folder.is_dir() and any(folder.glob("*.txt"))):

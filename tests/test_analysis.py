@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from duckling import analysis as A
+from duckling.analysis import metrics as A
 from duckling.errors import DucklingError
-from duckling.recording import Recording
-from duckling.writer import RecordingWriter
+from duckling.recording.reader import Recording
+from duckling.recording.writer import RecordingWriter
 
 V, N_LIVE, D = 64, 48, 8  # 48 live rows, 16 dead rows of size 8
 WD = 0.1  # large, so decay is visible over a few steps
@@ -159,7 +159,7 @@ def test_separated_groups_give_auroc_one(tmp_path):
 
 def test_report_untied_writes_both_matrices(tmp_path):
     """One report over an untied run covers both code paths (tied runs hold "wte" only)."""
-    from duckling.report import report
+    from duckling.analysis.report import report
 
     W, hidden, _ = planted(T=20)
     lr = linear_lr(20)
@@ -185,7 +185,7 @@ def test_report_untied_writes_both_matrices(tmp_path):
     assert S["dead_norm_over_null_lm_head"] > 2
     assert S["drift_cosine_to_neg_mean_hidden_lm_head"] > 0.9
     assert S["dead_mean_pairwise_cosine_lm_head"] > 0.8 > S["dead_mean_pairwise_cosine"]
-    from duckling.report import findings  # notebook 07's prose: built from the summary's own numbers
+    from duckling.analysis.report import findings  # notebook 07's prose: built from the summary's own numbers
 
     text, out_text = findings(S), findings(S, "_lm_head")
     assert "follow weight decay alone" in text and "grow instead of decaying" in out_text
@@ -215,7 +215,7 @@ def test_indicator_without_first_pc_matches_direct_formula():
 
 # ---------------------------------------------------------------- question 2: update rule vs measured
 def simulate(opt, T=60, wd=0.0, coherent=True, seed=0, mu=0.9, b1=0.9, b2=0.999, eps=1e-8):
-    """Run ``opt`` (as duckling.optim / torch AdamW compute it) on W (V, D) with synthetic gradients whose
+    """Run ``opt`` (as duckling.training.optim / torch AdamW compute it) on W (V, D) with synthetic gradients whose
     coordinates all have the same size within a row (so Adam's v is uniform over a row's coordinates);
     ``coherent``: each row's gradient keeps its direction (only its size changes over time)."""
     rng = np.random.default_rng(seed)
@@ -244,7 +244,7 @@ def simulate(opt, T=60, wd=0.0, coherent=True, seed=0, mu=0.9, b1=0.9, b2=0.999,
 
 @pytest.mark.parametrize("opt", ["adamw", "coupled_adam", "sgd"])
 def test_update_rule_predicts_coherent_updates_exactly(tmp_path, opt):
-    from duckling.update_rule import path_ratio, update_prediction
+    from duckling.analysis.update_rule import path_ratio, update_prediction
 
     W, lr, gn, vn = simulate(opt)
     rec = write(tmp_path / "run", W, lr, grad=gn, adam_v=vn, train={"optimizer": opt, "weight_decay": 0.0})
@@ -263,7 +263,7 @@ def test_update_rule_predicts_coherent_updates_exactly(tmp_path, opt):
 
 
 def test_update_rule_random_directions_follow_the_incoherent_estimate(tmp_path):
-    from duckling.update_rule import update_prediction
+    from duckling.analysis.update_rule import update_prediction
 
     W, lr, gn, vn = simulate("sgd", T=80, coherent=False)
     u = update_prediction(write(tmp_path / "run", W, lr, grad=gn, adam_v=vn, train={"optimizer": "sgd",
@@ -274,7 +274,7 @@ def test_update_rule_random_directions_follow_the_incoherent_estimate(tmp_path):
 
 
 def test_update_rule_weight_decay_part_and_budget(tmp_path):
-    from duckling.update_rule import lr_budget, update_prediction
+    from duckling.analysis.update_rule import lr_budget, update_prediction
 
     T = 30
     lr = linear_lr(T)

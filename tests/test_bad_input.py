@@ -38,8 +38,8 @@ def fx(tmp_path_factory, tok):
     """Shared inputs, all absolute paths: good ones and the damaged variants the cases point at."""
     from datasets import Dataset
 
-    from duckling.data import BUILD_FILE, build_dataset
-    from duckling.vocab import CompactTokenizer, N_GPT2
+    from duckling.data.build import BUILD_FILE, build_dataset
+    from duckling.data.vocab import CompactTokenizer, N_GPT2
 
     root = tmp_path_factory.mktemp("bad_input")
     f = {"root": root}
@@ -441,7 +441,7 @@ def test_deprecated_flags_still_work_and_say_so(capsys, monkeypatch, fx, tmp_pat
         seen["cfg"] = cfg
         raise DucklingError("stop here")
 
-    monkeypatch.setattr("duckling.train.train", fake_train)
+    monkeypatch.setattr("duckling.training.train.train", fake_train)
     monkeypatch.chdir(tmp_path)
     rc = cli.main(["train", "--run", "r", "--precision", "float32", "--train-precision", "fp32"])
     err = capsys.readouterr().err

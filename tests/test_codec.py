@@ -1,4 +1,4 @@
-"""The block codec (duckling/codec.py): exact round trips for every layout it writes and reads, any
+"""The block codec (duckling/recording/codec.py): exact round trips for every layout it writes and reads, any
 subset of records, and the first format-2 layout (no segments, 64-row groups) still read."""
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-import duckling.writer
-from duckling import codec
+import duckling.recording.writer
+from duckling.recording import codec
 from duckling.errors import DucklingError
-from duckling.recording import Recording
+from duckling.recording.reader import Recording
 
 from test_recording_v2 import B, N_LIVE, V, _files, _flip, same, write
 
@@ -81,7 +81,7 @@ def test_the_first_v2_layout_is_still_read_and_resumed(tmp_path, monkeypatch):
     legacy = lambda block_steps: {"block_steps": int(block_steps)}  # noqa: E731 - the first v2 meta
     write(tmp_path / "v1", fmt=1, steps=range(21))
     write(tmp_path / "new", steps=range(21))
-    monkeypatch.setattr(duckling.writer, "layout_keys", legacy)
+    monkeypatch.setattr(duckling.recording.writer, "layout_keys", legacy)
     write(tmp_path / "full", steps=range(21))
     write(tmp_path / "cut", steps=range(14), close="interrupted")
     monkeypatch.undo()
@@ -133,7 +133,7 @@ def test_the_decoder_works_where_numba_cannot_cache(monkeypatch):
     import numba
     from numba.core import caching
 
-    from duckling import kernels
+    from duckling.recording import kernels
 
     x = np.arange(5 * 8, dtype=np.uint16).reshape(5, 8) * 3
     blob = codec.encode_block(x, range(5), [4, 4], segment=2)

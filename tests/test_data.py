@@ -8,7 +8,7 @@ import pytest
 
 from duckling import CompactTokenizer
 from duckling.cli import main as cli_main
-from duckling.data import (BUILD_FILE, build_dataset, check_no_dead, count_tokens, iter_stories,
+from duckling.data.build import (BUILD_FILE, build_dataset, check_no_dead, count_tokens, iter_stories,
                            load_dataset_dir, resolve_source)
 from duckling.errors import DucklingError
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from duckling import analysis as A
+from duckling.analysis import metrics as A
 
 
 def cloud(V=400, d=8, n_dead=60, dead_scale=0.1, offset=None, seed=0):

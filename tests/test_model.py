@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 
 from duckling.config import N_DEAD, N_LIVE, VOCAB_SIZE, DucklingConfig, ModelConfig
-from duckling.model import build_model, count_parameters, embedding_matrices
+from duckling.training.model import build_model, count_parameters, embedding_matrices
 
 
 def test_parameter_count_and_w_shape():

@@ -24,8 +24,8 @@ TINY = {"model.n_positions": T, "model.n_layer": 1}  # config overrides of every
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory, repo_root):
     """A 60-story corpus, 20 held-out stories and their 64-token dataset (built once)."""
-    from duckling.data import build_dataset
-    from duckling.vocab import CompactTokenizer
+    from duckling.data.build import build_dataset
+    from duckling.data.vocab import CompactTokenizer
 
     try:
         tok = CompactTokenizer.from_file(repo_root / "token_mapping.json")
@@ -148,13 +148,13 @@ def test_01_token_frequency(repo_root, tmp_path, tiny):
 
 
 def test_02_build_tokenizer_and_dataset(repo_root, tmp_path, tiny):
-    from duckling.data import check_no_dead, load_dataset_dir
+    from duckling.data.build import check_no_dead, load_dataset_dir
 
     mapping, ds_dir = tmp_path / "mapping.json", tmp_path / "ds"
     out = run_notebook(repo_root, tmp_path, "02_build_tokenizer_and_dataset", DATA=tiny["DATA"],
                        MAPPING_OUT=str(mapping), DATASET_DIR=str(ds_dir), OVERRIDES={"model.n_positions": T},
                        N_EXAMPLES=2)
-    from duckling.vocab import CompactTokenizer
+    from duckling.data.vocab import CompactTokenizer
 
     built = CompactTokenizer.from_file(mapping)  # validates the file
     assert built.provenance["n_stories"] == 60 and built.hash != tiny["tok"].hash
@@ -196,7 +196,7 @@ def test_04_layer_sweep(repo_root, tmp_path, tiny):
         assert c["model"]["n_layer"] == n and c["model"]["n_positions"] == T and c["record"]["every"] == 2
         assert (run / "recording").is_dir() and (run / "report" / "summary.json").is_file()
     assert (sweep_dir / "compare.csv").is_file() and n_images(out) == 3 and n_tables(out) == 2
-    from duckling.data import load_dataset_dir
+    from duckling.data.build import load_dataset_dir
 
     assert len(load_dataset_dir(tmp_path / "valid", tiny["tok"], fmt=None)[0]["input_ids"]) == T  # held out, T-token rows
 
@@ -244,7 +244,7 @@ def test_07_experiment_template(repo_root, tmp_path, tiny):
     out = run_notebook(repo_root, tmp_path, "07_experiment_template", DATA=tiny["DATA"],
                        DATASET_DIR=tiny["DATASET_DIR"], RUN_DIR=str(run), POINTS=4, PROGRESS=False,
                        OVERRIDES={**TINY, "train.max_steps": 6, "record.dtype": "mixed"})
-    from duckling.recording import Recording
+    from duckling.recording.reader import Recording
 
     rec = Recording(run)
     assert rec.steps.tolist() == list(range(7)) and len(rec.dead_ids) == 2048
@@ -257,7 +257,7 @@ def test_07_experiment_template(repo_root, tmp_path, tiny):
 
 def test_08_dead_token_study(repo_root, tmp_path, tiny):
     """Two tied optimizers x one weight decay x one seed plus the untied control, through the sweep engine;
-    the table, both figures and the findings come from duckling.study."""
+    the table, both figures and the findings come from duckling.sweeps.study."""
     res, sweep_dir = tmp_path / "08.json", tmp_path / "sweep08"
     out = run_notebook(repo_root, tmp_path, "08_dead_token_study", DATASET_DIR=tiny["DATASET_DIR"],
                        VALID_DATA=tiny["VALID_DATA"], VALID_DATASET_DIR=str(tmp_path / "valid"),

@@ -1,4 +1,4 @@
-"""The study's optimizers (duckling/optim.py): CoupledAdamW is AdamW where nothing is coupled, couples
+"""The study's optimizers (duckling/training/optim.py): CoupledAdamW is AdamW where nothing is coupled, couples
 the second moment of embedding-shaped parameters, SGDW follows its update rule, and each trains."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from duckling.config import N_LIVE, DucklingConfig
-from duckling.optim import SGDW, CoupledAdamW
-from duckling.recording import Recording
-from duckling.train import train
+from duckling.training.optim import SGDW, CoupledAdamW
+from duckling.recording.reader import Recording
+from duckling.training.train import train
 
 
 def _mlp(seed=0):

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from duckling import quickstart as Q
-from duckling import vocab
-from duckling.data import iter_stories, resolve_source
+from duckling.data import vocab
+from duckling.data.build import iter_stories, resolve_source
 from duckling.errors import DucklingError
 
 GPT2_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
              "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json")
-SAMPLE = Path(vocab.__file__).parent / "sample"
+SAMPLE = Path(vocab.__file__).parents[1] / "sample"
 # text that exercises the pattern: contractions, digits, unicode, runs of spaces, the EOT string
 TRICKY = ("Once upon a time, Lily's cat didn't say 'meow' 123456 times.\n\n  Tabs\tand   spaces  \n"
           "Caf\u00e9 na\u00efve \u65e5\u672c\u8a9e \U0001F986 ducklings <|endoftext|> The end.  ")
@@ -124,8 +124,8 @@ def qs(tmp_path_factory):
 def test_quickstart_writes_data_recording_report_and_summary(qs):
     from datasets import load_from_disk
 
-    from duckling.data import check_no_dead
-    from duckling.recording import Recording
+    from duckling.data.build import check_no_dead
+    from duckling.recording.reader import Recording
 
     out, d = qs
     assert set(d) >= {"out", "dataset_dir", "run_dir", "report_dir", "steps", "recorded_steps", "steps_per_s",

@@ -17,8 +17,8 @@ from transformers import TrainerCallback
 
 from duckling import Recording
 from duckling.config import N_LIVE, DataConfig, DucklingConfig, ModelConfig, RecordConfig, TrainConfig
-from duckling.recorder import WRecorder, _AsyncSink, update_math
-from duckling.train import train
+from duckling.training.recorder import WRecorder, _AsyncSink, update_math
+from duckling.training.train import train
 
 T = 16
 
@@ -83,7 +83,7 @@ class ExplainStep(TrainerCallback):
 
 
 def test_compiled_forward_with_recorder_has_one_graph_and_no_outside_mutation(tmp_path):
-    from duckling.model import build_model
+    from duckling.training.model import build_model
 
     cfg = tiny(max_steps=2)
     model = build_model(cfg.model, seed=0)
@@ -100,8 +100,8 @@ def test_compiled_forward_with_recorder_has_one_graph_and_no_outside_mutation(tm
 
 def test_the_mutation_check_catches_the_old_forward_hook():
     """The previous recorder's design: a forward hook on ln_f adding into a tensor of its own."""
-    from duckling.model import build_model
-    from duckling.trainer import graph_friendly
+    from duckling.training.model import build_model
+    from duckling.training.trainer import graph_friendly
 
     model = graph_friendly(build_model(tiny().model, seed=0)).train()
     hidden_sum = torch.zeros(16)

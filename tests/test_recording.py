@@ -12,8 +12,8 @@ import torch
 from duckling import Recording
 from duckling.config import RecordConfig
 from duckling.errors import DucklingError
-from duckling.recording import FIELDS, bf16_bits_to_f32, check_budget, f32_to_bf16_bits, recording_bytes
-from duckling.writer import RecordingWriter
+from duckling.recording.reader import FIELDS, bf16_bits_to_f32, check_budget, f32_to_bf16_bits, recording_bytes
+from duckling.recording.writer import RecordingWriter
 
 V, D, N_LIVE = 64, 8, 48
 
@@ -179,8 +179,8 @@ def test_read_only_run_dir_is_refused(tmp_path):
 from transformers import TrainerCallback  # noqa: E402
 
 from duckling.config import N_LIVE as LIVE, DataConfig, DucklingConfig, ModelConfig, TrainConfig  # noqa: E402
-from duckling.recorder import WRecorder  # noqa: E402
-from duckling.train import train  # noqa: E402
+from duckling.training.recorder import WRecorder  # noqa: E402
+from duckling.training.train import train  # noqa: E402
 
 T_TINY = 16
 
@@ -355,7 +355,7 @@ def test_train_untied_records_both_matrices(tmp_path):
 def test_token_text_from_the_runs_mapping(tmp_path, repo_root):
     _write_synthetic(tmp_path, n_steps=1)
     assert Recording(tmp_path).token_text is None  # no mapping copied into the run folder
-    vocab = pytest.importorskip("duckling.vocab")
+    vocab = pytest.importorskip("duckling.data.vocab")
     try:
         tok = vocab.CompactTokenizer.from_file(repo_root / "token_mapping.json")
     except DucklingError as e:

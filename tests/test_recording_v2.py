@@ -12,13 +12,13 @@ import sys
 import numpy as np
 import pytest
 
-import duckling.recording
-from duckling.compact import compact
+import duckling.recording.reader
+from duckling.recording.compact import compact
 from duckling.config import RecordConfig
 from duckling.errors import DucklingError
-from duckling.recording import FIELDS, Recording, check_budget, recording_bytes
-from duckling.streams import Stream
-from duckling.writer import RecordingWriter
+from duckling.recording.reader import FIELDS, Recording, check_budget, recording_bytes
+from duckling.recording.streams import Stream
+from duckling.recording.writer import RecordingWriter
 
 V, D, N_LIVE, B = 64, 8, 48, 4
 
@@ -80,7 +80,7 @@ def test_v2_is_bit_identical_to_v1(tmp_path, precision):
 
 @pytest.mark.parametrize("precision", ["bf16", "mixed"])
 def test_preloaded_snapshots_are_the_same_bits_and_decode_each_block_once(tmp_path, monkeypatch, precision):
-    import duckling.streams as streams
+    import duckling.recording.streams as streams
 
     write(tmp_path / "v1", fmt=1, precision=precision)
     write(tmp_path / "v2", fmt=2, precision=precision)
@@ -158,7 +158,7 @@ def test_a_kill_during_compaction_loses_nothing(tmp_path, monkeypatch, stage, ba
     def boom(*a, **k):
         raise Kill
 
-    target = {"encode": ("duckling.streams.encode_block", None), "fsync": ("os.fsync", None),
+    target = {"encode": ("duckling.recording.streams.encode_block", None), "fsync": ("os.fsync", None),
               "replace": ("os.replace", None), "unlink": ("pathlib.Path.unlink", None)}[stage][0]
     w = RecordingWriter(tmp_path / "cut", shape=(V, D), n_live=N_LIVE, every=2, block_steps=B,
                         background=background)
@@ -190,7 +190,7 @@ def test_background_compaction_runs_off_the_writers_thread_and_close_finishes_it
     """append_step returns while a block is being compacted; a reader meanwhile sees every step (raw
     chunk, or block once it is durable); close() waits for it; a failure there surfaces on the next call."""
     import threading
-    import duckling.streams as S
+    import duckling.recording.streams as S
     gate, seen = threading.Event(), []
     real = S.encode_block
 
@@ -277,7 +277,7 @@ def test_hand_edited_metadata_is_refused(tmp_path):
 
 def test_non_contiguous_steps_are_refused(tmp_path):
     """A raw record re-stamped with another step (and a matching checksum) is still refused."""
-    from duckling.codec import pack_trailer
+    from duckling.recording.codec import pack_trailer
     write(tmp_path, close=None)
     st = Stream(tmp_path / "recording", "scalars", 4 * V + D + 1, np.float32, [4 * V + D + 1], B)
     data = bytearray(st.raw_path(3).read_bytes())
@@ -317,7 +317,7 @@ def test_budget_bounds_an_incompressible_recording(tmp_path, monkeypatch, precis
     size = rec.bytes_on_disk - (tmp_path / "recording" / "meta.json").stat().st_size
     bound = lambda: recording_bytes(cfg, 10, shape=(V, D), n_live=N_LIVE, block_steps=B, scratch=False)  # noqa: E731
     assert size <= bound()
-    monkeypatch.setattr(duckling.recording, "_block_overhead", lambda *a: 0)
+    monkeypatch.setattr(duckling.recording.reader, "_block_overhead", lambda *a: 0)
     assert size > bound()  # the records alone do not bound the blocks: the framing term is needed
 
 
@@ -341,15 +341,15 @@ def test_compact_converts_in_place_and_refuses_bad_input(tmp_path):
 
 @pytest.mark.parametrize("stage", ["write", "verify", "commit", "cleanup"])
 def test_an_interrupted_compact_leaves_a_readable_recording(tmp_path, monkeypatch, stage):
-    import duckling.compact as C
+    import duckling.recording.compact as C
     write(tmp_path / "run", fmt=1)
     write(tmp_path / "ref", fmt=1)
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    target = {"write": "duckling.streams.encode_block", "verify": "duckling.compact._verify",
-              "commit": "duckling.compact._atomic_json", "cleanup": "duckling.compact._v1_files"}[stage]
+    target = {"write": "duckling.recording.streams.encode_block", "verify": "duckling.recording.compact._verify",
+              "commit": "duckling.recording.compact._atomic_json", "cleanup": "duckling.recording.compact._v1_files"}[stage]
     monkeypatch.setattr(target, boom)
     with pytest.raises(KeyboardInterrupt):
         C.compact(tmp_path / "run")
@@ -366,7 +366,7 @@ def test_an_interrupted_compact_leaves_a_readable_recording(tmp_path, monkeypatc
 
 def test_sigkill_of_a_writer_loses_no_committed_step(tmp_path):
     code = (f"import sys; sys.path.insert(0, {os.getcwd()!r}); import numpy as np, os, signal;"
-            f"from duckling.writer import RecordingWriter;"
+            f"from duckling.recording.writer import RecordingWriter;"
             f"w = RecordingWriter({str(tmp_path)!r}, shape=({V}, {D}), n_live={N_LIVE}, block_steps={B});"
             f"[w.append_step(s, {{'wte': np.full((4, {V}), s, np.float32)}}, snapshot={{'wte': np.full(({V}, {D}), s, np.float32)}}) for s in range(10)];"
             f"os.kill(os.getpid(), signal.SIGKILL)")

@@ -20,13 +20,13 @@ import torch
 from transformers import TrainerCallback
 
 from corpus import make_stories, write_corpus
-import duckling.writer as writer_mod
+import duckling.recording.writer as writer_mod
 from duckling.cli import main
 from duckling.config import N_LIVE, DucklingConfig
 from duckling.errors import DucklingError, RunInterrupted
-from duckling.recording import Recording
-from duckling.runs import LOCK
-from duckling.train import train
+from duckling.recording.reader import Recording
+from duckling.training.run_folder import LOCK
+from duckling.training.train import train
 
 T = 64
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def live_rows(n: int = 32, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, tok):
     """A built 64-token dataset folder and the mapping beside it (for the CLI and subprocesses)."""
-    from duckling.data import build_dataset
+    from duckling.data.build import build_dataset
 
     root = tmp_path_factory.mktemp("run_folder")
     mapping = tok.save(root / "token_mapping.json")
@@ -164,7 +164,7 @@ def test_second_writer_is_refused_and_named(dataset, tmp_path, capsys):
 
 # ---------------------------------------------------------------- (3) a full disk, injected
 class _FailingOs:
-    """``os`` for duckling.writer whose ``write`` fails with ENOSPC once ``armed``."""
+    """``os`` for duckling.recording.writer whose ``write`` fails with ENOSPC once ``armed``."""
 
     def __init__(self):
         self.armed = False

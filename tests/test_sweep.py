@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from duckling.errors import DucklingError
-from duckling.sweep_spec import load_spec, run_name
+from duckling.sweeps.spec import load_spec, run_name
 
 STEPS = 20
 BASE = {"train.max_steps": STEPS, "train.save_steps": 10, "train.logging_steps": 5, "model.n_layer": 1,
@@ -22,7 +22,7 @@ def data(tmp_path_factory, tok, repo_root):
     """A tiny train / held-out dataset pair (64-token rows) and the mapping they were built with."""
     from corpus import make_stories, write_corpus
 
-    from duckling.data import build_dataset
+    from duckling.data.build import build_dataset
 
     root = tmp_path_factory.mktemp("sweepdata")
     for name, n, seed in (("train", 200, 0), ("valid", 40, 1)):
@@ -34,7 +34,7 @@ def data(tmp_path_factory, tok, repo_root):
 
 @pytest.fixture(scope="module")
 def ray_up():
-    from duckling.sweep import start_ray
+    from duckling.sweeps.engine import start_ray
 
     ray = pytest.importorskip("ray")
     started = start_ray()
@@ -50,7 +50,7 @@ def spec(data, grid=None, **base):
 
 def same_recording(a, b) -> bool:
     """Same recorded steps 0..STEPS and byte-identical data files (snapshots, per-row scalars, probes)."""
-    from duckling.recording import Recording
+    from duckling.recording.reader import Recording
 
     ra, rb = Recording(a), Recording(b)
     files = sorted(p.name for p in ra.root.iterdir() if p.suffix != ".json")
@@ -61,7 +61,7 @@ def same_recording(a, b) -> bool:
 
 @pytest.fixture(scope="module")
 def tiny_sweep(data, ray_up, tmp_path_factory):
-    from duckling.sweep import sweep
+    from duckling.sweeps.engine import sweep
 
     out = tmp_path_factory.mktemp("sw") / "wd"
     return out, sweep(spec(data), out, progress=False)
@@ -69,8 +69,8 @@ def tiny_sweep(data, ray_up, tmp_path_factory):
 
 def test_sweep_runs_equal_direct_train_and_rerun_trains_nothing(tiny_sweep, data, tmp_path):
     from duckling.config import DucklingConfig
-    from duckling.sweep import sweep
-    from duckling.train import train
+    from duckling.sweeps.engine import sweep
+    from duckling.training.train import train
 
     out, df = tiny_sweep
     assert sorted(df["name"]) == sorted(["weight_decay=0__seed=0", "weight_decay=0__seed=1",
@@ -97,7 +97,7 @@ def test_sweep_runs_equal_direct_train_and_rerun_trains_nothing(tiny_sweep, data
 def test_killed_worker_is_completed_with_no_gap_on_rerun(tiny_sweep, data, tmp_path):
     from transformers import TrainerCallback
 
-    from duckling.sweep import sweep
+    from duckling.sweeps.engine import sweep
 
     marker = tmp_path / "killed-once"
 
@@ -123,7 +123,7 @@ def test_killed_worker_is_completed_with_no_gap_on_rerun(tiny_sweep, data, tmp_p
 
 
 def test_bad_specs_are_refused_before_any_run(data, tmp_path):
-    from duckling.sweep import sweep
+    from duckling.sweeps.engine import sweep
 
     out = tmp_path / "never"
     cases = [
@@ -145,7 +145,7 @@ def test_bad_specs_are_refused_before_any_run(data, tmp_path):
 
 
 def test_toml_spec_names_and_other_spec_refused(tiny_sweep, data, tmp_path):
-    from duckling.sweep import sweep
+    from duckling.sweeps.engine import sweep
 
     toml = tmp_path / "wd.toml"
     toml.write_text(f'dataset = "{data["dataset"]}"\nmapping = "{data["mapping"]}"\n[base]\n"train.max_steps" = 5\n'
@@ -170,7 +170,7 @@ def test_toml_spec_names_and_other_spec_refused(tiny_sweep, data, tmp_path):
 
 
 def test_compare_table_and_figures(tiny_sweep):
-    from duckling.compare import compare
+    from duckling.sweeps.compare import compare
 
     out = tiny_sweep[0]
     table = compare(out, progress=False)

@@ -13,12 +13,12 @@ import torch
 from transformers import TrainerCallback
 
 from duckling import cli
-from duckling import rows as rows_mod
+from duckling.data import rows as rows_mod
 from duckling.config import N_LIVE, DucklingConfig, ModelConfig, RecordConfig, TrainConfig
 from duckling.errors import DucklingError
-from duckling.generate import generate, generate_ids
-from duckling.model import build_model
-from duckling.train import load_run, pick_device, pick_precision, train
+from duckling.training.generate import generate, generate_ids
+from duckling.training.model import build_model
+from duckling.training.train import load_run, pick_device, pick_precision, train
 
 T = 64
 
@@ -72,7 +72,7 @@ def test_run_folder_is_self_describing(reference, tok):
     steps, losses = reference.losses()
     assert steps.tolist() == [3, 6] and np.isfinite(losses).all()
 
-    from duckling.recording import Recording
+    from duckling.recording.reader import Recording
 
     rec = Recording(run)
     assert rec.steps.tolist() == list(range(7))  # W after 0..6 updates
@@ -81,7 +81,7 @@ def test_run_folder_is_self_describing(reference, tok):
 
 
 def test_interrupted_run_resumes_bit_exact(reference, tok, tmp_path):
-    from duckling.recording import Recording
+    from duckling.recording.reader import Recording
 
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
@@ -104,7 +104,7 @@ def test_interrupted_run_resumes_bit_exact(reference, tok, tmp_path):
 
 
 def test_exception_keeps_recording_and_refusals_lose_nothing(tok, tmp_path):
-    from duckling.recording import Recording
+    from duckling.recording.reader import Recording
 
     run = tmp_path / "run"
     with pytest.raises(RuntimeError):
@@ -131,7 +131,7 @@ def test_no_dead_id_reaches_a_batch(tok, tmp_path, monkeypatch):
         seen.append(int(out["input_ids"].max()))
         return out
 
-    monkeypatch.setattr("duckling.train.collate", spy)
+    monkeypatch.setattr("duckling.training.train.collate", spy)
     data = live_rows()
     data[:, -1] = N_LIVE - 1  # the largest live id is fine
     train(tiny_cfg(max_steps=3), dataset=data, progress=False)
@@ -150,8 +150,8 @@ def test_bad_config_and_foreign_dataset(tok, tmp_path):
               dataset=live_rows(), run_dir=tmp_path / "a", tokenizer=tok, progress=False)
     assert not (tmp_path / "a").exists()
 
-    data = pytest.importorskip("duckling.data")
-    from duckling.vocab import CompactTokenizer
+    data = pytest.importorskip("duckling.data.build")
+    from duckling.data.vocab import CompactTokenizer
 
     text = tmp_path / "stories.txt"
     text.write_text("\n<|endoftext|>\n".join(f"Once upon a time a cat named Tom saw {i} birds." for i in range(60)))
@@ -180,7 +180,7 @@ def test_device_and_precision_choice(capsys):
             pick_device("cuda")
     assert pick_precision("fp32", "cpu") == "fp32" and pick_precision("bf16", "cpu") == "bf16"
     auto = pick_precision("auto", "cpu")
-    from duckling.trainer import bf16_supported
+    from duckling.training.trainer import bf16_supported
 
     assert auto == ("bf16" if bf16_supported("cpu") else "fp32")
     assert ("float32" in capsys.readouterr().out) == (auto == "fp32")  # the one-line notice
@@ -227,7 +227,7 @@ def test_generate_greedy_sampled_and_dead_ids(tok):
 
 
 def test_cli_train_resume_and_generate(tok, tmp_path, capsys):
-    data = pytest.importorskip("duckling.data")
+    data = pytest.importorskip("duckling.data.build")
     text = tmp_path / "stories.txt"
     text.write_text("\n<|endoftext|>\n".join(f"Once upon a time a dog named Max had {i} toys." for i in range(60)))
     data.build_dataset(str(text), tok, tmp_path / "ds", seq_len=T, progress=False)

@@ -6,11 +6,13 @@ import json
 import numpy as np
 import pytest
 
-from duckling import CompactTokenizer, config
+from duckling import CompactTokenizer
+
+from duckling import config
 from duckling.cli import main as cli_main
 from duckling.errors import DucklingError
 from corpus import make_stories, shared_stories
-from duckling.vocab import GPT2_EOT, N_GPT2, UNK_TEXT, coverage_curve, get_encoding, min_vocab_for_coverage
+from duckling.data.vocab import GPT2_EOT, N_GPT2, UNK_TEXT, coverage_curve, get_encoding, min_vocab_for_coverage
 
 @pytest.fixture(scope="module")
 def stories(repo_root):

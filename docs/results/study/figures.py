@@ -4,9 +4,9 @@
 
 Reads every complete run of the sweeps (`duckling sweep sweeps/study.toml` and
 `sweeps/study_untied.toml`; their reports are computed where missing) and writes
-  study_norms.png        Q1 (duckling.study.plot_norms_vs_null)
-  study_update_rule.png  Q2 at weight decay 0.01 (duckling.study.plot_update_rule)
-  study.md               Q1-Q4: mean ± std over seeds per configuration (duckling.study.study_table)
+  study_norms.png        Q1 (duckling.sweeps.study.plot_norms_vs_null)
+  study_update_rule.png  Q2 at weight decay 0.01 (duckling.sweeps.study.plot_update_rule)
+  study.md               Q1-Q4: mean ± std over seeds per configuration (duckling.sweeps.study.study_table)
   SWEEP_compare.{csv,md} each sweep's compare tables; runs/SWEEP__NAME/{config,summary}.json per run
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from duckling.compare import markdown
-from duckling.study import load, plot_norms_vs_null, plot_update_rule, study_table
+from duckling.sweeps.compare import markdown
+from duckling.sweeps.study import load, plot_norms_vs_null, plot_update_rule, study_table
 
 
 def main() -> None:

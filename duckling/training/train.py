@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DucklingConfig, N_LIVE
-from .errors import DucklingError, RunInterrupted
-from .rows import as_rows, check_rows, collate
-from .trainer import (_trainer_classes, check_trainable_dtype, fused_adamw_available,  # noqa: F401
+from duckling.config import DucklingConfig, N_LIVE
+from duckling.errors import DucklingError, RunInterrupted
+from duckling.data.rows import as_rows, check_rows, collate
+from duckling.training.trainer import (_trainer_classes, check_trainable_dtype, fused_adamw_available,  # noqa: F401
                       pick_compile, pick_device, pick_precision, training_arguments, tune_cpu_allocator)
-from .generate import generate  # noqa: F401  (the notebooks' API: train, load_run, generate)
-from .runs import load_run, quiet_hf  # noqa: F401
-from .safety import StopOnSignal, after_failure, check_disk, empty_run_dir, failure_advice, sync_recording
+from duckling.training.generate import generate  # noqa: F401  (the notebooks' API: train, load_run, generate)
+from duckling.training.run_folder import load_run, quiet_hf  # noqa: F401
+from duckling.training.safety import StopOnSignal, after_failure, check_disk, empty_run_dir, failure_advice, sync_recording
 
 
 # ---------------------------------------------------------------- one call
@@ -73,13 +73,13 @@ def _tokenizer(tokenizer, cfg: DucklingConfig, required: bool):
             f"Token mapping {path.resolve()} not found. A recorded run needs the mapping that defines the live "
             "and dead ids: run from the repository root (the committed token_mapping.json), pass --mapping PATH "
             "(tokenizer=PATH), or tokenizer=False to train without one (ids >= 6144 then count as dead).")
-    from .vocab import CompactTokenizer
+    from duckling.data.vocab import CompactTokenizer
 
     return CompactTokenizer.from_file(path)
 
 
 def _recorder(run_dir: Path, cfg: DucklingConfig, n_live: int, probe_ids):
-    from .recorder import WRecorder  # resumes (truncate, append) when the Trainer starts at step > 0
+    from duckling.training.recorder import WRecorder  # resumes (truncate, append) when the Trainer starts at step > 0
 
     return WRecorder(run_dir, cfg.record, n_live=n_live, probe_ids=probe_ids)
 
@@ -99,7 +99,7 @@ def train(cfg: DucklingConfig | None = None, dataset=None, run_dir=None, *, eval
       run_dir unless ``tokenizer=False``).
     model: train this model instead of a fresh ``build_model(cfg.model)`` (notebook 03).
     """
-    from .model import build_model
+    from duckling.training.model import build_model
 
     cfg = cfg or DucklingConfig()
     device = pick_device(cfg.train.device)
@@ -129,7 +129,7 @@ def train(cfg: DucklingConfig | None = None, dataset=None, run_dir=None, *, eval
     if run_dir is None:
         return _fit(cfg, model, rows, eval_rows, None, None, callbacks, device, precision, compile_mode, progress)
 
-    from .runs import check_run_dir, run_lock, write_run_files
+    from duckling.training.run_folder import check_run_dir, run_lock, write_run_files
 
     record = cfg.record.enabled
     ckpt, old_info = check_run_dir(run_dir, cfg, tok, resume)
@@ -161,7 +161,7 @@ def _fit(cfg, model, rows, eval_rows, run_dir, ckpt, callbacks, device, precisio
     """Run the Trainer (in memory when run_dir is None); the run folder is locked by the caller."""
     from transformers import PrinterCallback, ProgressCallback, TrainerState
 
-    from .runs import silence_unactionable_warnings, update_run_info
+    from duckling.training.run_folder import silence_unactionable_warnings, update_run_info
 
     silence_unactionable_warnings()
     extra, stop = [], StopOnSignal()
@@ -174,7 +174,7 @@ def _fit(cfg, model, rows, eval_rows, run_dir, ckpt, callbacks, device, precisio
     args = training_arguments(cfg, run_dir or tmp.name, device, precision, save=run_dir is not None,
                               evaluate=eval_rows is not None, progress=progress, compile_mode=compile_mode)
     own = [stop.callback, *extra, sync_recording(run_dir)] if run_dir is not None else []
-    from .optim import optimizer_cls_and_kwargs
+    from duckling.training.optim import optimizer_cls_and_kwargs
 
     trainer = DucklingTrainer(model=model, args=args, train_dataset=rows, eval_dataset=eval_rows,
                               data_collator=collate, callbacks=[*own, timer, *callbacks],

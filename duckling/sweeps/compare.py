@@ -1,10 +1,10 @@
 """``duckling compare SWEEP_DIR``: one table row per run of a sweep and the figures across runs.
 
-    from duckling.compare import compare
+    from duckling.sweeps.compare import compare
     table = compare("sweeps/wd")      # also writes compare.csv, compare.md and compare_*.png there
 
 Each row: the run's swept values and seed, its final training and held-out loss, and the headline
-dead-token numbers of its report (``duckling.report``; a missing report is computed first).
+dead-token numbers of its report (``duckling.analysis.report``; a missing report is computed first).
 Figures: each metric against each swept value (every seed a dot, the mean over seeds a line, the
 spread over seeds a bar) and the dead-row norm curves of every configuration overlaid.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DucklingError
-from .sweep import read_manifest
+from duckling.errors import DucklingError
+from duckling.sweeps.engine import read_manifest
 
 # headline numbers of report summary.json: {key: (column, axis label)}
 METRICS = {
@@ -49,7 +49,7 @@ DPI = 110
 
 def _summary(run_dir: Path, refresh: bool) -> dict:
     """The run's report summary.json, computed (with its figures) when missing or older than the run."""
-    from .report import report
+    from duckling.analysis.report import report
 
     if refresh or _stale(run_dir):
         return report(run_dir)
@@ -65,7 +65,7 @@ def _stale(run_dir: Path) -> bool:
 
 def _report_quietly(run_dir: Path) -> dict:
     os.environ.setdefault("MPLBACKEND", "Agg")
-    from .report import report
+    from duckling.analysis.report import report
 
     return report(run_dir)
 
@@ -220,7 +220,7 @@ def plot_metric_vs(done, field: str, swept: list, metrics=FIG_METRICS):
     line with the min-max spread as a bar; one line per combination of the other swept fields."""
     from matplotlib.figure import Figure
 
-    from .plots import FIGSIZE
+    from duckling.analysis.plots import FIGSIZE
 
     metrics = [m for m in metrics if done[METRICS[m][0]].notna().any()]
     ncols = 3 if len(metrics) > 4 else 2
@@ -264,8 +264,8 @@ def plot_metric_vs(done, field: str, swept: list, metrics=FIG_METRICS):
 
 
 def _norm_curves(run_dir: Path):
-    from . import analysis as A
-    from .recording import Recording
+    from duckling.analysis import metrics as A
+    from duckling.recording.reader import Recording
 
     n = A.norms(Recording(run_dir))
     return n["steps"], n["dead"]["mean"], n["null_mean"]
@@ -276,7 +276,7 @@ def plot_norm_curves(out: Path, done, swept: list):
     min-max over seeds), with each configuration's weight-decay null model dashed; bottom: their ratio."""
     from matplotlib.figure import Figure
 
-    from .plots import FIGSIZE, STEP_LABEL
+    from duckling.analysis.plots import FIGSIZE, STEP_LABEL
 
     fig = Figure(figsize=(FIGSIZE[0] * 1.4, FIGSIZE[1] * 1.5), layout="constrained")
     ax, ax2 = fig.subplots(2, 1, sharex=True)
@@ -321,14 +321,3 @@ def plot_norm_curves(out: Path, done, swept: list):
         a.grid(alpha=0.3)
         a.tick_params(labelsize=7)
     return fig
-
-
-class _CallableModule(__import__("types").ModuleType):
-    """``duckling.compare(...)`` calls compare() even after this module is imported (the package attribute
-    ``duckling.compare`` is then the module itself); ``from duckling.compare import compare`` works as usual."""
-
-    def __call__(self, *args, **kwargs):
-        return compare(*args, **kwargs)
-
-
-__import__("sys").modules[__name__].__class__ = _CallableModule

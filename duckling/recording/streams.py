@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .codec import (TRAILER, CorruptBlock, check_record, decode_blocks, decode_groups, decode_runs, encode_block,
+from duckling.recording.codec import (TRAILER, CorruptBlock, check_record, decode_blocks, decode_groups, decode_runs, encode_block,
                     pack_trailer, read_header)
-from .errors import DucklingError
+from duckling.errors import DucklingError
 
 CACHE_BYTES = 160 << 20  # decoded frames kept per stream (one 64-step bf16 block of W fits)
 

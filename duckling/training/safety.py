@@ -12,8 +12,8 @@ import sys
 import threading
 from pathlib import Path
 
-from .config import DucklingConfig
-from .errors import DucklingError
+from duckling.config import DucklingConfig
+from duckling.errors import DucklingError
 
 
 def model_files_bytes(cfg: DucklingConfig, n_params: int) -> int:
@@ -26,7 +26,7 @@ def model_files_bytes(cfg: DucklingConfig, n_params: int) -> int:
 
 def check_disk(run_dir: Path, cfg: DucklingConfig, model, start: int, record: bool, shape, n_live: int) -> None:
     """The budget (recording + checkpoints + final model) against record.budget_gb and the free disk."""
-    from .recording import _free_bytes, check_budget
+    from duckling.recording.reader import _free_bytes, check_budget
 
     extra = model_files_bytes(cfg, sum(p.numel() for p in model.parameters()))
     if record:
@@ -120,7 +120,7 @@ def _cleanup_partial(run_dir: Path) -> None:
 
 
 def failure_advice(run_dir: Path, step: int, err: BaseException, removed: bool) -> str:
-    from .runs import last_checkpoint
+    from duckling.training.run_folder import last_checkpoint
 
     root = _root(err)
     where = run_dir.resolve()
@@ -152,7 +152,7 @@ def _root(e: BaseException) -> BaseException:
 def after_failure(run_dir: Path, step: int, err: BaseException, fresh: bool) -> bool:
     """A failed or hard-interrupted run: no partial files; a fresh run that never completed a step leaves
     no folder (nothing in it is worth keeping, and the retry can use the same path)."""
-    from .runs import update_run_info
+    from duckling.training.run_folder import update_run_info
 
     if fresh and step == 0:
         empty_run_dir(run_dir)
@@ -168,7 +168,7 @@ def after_failure(run_dir: Path, step: int, err: BaseException, fresh: bool) -> 
 
 def empty_run_dir(run_dir: Path) -> None:
     """Remove everything but the lock (run_lock removes the folder itself when it made it)."""
-    from .runs import LOCK
+    from duckling.training.run_folder import LOCK
 
     for p in run_dir.iterdir():
         if p.name != LOCK:

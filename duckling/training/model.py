@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import ModelConfig
+from duckling.config import ModelConfig
 
 
 def build_model(cfg: ModelConfig | None = None, seed: int | None = None):

@@ -27,8 +27,8 @@ import math
 
 import numpy as np
 
-from . import analysis as A
-from .errors import DucklingError
+from duckling.analysis import metrics as A
+from duckling.errors import DucklingError
 
 RULES = {
     "adamw": "lr·|m̂|/(sqrt(v̂ row mean)+eps) + lr·wd·|w|",

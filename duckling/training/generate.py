@@ -9,7 +9,7 @@ import dataclasses
 
 import torch
 
-from .config import EOT_ID, GenerateConfig
+from duckling.config import EOT_ID, GenerateConfig
 
 
 def _settings(gen: GenerateConfig | None, **given) -> GenerateConfig:

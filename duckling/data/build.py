@@ -22,9 +22,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from . import config
-from .errors import DucklingError
-from .vocab import GPT2_EOT, N_GPT2, CompactTokenizer, get_encoding
+from duckling import config
+from duckling.errors import DucklingError
+from duckling.data.vocab import GPT2_EOT, N_GPT2, CompactTokenizer, get_encoding
 
 EOT_TEXT = "<|endoftext|>"
 BUILD_FILE = "duckling_build.json"  # fingerprint + stats, next to HF's own files in the dataset dir
@@ -64,7 +64,7 @@ def resolve_source(data=None, split: str = "train") -> Source:
     if data is None:
         return Source("hub", split=split)
     if isinstance(data, str) and data == "sample":
-        sample = Path(__file__).parent / "sample" / "tinystories_sample.txt"
+        sample = Path(__file__).parents[1] / "sample" / "tinystories_sample.txt"
         if not sample.is_file():
             raise DucklingError(f"The bundled sample {str(sample)!r} is missing; reinstall duckling "
                                 "(pip install -e .) to restore it.")

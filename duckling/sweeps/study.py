@@ -1,7 +1,7 @@
 """The dead-token study's tables and figures (README "The dead-token study", notebook 08).
 
-    from duckling.study import load, study_table, plot_norms_vs_null, plot_update_rule
-    t = load("sweeps/study")                       # one row per complete run (duckling.compare) + its folder
+    from duckling.sweeps.study import load, study_table, plot_norms_vs_null, plot_update_rule
+    t = load("sweeps/study")                       # one row per complete run (duckling.sweeps.compare) + its folder
     study_table(t)                                  # mean ± std over seeds per optimizer x weight decay
     plot_norms_vs_null(t); plot_update_rule(t)      # Q1 and Q2 figures
 
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import analysis as A
-from . import update_rule as U
-from .compare import compare
-from .recording import Recording
+from duckling.analysis import metrics as A
+from duckling.analysis import update_rule as U
+from duckling.sweeps.compare import compare
+from duckling.recording.reader import Recording
 
 WD_COLORS = {0.0: "tab:gray", 0.01: "tab:orange", 0.1: "tab:purple"}
 OPT_COLORS = {"adamw": "tab:red", "coupled_adam": "tab:blue", "sgd": "tab:green"}
@@ -40,7 +40,7 @@ LM_HEAD = {"dead_norm_over_null": "dead_norm_over_null", "update_measured_over_r
 
 
 def load(sweep_dir, progress: bool = False):
-    """``duckling.compare`` of a sweep folder (reports computed where missing), complete runs only, with
+    """``duckling.sweeps.compare`` of a sweep folder (reports computed where missing), complete runs only, with
     each run's folder (``dir``), optimizer, weight decay and embeddings ("tied" / "untied, input (wte)");
     an untied run adds a row for its output matrix ("untied, output (lm_head)")."""
     import pandas as pd

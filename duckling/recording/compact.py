@@ -16,10 +16,10 @@ import time
 
 import numpy as np
 
-from .errors import DucklingError
-from .format_v2 import BLOCK_STEPS, FORMAT_V2, layout_keys, make_streams
-from .recording import FIELDS, Recording, _atomic_json, _rec_dir
-from .streams import Stream
+from duckling.errors import DucklingError
+from duckling.recording.layout import BLOCK_STEPS, FORMAT_V2, layout_keys, make_streams
+from duckling.recording.reader import FIELDS, Recording, _atomic_json, _rec_dir
+from duckling.recording.streams import Stream
 
 
 def _v1_files(root, meta) -> list:
@@ -79,7 +79,7 @@ def _write_v2(old: Recording, root, meta2: dict) -> None:
 
 
 def _verify(old: Recording, root, meta2: dict) -> None:
-    from .format_v2 import V2Reader
+    from duckling.recording.layout import V2Reader
     new = V2Reader(root, meta2, old._lay.parts)
     sc, st = new.reload()
     if not (np.array_equal(sc, old.scalar_steps) and np.array_equal(st, old.steps)):

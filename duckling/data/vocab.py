@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config
-from .errors import DucklingError
+from duckling import config
+from duckling.errors import DucklingError
 
 FORMAT_VERSION = 1
 UNK_TEXT = "<|unk|>"  # how the unknown id decodes; it has no GPT-2 id (null in the JSON)
@@ -28,7 +28,7 @@ GPT2_EOT = 50256
 
 # GPT-2's BPE merges, bundled so that the gpt2 encoding works offline: OpenAI's vocab.bpe, gzipped
 # byte for byte (see duckling/bpe/README.md). tiktoken downloads the same file (it pins this sha256).
-_BUNDLED_BPE = Path(__file__).parent / "bpe" / "vocab.bpe.gz"
+_BUNDLED_BPE = Path(__file__).parents[1] / "bpe" / "vocab.bpe.gz"
 _VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 
 

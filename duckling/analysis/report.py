@@ -29,10 +29,10 @@ if "numpy" not in sys.modules:  # only effective before numpy loads OpenBLAS, i.
 
 import numpy as np  # noqa: E402
 
-from . import analysis as A  # noqa: E402
-from . import plots as P  # noqa: E402
-from . import update_rule as U  # noqa: E402
-from .errors import DucklingError  # noqa: E402
+from duckling.analysis import metrics as A  # noqa: E402
+from duckling.analysis import plots as P  # noqa: E402
+from duckling.analysis import update_rule as U  # noqa: E402
+from duckling.errors import DucklingError  # noqa: E402
 
 DPI = 100  # with plots.FIGSIZE (6 x 4 in): 600 x 400 px, ~50-100 kB per PNG
 
@@ -63,7 +63,7 @@ def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS) -> dict:
 
     Snapshot-based curves are evaluated at ``max_points`` evenly spaced recorded steps (always
     including the first and last; None or 0 = every recorded step); per-step scalars use every step."""
-    from .recording import Recording
+    from duckling.recording.reader import Recording
 
     run_dir = Path(run_dir)
     if not (run_dir / "recording").is_dir():
@@ -94,7 +94,7 @@ def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS) -> dict:
                "detect_label_free": A.LABEL_FREE, "detect_label_using": A.LABEL_USING,
                "update_rule_convention": "per step, mean over dead rows of the measured update ||w_N - w_N-1|| "
                                          "over the optimizer's rule fed the recorded gradient norms and row-mean "
-                                         "second moments (duckling/update_rule.py); coherent = each row's gradient "
+                                         "second moments (duckling/analysis/update_rule.py); coherent = each row's gradient "
                                          "keeps its direction (upper bound on the first moment), incoherent = "
                                          "uncorrelated directions; the ratios are sums over all steps",
                "lr_budget_convention": "sum over updates of lr x sqrt(d): the straight-line distance of a row "

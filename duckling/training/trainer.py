@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from .config import DucklingConfig
-from .errors import DucklingError
+from duckling.config import DucklingConfig
+from duckling.errors import DucklingError
 
 
 # ---------------------------------------------------------------- device and precision
@@ -134,7 +134,7 @@ def check_trainable_dtype(model, allow_bf16_params: bool) -> None:
 
 # ---------------------------------------------------------------- the Trainer
 def _trainer_classes():
-    """Imported lazily so that ``import duckling.train`` stays cheap."""
+    """Imported lazily so that ``import duckling.training.train`` stays cheap."""
     from transformers import Trainer, TrainerCallback
     from transformers.trainer_callback import ProgressCallback
 

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .config import TrainConfig
+from duckling.config import TrainConfig
 
 
 class _PerParameter(torch.optim.Optimizer):

@@ -1,4 +1,4 @@
-"""One matplotlib helper per analysis (``duckling.analysis``): each takes that analysis' dict and
+"""One matplotlib helper per analysis (``duckling.analysis.metrics``): each takes that analysis' dict and
 returns a ``Figure``; it never shows or saves. Dead rows are red, live rows blue, the null model
 black and dashed, in every figure. Built on ``matplotlib.figure.Figure`` (no pyplot state), so
 it works headless and in notebooks alike (a notebook displays a returned Figure)."""

@@ -1,6 +1,6 @@
 """Dead-token analyses over a recording: one call per question of research.md (1-8).
 
-Every function takes a ``Recording`` (``duckling.recording``) and returns a dict of numpy arrays.
+Every function takes a ``Recording`` (``duckling.recording.reader``) and returns a dict of numpy arrays.
 They read lazily: per-row scalars are gathered a chunk of steps at a time, snapshots one step at a
 time, and snapshot-based curves are evaluated at most at ``MAX_POINTS`` evenly spaced steps (a
 6-inch figure at 100 dpi has 600 pixels; pass ``steps=rec.steps`` for every recorded step).
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DucklingError
+from duckling.errors import DucklingError
 
 MAX_POINTS = 256  # snapshot steps evaluated per curve by default
 QPOINTS = 512  # steps at which per-row quantile bands are computed (means use every step)

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DucklingConfig
-from .errors import DucklingError
+from duckling.config import DucklingConfig
+from duckling.errors import DucklingError
 
 # "How" fields of TrainConfig: changing them on resume does not change what is computed
 RESUME_FREE = {f"train.{k}" for k in ("device", "compile", "dataloader_num_workers", "logging_steps", "save_steps",
@@ -271,7 +271,7 @@ def load_run(run_dir, checkpoint: str | None = None):
         model = GPT2LMHeadModel.from_pretrained(str(src)).eval()
     tok = None
     if (run_dir / "token_mapping.json").is_file():
-        from .vocab import CompactTokenizer
+        from duckling.data.vocab import CompactTokenizer
 
         tok = CompactTokenizer.from_file(run_dir / "token_mapping.json")
     return model, tok, cfg

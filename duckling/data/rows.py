@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DucklingConfig
-from .errors import DucklingError
+from duckling.config import DucklingConfig
+from duckling.errors import DucklingError
 
 
 class PackedRows(torch.utils.data.Dataset):
@@ -95,7 +95,7 @@ def _load_dataset_dir(path: Path, tokenizer):
     truncated or damaged Arrow file is a clear error, not a crash inside the model."""
     import pyarrow as pa
 
-    from .data import load_dataset_dir
+    from duckling.data.build import load_dataset_dir
 
     try:
         ds = load_dataset_dir(path, tokenizer, fmt=None)

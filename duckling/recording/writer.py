@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import N_LIVE, RecordConfig
-from .errors import DucklingError
-from .format_v2 import BLOCK_STEPS, FORMAT_V2, layout_keys, make_streams
-from .recording import (FIELDS, SHAPE, SUBDIR, V1_CHUNK_STEPS, _atomic_json, _count, _Layout,
+from duckling.config import N_LIVE, RecordConfig
+from duckling.errors import DucklingError
+from duckling.recording.layout import BLOCK_STEPS, FORMAT_V2, layout_keys, make_streams
+from duckling.recording.reader import (FIELDS, SHAPE, SUBDIR, V1_CHUNK_STEPS, _atomic_json, _count, _Layout,
                         f32_to_bf16_bits, snapshot_parts)
-from .streams import CorruptBlock, pack_trailer
+from duckling.recording.streams import CorruptBlock, pack_trailer
 
 
 class _Compactor:

@@ -1,7 +1,7 @@
 """Sweeps on Ray: every grid point x seed of a spec is one Ray task that runs an ordinary
-``duckling.train.train`` into ``OUT/<name>/`` (readable by ``report``, ``Recording``, ``generate``).
+``duckling.training.train.train`` into ``OUT/<name>/`` (readable by ``report``, ``Recording``, ``generate``).
 
-    from duckling.sweep import sweep
+    from duckling.sweeps.engine import sweep
     runs = sweep("sweeps/wd.toml", "sweeps/wd")          # local Ray on this machine
     runs = sweep("sweeps/wd.toml", "sweeps/wd", address="auto")   # an existing Ray cluster
 
@@ -24,9 +24,9 @@ import time
 import traceback
 from pathlib import Path
 
-from .errors import DucklingError
-from .runs import LOCK, check_unlocked, last_checkpoint
-from .sweep_spec import DEFAULT_GPUS, Spec, load_spec
+from duckling.errors import DucklingError
+from duckling.training.run_folder import LOCK, check_unlocked, last_checkpoint
+from duckling.sweeps.spec import DEFAULT_GPUS, Spec, load_spec
 
 MANIFEST = "sweep.json"
 SPEC_COPY = "spec.toml"
@@ -73,8 +73,8 @@ def _run_task(job: dict, dataset, eval_dataset, progress, callbacks=()) -> dict:
     """Body of one Ray task: train one run into its folder; return a small dict, never raise."""
     import torch
 
-    from .config import DucklingConfig
-    from .train import train
+    from duckling.config import DucklingConfig
+    from duckling.training.train import train
 
     t0 = time.time()
     name, run_dir = job["name"], Path(job["path"])
@@ -244,7 +244,7 @@ def sweep(spec_or_path, out, *, address: str | None = None, progress: bool = Tru
     Ctrl-C cancels the runs (each keeps its recording and checkpoints) and raises KeyboardInterrupt;
     running the same command again resumes them.
     """
-    from .sweep_spec import check_disk
+    from duckling.sweeps.spec import check_disk
 
     spec = spec_or_path if isinstance(spec_or_path, Spec) else load_spec(spec_or_path)
     out = Path(out).resolve()
@@ -278,7 +278,7 @@ def _gpus(spec: Spec) -> float:
 def _execute(spec, out, manifest, todo, address, progress, max_retries, callbacks):
     import ray
 
-    from .sweep_progress import Board, Steps
+    from duckling.sweeps.progress import Board, Steps
 
     started = start_ray(address)
     try:
@@ -346,14 +346,3 @@ def _cancel(refs: dict, entries: dict, board) -> None:
     for ref, run in refs.items():
         entries[run.name]["status"] = "interrupted"
         board.event(run.name, "interrupted", None)
-
-
-class _CallableModule(__import__("types").ModuleType):
-    """``duckling.sweep(...)`` calls sweep() even after this module is imported (the package attribute
-    ``duckling.sweep`` is then the module itself); ``from duckling.sweep import sweep`` works as usual."""
-
-    def __call__(self, *args, **kwargs):
-        return sweep(*args, **kwargs)
-
-
-__import__("sys").modules[__name__].__class__ = _CallableModule

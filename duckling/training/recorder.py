@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from .config import N_LIVE, RecordConfig
-from .errors import DucklingError
-from .model import embedding_matrices
-from .recording import check_budget, snapshot_parts
-from .writer import RecordingWriter
+from duckling.config import N_LIVE, RecordConfig
+from duckling.errors import DucklingError
+from duckling.training.model import embedding_matrices
+from duckling.recording.reader import check_budget, snapshot_parts
+from duckling.recording.writer import RecordingWriter
 
 NAN = float("nan")
 

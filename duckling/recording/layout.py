@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import DucklingError
-from .streams import Stream
+from duckling.errors import DucklingError
+from duckling.recording.streams import Stream
 
 
 def put_values(out: np.ndarray, stored: np.ndarray, ext: str) -> None:

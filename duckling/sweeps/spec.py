@@ -35,8 +35,8 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-from .config import DucklingConfig
-from .errors import DucklingError
+from duckling.config import DucklingConfig
+from duckling.errors import DucklingError
 
 TOP_KEYS = ("dataset", "eval_dataset", "mapping", "base", "grid", "resources")
 RESOURCE_KEYS = ("cpus", "gpus")
@@ -132,7 +132,7 @@ def _number(value, key: str, lo_open: bool) -> float:
 
 
 def _check_names(section: str, table: dict) -> None:
-    from .config import RENAMED
+    from duckling.config import RENAMED
 
     names = set(DucklingConfig.field_names()) | set(RENAMED)
     for key in table:
@@ -264,21 +264,21 @@ def _n_params(cfg: DucklingConfig) -> int:
 
 def run_bytes(cfg: DucklingConfig, n_live: int | None = None) -> int:
     """Disk a whole run needs: its recording plus checkpoints (weights + AdamW moments) and final/."""
-    from .config import N_LIVE
-    from .recording import recording_bytes
+    from duckling.config import N_LIVE
+    from duckling.recording.reader import recording_bytes
 
     rec = 0
     if cfg.record.enabled:
         rec = recording_bytes(cfg.record, cfg.train.max_steps, shape=(cfg.model.vocab_size, cfg.model.n_embd),
                               n_live=n_live or N_LIVE, n_matrices=1 if cfg.model.tie_word_embeddings else 2)
-    from .safety import model_files_bytes
+    from duckling.training.safety import model_files_bytes
 
     return rec + model_files_bytes(cfg, _n_params(cfg))
 
 
 def check_disk(spec: Spec, out: Path, todo: list[Run]) -> int:
     """Refuse, before any run starts, runs over their record.budget_gb or a sweep over the free disk."""
-    from .recording import check_budget
+    from duckling.recording.reader import check_budget
 
     for run in todo:
         if run.cfg.record.enabled:

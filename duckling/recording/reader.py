@@ -1,5 +1,5 @@
 """The W store: the format's layout and size arithmetic, and ``Recording``, the lazy reader
-(``duckling.writer.RecordingWriter`` appends steps crash-safely).
+(``duckling.recording.writer.RecordingWriter`` appends steps crash-safely).
 
 The on-disk format is specified in ``docs/recording.md``. Everything here is numpy only: a
 recording can be read without torch. Snapshot N is W after N optimizer updates (0 = init).
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import N_LIVE, VOCAB_SIZE, ModelConfig
-from .errors import DucklingError
-from .format_v2 import put_values
+from duckling.config import N_LIVE, VOCAB_SIZE, ModelConfig
+from duckling.errors import DucklingError
+from duckling.recording.layout import put_values
 
 FORMAT_VERSION = 2  # written by default; format 1 (uncompressed) stays readable
 READABLE = (1, 2)
@@ -222,7 +222,7 @@ class Recording:
             version = self.meta.get("format_version") if isinstance(self.meta, dict) else None
             raise DucklingError(f"{self.root} has recording format {version}; this duckling reads "
                                 f"formats {READABLE}. Use a matching version.")
-        from .format_v2 import V2Reader, check_meta
+        from duckling.recording.layout import V2Reader, check_meta
         if self.meta["format_version"] == 1:
             check_meta(self.root, {**self.meta, "block_steps": self.meta.get("chunk_steps")})  # names, shapes
         self._lay = _Layout(self.root, self.meta)
