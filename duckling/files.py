@@ -1,4 +1,4 @@
-"""The two file primitives every layer uses: an atomic JSON write and the run folder's lock.
+"""The file primitives every layer uses: an atomic JSON write, the run folder's lock, its checkpoints.
 
 - ``write_json(path, obj)``: the whole new file or the whole old one, never half of either (a temporary
   file beside it, fsync'd, then ``os.replace``); the temporary file never survives a failure, and
@@ -7,6 +7,8 @@
   ``with`` block runs. It is re-entrant within a process (a run that holds its folder can open its
   recording, which asks for the same lock), the kernel drops it when the holder dies (a lock left by a
   killed process never blocks), and the file names its holder for the error a second process gets.
+- ``checkpoints(run_dir)``: the complete Trainer checkpoints, oldest first (training resumes from the
+  last; analysis reads its trainer_state.json).
 """
 from __future__ import annotations
 
@@ -36,12 +38,17 @@ def _finite(obj):
 
 def write_json(path, obj, indent: int = 2) -> None:
     """Write ``obj`` to ``path`` atomically (see the module docstring)."""
+    write_atomic(path, json.dumps(_finite(obj), indent=indent, default=str, allow_nan=False) + "\n")
+
+
+def write_atomic(path, data: str | bytes) -> None:
+    """Write ``data`` (text as UTF-8) to ``path`` atomically, as ``write_json`` does: for files whose
+    layout is not ``json.dumps``'s (token_mapping.json lists one token per line)."""
     path = Path(path)
-    text = json.dumps(_finite(obj), indent=indent, default=str, allow_nan=False) + "\n"
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -49,6 +56,17 @@ def write_json(path, obj, indent: int = 2) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def checkpoints(run_dir) -> list[Path]:
+    """A run folder's *complete* Trainer checkpoints (``checkpoint-N/`` holding trainer_state.json, the
+    last file the Trainer writes), oldest first: ``checkpoints(run)[-1]`` is the one to resume from."""
+    def step(p: Path) -> int:
+        n = p.name.split("-")[-1]
+        return int(n) if n.isdigit() else -1
+
+    found = [p for p in Path(run_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return sorted(found, key=step)
 
 
 class FolderBusy(DucklingError):

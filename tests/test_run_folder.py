@@ -288,3 +288,43 @@ def test_budget_refusal_leaves_no_folder_and_its_retry_works(dataset, tmp_path, 
     rec = Recording(tmp_path / "runs" / "a")
     assert rec.scalar_steps.tolist() == list(range(31)) and rec.every == int(m.group(1))
     assert rec.bytes_on_disk < 0.08e9
+
+
+def test_last_checkpoint_is_the_newest_complete_one_by_step(tmp_path):
+    from duckling.files import checkpoints
+    from duckling.training.run_folder import last_checkpoint
+
+    assert last_checkpoint(tmp_path) is None and checkpoints(tmp_path) == []
+    for n, done in ((9, True), (10, True), (11, False)):  # 10 after 9 (not by name); 11 is half-written
+        (tmp_path / f"checkpoint-{n}").mkdir()
+        if done:
+            (tmp_path / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-9", "checkpoint-10"]
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+
+
+def test_run_lock_removes_the_folder_it_made_only_when_the_run_left_nothing(tmp_path):
+    from duckling.files import FolderBusy, folder_lock
+    from duckling.training.run_folder import run_lock
+
+    with run_lock(tmp_path / "a", create=True):
+        assert (tmp_path / "a" / LOCK).is_file()
+    assert not (tmp_path / "a").exists()  # refused before any file: no trace
+    with run_lock(tmp_path / "b", create=True):
+        (tmp_path / "b" / "config.json").write_text("{}")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [LOCK, "config.json"]
+    # a folder someone else holds is refused with the holder named, and left as it is
+    code = ("import sys, time; from duckling.files import folder_lock\n"
+            "with folder_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "b")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderBusy, match=f"process {holder.pid}"):
+            with run_lock(tmp_path / "b", create=False):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / "b" / "config.json").is_file()
+    with folder_lock(tmp_path / "b"):  # a killed holder's lock never blocks
+        pass

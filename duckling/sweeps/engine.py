@@ -24,9 +24,11 @@ import time
 import traceback
 from pathlib import Path
 
+from duckling.config import DucklingConfig
 from duckling.errors import DucklingError
-from duckling.training.run_folder import LOCK, check_unlocked, last_checkpoint
-from duckling.sweeps.spec import DEFAULT_GPUS, Spec, load_spec
+from duckling.files import LOCK, check_unlocked, checkpoints, write_json
+from duckling.sweeps.progress import Board, Steps
+from duckling.sweeps.spec import DEFAULT_GPUS, Spec, check_disk, load_spec
 
 MANIFEST = "sweep.json"
 SPEC_COPY = "spec.toml"
@@ -43,7 +45,7 @@ def run_state(run_dir) -> str:
         info = run_dir / "run_info.json"
         if info.is_file() and json.loads(info.read_text()).get("finished"):
             return "complete"
-    if last_checkpoint(run_dir) is not None:
+    if checkpoints(run_dir):
         return "resumable"
     if not run_dir.is_dir() or not any(p.name != LOCK for p in run_dir.iterdir()):
         return "fresh"
@@ -73,8 +75,7 @@ def _run_task(job: dict, dataset, eval_dataset, progress, callbacks=()) -> dict:
     """Body of one Ray task: train one run into its folder; return a small dict, never raise."""
     import torch
 
-    from duckling.config import DucklingConfig
-    from duckling.training.train import train
+    from duckling.training.train import train  # torch and the Trainer: in the worker, never for `duckling compare`
 
     t0 = time.time()
     name, run_dir = job["name"], Path(job["path"])
@@ -175,9 +176,7 @@ def read_manifest(out) -> dict:
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
-    tmp = _manifest_path(out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, default=str) + "\n")
-    tmp.replace(_manifest_path(out))
+    write_json(_manifest_path(out), manifest, indent=1)
 
 
 def _open_folder(spec: Spec, out: Path, dry_run: bool) -> dict:
@@ -244,8 +243,6 @@ def sweep(spec_or_path, out, *, address: str | None = None, progress: bool = Tru
     Ctrl-C cancels the runs (each keeps its recording and checkpoints) and raises KeyboardInterrupt;
     running the same command again resumes them.
     """
-    from duckling.sweeps.spec import check_disk
-
     spec = spec_or_path if isinstance(spec_or_path, Spec) else load_spec(spec_or_path)
     out = Path(out).resolve()
     manifest = _open_folder(spec, out, dry_run)
@@ -277,8 +274,6 @@ def _gpus(spec: Spec) -> float:
 
 def _execute(spec, out, manifest, todo, address, progress, max_retries, callbacks):
     import ray
-
-    from duckling.sweeps.progress import Board, Steps
 
     started = start_ray(address)
     try:

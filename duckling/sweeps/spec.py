@@ -35,7 +35,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-from duckling.config import DucklingConfig
+from duckling.config import RENAMED, DucklingConfig
 from duckling.errors import DucklingError
 
 TOP_KEYS = ("dataset", "eval_dataset", "mapping", "base", "grid", "resources")
@@ -132,8 +132,6 @@ def _number(value, key: str, lo_open: bool) -> float:
 
 
 def _check_names(section: str, table: dict) -> None:
-    from duckling.config import RENAMED
-
     names = set(DucklingConfig.field_names()) | set(RENAMED)
     for key in table:
         if key not in names:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -16,18 +17,13 @@ import numpy as np
 import torch
 
 from duckling.config import DucklingConfig
+from duckling.data.vocab import CompactTokenizer
 from duckling.errors import DucklingError
+from duckling.files import LOCK, check_unlocked, checkpoints, folder_lock, write_json
 
 # "How" fields of TrainConfig: changing them on resume does not change what is computed
 RESUME_FREE = {f"train.{k}" for k in ("device", "compile", "dataloader_num_workers", "logging_steps", "save_steps",
                                      "save_total_limit", "threads")} | {"record.budget_gb", "record.queue_size"}
-LOCK = ".lock"  # the run folder's writer lock (fcntl.flock): see run_lock
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)  # atomic: a crash never leaves half a file
 
 
 def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -42,10 +38,8 @@ def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def last_checkpoint(run_dir) -> Path | None:
-    """The newest *complete* Trainer checkpoint (trainer_state.json is the last file written)."""
-    ckpts = sorted(Path(run_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
-                   if p.name.split("-")[-1].isdigit() else -1)
-    done = [p for p in ckpts if (p / "trainer_state.json").is_file()]
+    """The newest *complete* Trainer checkpoint (duckling.files.checkpoints), None if there is none."""
+    done = checkpoints(run_dir)
     return done[-1] if done else None
 
 
@@ -69,7 +63,7 @@ def check_run_dir(run_dir: Path, cfg: DucklingConfig, tok, resume: bool,
     Returns (the checkpoint to resume from or None, the run_info already there)."""
     mapping_hash = getattr(tok, "hash", None)
     where = str(run_dir.resolve())
-    if not locked:  # (flock conflicts with our own lock on a second descriptor)
+    if not locked:  # (this process's own lock never refuses it: folder_lock is re-entrant)
         check_unlocked(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise DucklingError(f"The run folder {where} is a file. Choose a folder path for --run.")
@@ -119,16 +113,14 @@ def write_run_files(run_dir: Path, cfg: DucklingConfig, tok, ckpt: Path | None, 
     else:
         info = {"mapping_hash": getattr(tok, "hash", None), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "status": "running", **info, "versions": _versions(), "git_commit": _git_commit()}
-        _write_json(run_dir / "config.json", cfg.to_dict())
+        write_json(run_dir / "config.json", cfg.to_dict())
         if tok is not None:
             tok.save(run_dir / "token_mapping.json")
-    _write_json(run_dir / "run_info.json", info)
+    write_json(run_dir / "run_info.json", info)
 
 
 def _git_commit() -> str | None:
     """The duckling checkout's commit (None outside a git checkout)."""
-    import subprocess
-
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                              text=True, timeout=5)
@@ -139,72 +131,27 @@ def _git_commit() -> str | None:
         return None
 
 
-def _holder(fd: int) -> str:
-    import os
-
-    return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-
-
-def _busy(run_dir: Path, holder: str) -> DucklingError:
-    return DucklingError(f"{run_dir.resolve()} is being written by {holder}. A run folder has one writer: wait for "
-                         "that run to finish (or stop it with Ctrl-C, which saves a checkpoint), then --resume; or "
-                         "use another folder.")
-
-
-def check_unlocked(run_dir: Path) -> None:
-    """Refuse a folder whose lock is held by a live process (a lock left by a dead one is free)."""
-    import fcntl
-    import os
-
-    path = run_dir / LOCK
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise _busy(run_dir, _holder(fd))
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def run_lock(run_dir: Path, create: bool):
-    """Hold RUN/.lock (fcntl.flock, exclusive) for the whole run: one writer per run folder.
+    """Hold RUN/.lock for the whole run (duckling.files.folder_lock): one writer per run folder; a second
+    process is refused with a FolderBusy naming the holder's process id.
 
-    The kernel drops the lock when the holder dies, so a lock left by a killed process never blocks.
     ``create``: make the folder (a new run); it is removed again if the run leaves nothing in it.
     """
-    import fcntl
-    import os
-    import socket
-
     made = create and not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _holder(fd)
-        os.close(fd)
-        raise _busy(run_dir, holder)
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        yield
-    finally:
-        os.ftruncate(fd, 0)
-        os.close(fd)
-        if made and all(p.name == LOCK for p in run_dir.iterdir()):  # refused before any file: no trace
-            path.unlink(missing_ok=True)
-            run_dir.rmdir()
+    with folder_lock(run_dir):
+        try:
+            yield
+        finally:
+            if made and all(p.name == LOCK for p in run_dir.iterdir()):  # refused before any file: no trace
+                (run_dir / LOCK).unlink(missing_ok=True)
+                run_dir.rmdir()
 
 
 def update_run_info(run_dir: Path, **kw) -> None:
     path = run_dir / "run_info.json"
-    _write_json(path, {**json.loads(path.read_text()), **kw})
+    write_json(path, {**json.loads(path.read_text()), **kw})
 
 
 # transformers warnings a Duckling user can do nothing about (the inputs are packed, never padded; EOT is
@@ -271,7 +218,5 @@ def load_run(run_dir, checkpoint: str | None = None):
         model = GPT2LMHeadModel.from_pretrained(str(src)).eval()
     tok = None
     if (run_dir / "token_mapping.json").is_file():
-        from duckling.data.vocab import CompactTokenizer
-
         tok = CompactTokenizer.from_file(run_dir / "token_mapping.json")
     return model, tok, cfg

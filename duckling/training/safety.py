@@ -14,6 +14,8 @@ from pathlib import Path
 
 from duckling.config import DucklingConfig
 from duckling.errors import DucklingError
+from duckling.files import LOCK
+from duckling.training.run_folder import last_checkpoint, update_run_info
 
 
 def model_files_bytes(cfg: DucklingConfig, n_params: int) -> int:
@@ -120,8 +122,6 @@ def _cleanup_partial(run_dir: Path) -> None:
 
 
 def failure_advice(run_dir: Path, step: int, err: BaseException, removed: bool) -> str:
-    from duckling.training.run_folder import last_checkpoint
-
     root = _root(err)
     where = run_dir.resolve()
     if isinstance(root, OSError):
@@ -152,8 +152,6 @@ def _root(e: BaseException) -> BaseException:
 def after_failure(run_dir: Path, step: int, err: BaseException, fresh: bool) -> bool:
     """A failed or hard-interrupted run: no partial files; a fresh run that never completed a step leaves
     no folder (nothing in it is worth keeping, and the retry can use the same path)."""
-    from duckling.training.run_folder import update_run_info
-
     if fresh and step == 0:
         empty_run_dir(run_dir)
         return True
@@ -168,8 +166,6 @@ def after_failure(run_dir: Path, step: int, err: BaseException, fresh: bool) -> 
 
 def empty_run_dir(run_dir: Path) -> None:
     """Remove everything but the lock (run_lock removes the folder itself when it made it)."""
-    from duckling.training.run_folder import LOCK
-
     for p in run_dir.iterdir():
         if p.name != LOCK:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
