@@ -23,10 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from duckling.analysis.plots import DPI
+from duckling.config import TrainConfig
 from duckling.errors import DucklingError
+from duckling.files import write_json
+from duckling.training.trainer import pick_device
 
-FIGSIZE = (6, 3.5)
-DPI = 90  # inline figures of ~540 x 315 px keep a committed notebook small
+FIGSIZE = (6, 3.5)  # inline figures of 600 x 350 px (at plots.DPI) keep a committed notebook small
 
 
 # ---------------------------------------------------------------- set-up and paths
@@ -121,9 +124,6 @@ def new_run_dir(name: str, run_dir=None) -> Path:
 def machine(device: str | None = None) -> str:
     """One line naming the hardware a notebook ran on, for its provenance (device None = the config's)."""
     import torch
-
-    from duckling.config import TrainConfig
-    from duckling.training.trainer import pick_device
 
     dev = pick_device(device or TrainConfig().device)
     if dev == "cuda":
@@ -222,7 +222,5 @@ def save_json(file, obj) -> Path:
     null) as JSON; returns the path."""
     file = path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2) + "\n")
-    os.replace(tmp, file)
+    write_json(file, _jsonable(obj))
     return file

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import time
 from pathlib import Path
 
+from duckling.config import DucklingConfig
+from duckling.data.build import build_dataset
+from duckling.data.vocab import CompactTokenizer
 from duckling.errors import DucklingError
+from duckling.files import write_atomic, write_json
 
 # Sized for ~2 minutes on 2 CPU cores: on this project's 2-core AMD EPYC, training with every-step
 # recording ran at 14.4 steps/s when the machine was otherwise idle (600 steps in 43 s; build + report
@@ -47,8 +50,6 @@ FULL_RUN = [
 
 def quickstart_config(steps: int, out: Path):
     """The default config, shortened to ``steps`` (the linear lr decay reaches 0 at the last step)."""
-    from duckling.config import DucklingConfig
-
     return DucklingConfig().override({
         "train.max_steps": steps,
         "train.logging_steps": max(1, steps // 60),  # ~60 points on the loss curve
@@ -62,15 +63,11 @@ def quickstart_config(steps: int, out: Path):
 
 def _write_mapping(path: Path) -> Path:
     """Unpack the bundled copy of token_mapping.json to ``path`` (atomically)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_bytes(gzip.decompress(BUNDLED_MAPPING.read_bytes()))
-        os.replace(tmp, path)
+        write_atomic(path, gzip.decompress(BUNDLED_MAPPING.read_bytes()))
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise DucklingError(f"Could not unpack the bundled token mapping {str(BUNDLED_MAPPING)!r} into {str(path)!r} "
                             f"({e}). Check that the folder is writable, or reinstall duckling (pip install -e .).") from e
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -103,10 +100,9 @@ def quickstart(out="runs/quickstart", steps: int | None = None, progress: bool =
 
     A folder that already holds a finished quickstart is not trained again: its summary comes back
     with ``reused=True`` (a different ``steps`` there is refused: pass a new ``out``)."""
-    from duckling.data.build import build_dataset
+    # torch and matplotlib: only for a quickstart that runs (`duckling build` imports this module too)
     from duckling.analysis.report import report
     from duckling.training.train import train
-    from duckling.data.vocab import CompactTokenizer
 
     out = Path(out)
     old = _finished(out, steps)
@@ -146,9 +142,7 @@ def quickstart(out="runs/quickstart", steps: int | None = None, progress: bool =
         "full_run": FULL_RUN,
         "reused": False,
     }
-    tmp = out / f".{SUMMARY_FILE}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, out / SUMMARY_FILE)
+    write_json(out / SUMMARY_FILE, summary)
     return summary
 
 

@@ -201,6 +201,27 @@ def test_report_cli_errors_clearly(tmp_path, capsys):
     assert "no recording" in capsys.readouterr().err
 
 
+def test_report_reads_the_final_state_else_the_newest_complete_checkpoint(tmp_path):
+    from duckling.analysis.report import _trainer_state
+
+    assert _trainer_state(tmp_path) is None
+    for n, done in ((9, True), (10, True), (12, False)):  # by step, not by name; 12 is half-written
+        (tmp_path / f"checkpoint-{n}").mkdir()
+        if done:
+            (tmp_path / f"checkpoint-{n}" / "trainer_state.json").write_text(json.dumps({"global_step": n}))
+    assert _trainer_state(tmp_path) == {"global_step": 10}
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "trainer_state.json").write_text(json.dumps({"global_step": 12}))
+    assert _trainer_state(tmp_path) == {"global_step": 12}
+
+
+def test_findings_numbers_read_missing_as_n_a_and_a_study_per_weight_decay():
+    from duckling.analysis.report import fmt
+
+    assert (fmt(None), fmt(float("nan")), fmt(np.float64(1.23456)), fmt(0.5, ".2f")) == ("n/a", "n/a", "1.23", "0.50")
+    assert fmt(np.array([1.0, np.nan, 0.0341])) == "1 / n/a / 0.0341"  # study.findings: one value per weight decay
+
+
 def test_indicator_without_first_pc_matches_direct_formula():
     rng = np.random.default_rng(0)
     W = rng.normal(size=(300, 8)).astype(np.float32)

@@ -10,6 +10,9 @@ from matplotlib.figure import Figure
 DEAD, LIVE, NULL = "tab:red", "tab:blue", "black"
 NAMED = ("tab:orange", "tab:purple", "tab:brown", "tab:olive")  # individually named tokens
 FIGSIZE = (7, 5)
+# Every saved or inline figure's resolution (report PNGs, compare PNGs, notebooks): matplotlib's own
+# default, so a report figure is 700 x 500 px (~50-100 kB) and one look is the same in every place.
+DPI = 100
 STEP_LABEL = "training step (updates)"
 LEGEND_PT = 8  # smallest legend text
 

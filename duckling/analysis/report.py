@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 if "numpy" not in sys.modules:  # only effective before numpy loads OpenBLAS, i.e. from the CLI
@@ -33,8 +34,8 @@ from duckling.analysis import metrics as A  # noqa: E402
 from duckling.analysis import plots as P  # noqa: E402
 from duckling.analysis import update_rule as U  # noqa: E402
 from duckling.errors import DucklingError  # noqa: E402
-
-DPI = 100  # with plots.FIGSIZE (6 x 4 in): 600 x 400 px, ~50-100 kB per PNG
+from duckling.files import checkpoints, write_json  # noqa: E402
+from duckling.recording.reader import Recording  # noqa: E402
 
 
 def _num(x):
@@ -50,9 +51,9 @@ def _spacing(steps) -> str:
 
 
 def _trainer_state(run_dir: Path) -> dict | None:
-    """The Trainer's state of a finished run (final/), else of its latest checkpoint, else None."""
-    ckpts = sorted(run_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[-1]))
-    for path in [run_dir / "final" / "trainer_state.json", *reversed(ckpts)]:
+    """The Trainer's state of a finished run (final/), else of its latest complete checkpoint, else None."""
+    last = checkpoints(run_dir)[-1:]
+    for path in [run_dir / "final" / "trainer_state.json", *(c / "trainer_state.json" for c in last)]:
         if path.is_file():
             return json.loads(path.read_text())
     return None
@@ -63,8 +64,6 @@ def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS) -> dict:
 
     Snapshot-based curves are evaluated at ``max_points`` evenly spaced recorded steps (always
     including the first and last; None or 0 = every recorded step); per-step scalars use every step."""
-    from duckling.recording.reader import Recording
-
     run_dir = Path(run_dir)
     if not (run_dir / "recording").is_dir():
         raise DucklingError(f"{run_dir} has no recording/ folder: pass the folder given to "
@@ -102,7 +101,7 @@ def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS) -> dict:
                "figures": []}
 
     def put(name, fig, sfx=""):
-        fig.savefig(out / f"{name}{sfx}.png", dpi=DPI)
+        fig.savefig(out / f"{name}{sfx}.png", dpi=P.DPI)
         S["figures"].append(f"{name}{sfx}.png")
 
     untied = len(S["matrices"]) > 1
@@ -170,14 +169,17 @@ def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS) -> dict:
             last = [e for e in state["log_history"] if key in e]
             if last:
                 S[f"final_{'train_loss' if key == 'loss' else key}"] = _num(last[-1][key])
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(S, indent=2) + "\n")
-    os.replace(tmp, out / "summary.json")
+    write_json(out / "summary.json", S)
     return S
 
 
-def _f(x, fmt=".3g") -> str:
-    return "n/a" if x is None else format(x, fmt)
+def fmt(x, spec: str = ".3g") -> str:
+    """A number as both findings print it (this module's, of one run, and duckling.sweeps.study's, of a
+    study table): "n/a" when missing (None or NaN); a sequence (a study's mean per weight decay) as
+    its values joined by " / "."""
+    if isinstance(x, Iterable) and not isinstance(x, str):
+        return " / ".join(fmt(v, spec) for v in x)
+    return "n/a" if x is None or not math.isfinite(x) else format(x, spec)
 
 
 def findings(S: dict, sfx: str = "") -> str:
@@ -185,7 +187,7 @@ def findings(S: dict, sfx: str = "") -> str:
     prints them, so a copy of the notebook never shows findings its own run contradicts). ``sfx``:
     "" for the tied / input matrix, "_lm_head" for an untied run's output matrix."""
     g = lambda k: S.get(f"{k}{sfx}")  # noqa: E731
-    loss = ", ".join(f"{w} loss {_f(S.get(k), '.3f')}" for k, w in (("final_train_loss", "final training"),
+    loss = ", ".join(f"{w} loss {fmt(S.get(k), '.3f')}" for k, w in (("final_train_loss", "final training"),
                                                                       ("final_eval_loss", "held-out"))
                      if S.get(k) is not None)
     out = [f"*({S['last_scalar_step']} steps{'; ' + loss if loss else ''}; every number below is read from "
@@ -195,30 +197,30 @@ def findings(S: dict, sfx: str = "") -> str:
         verb = ("grow instead of decaying" if r > 1.05 else "shrink faster than weight decay alone" if r < 0.95
                 else "follow weight decay alone (within 5%)")
         size = "" if dn is None or ln is None else \
-            f", and end {'larger' if dn > ln else 'smaller'} than the live rows ({_f(dn)} vs {_f(ln)})"
-        out.append(f"- **Dead rows {verb}**: their mean norm is {_f(r)}x the weight-decay null{size}.")
+            f", and end {'larger' if dn > ln else 'smaller'} than the live rows ({fmt(dn)} vs {fmt(ln)})"
+        out.append(f"- **Dead rows {verb}**: their mean norm is {fmt(r)}x the weight-decay null{size}.")
     b, p = g("dead_displacement_over_lr_budget"), g("dead_path_over_lr_budget")
     if b is not None:
-        out.append(f"- **Displacement**: each dead row moved {_f(g('dead_displacement_mean'))} from its "
-                   f"initialisation, {_f(100 * b, '.0f')}% of sum(lr) x sqrt(d) (the distance of a row moving lr "
+        out.append(f"- **Displacement**: each dead row moved {fmt(g('dead_displacement_mean'))} from its "
+                   f"initialisation, {fmt(100 * b, '.0f')}% of sum(lr) x sqrt(d) (the distance of a row moving lr "
                    f"per coordinate per step in a straight line); its path, summed step by step, is "
-                   f"{_f(100 * p, '.0f') if p is not None else 'n/a'}% of it.")
+                   f"{fmt(100 * p, '.0f') if p is not None else 'n/a'}% of it.")
     u, ui = g("update_rule_measured_over_predicted"), g("update_rule_measured_over_predicted_incoherent")
     if u is not None:
         out.append(f"- **Update rule ({g('update_rule_optimizer')})**: summed over the run, the measured dead-row "
-                   f"updates are {_f(u)}x what the rule predicts from the recorded gradients if each row's gradient "
-                   f"kept its direction, and {_f(ui)}x if successive directions were uncorrelated.")
+                   f"updates are {fmt(u)}x what the rule predicts from the recorded gradients if each row's gradient "
+                   f"kept its direction, and {fmt(ui)}x if successive directions were uncorrelated.")
     ch, pc = g("drift_cosine_to_neg_mean_hidden"), g("dead_mean_pairwise_cosine")
     if ch is not None and pc is not None:
-        out.append(f"- **Direction**: the mean dead displacement has cosine {_f(ch, '.2f')} with minus the mean "
-                   f"final hidden state; dead rows' mean pairwise cosine is {_f(pc, '.2f')} (live rows "
-                   f"{_f(g('live_mean_pairwise_cosine'), '.2f')}); PC1 holds {_f(100 * (g('dead_pc1_variance_fraction') or 0), '.1f')}% "
+        out.append(f"- **Direction**: the mean dead displacement has cosine {fmt(ch, '.2f')} with minus the mean "
+                   f"final hidden state; dead rows' mean pairwise cosine is {fmt(pc, '.2f')} (live rows "
+                   f"{fmt(g('live_mean_pairwise_cosine'), '.2f')}); PC1 holds {fmt(100 * (g('dead_pc1_variance_fraction') or 0), '.1f')}% "
                    "of their centred variance.")
     sep = g("detect_first_step_separable") or {}
     for k, e in sep.items():
         a = g(f"detect_auroc_{k}")
         opp = e.get("opposite", {})
-        line = f"- Label-free **{e['direction']}**: AUROC {_f(a, '.2f')} at the last step; AUROC >= 0.9 "
+        line = f"- Label-free **{e['direction']}**: AUROC {fmt(a, '.2f')} at the last step; AUROC >= 0.9 "
         line += f"{e['resolution']}." if e["step"] is not None else f"not by step {e['after_step']}."
         if opp.get("step") is not None:
             line += f" Read the other way ({opp['direction']}) it separates {opp['resolution']}."
@@ -226,10 +228,10 @@ def findings(S: dict, sfx: str = "") -> str:
     using = g("detect_label_using_first_step_separable") or {}
     if using:
         out.append("- Using the dead labels (upper bounds, not detectors): " + "; ".join(
-            f"{k} AUROC {_f(g(f'detect_label_using_auroc_{k}'), '.2f')}, >= 0.9 {e['resolution']}"
-            if e["step"] is not None else f"{k} AUROC {_f(g(f'detect_label_using_auroc_{k}'), '.2f')}, never >= 0.9"
+            f"{k} AUROC {fmt(g(f'detect_label_using_auroc_{k}'), '.2f')}, >= 0.9 {e['resolution']}"
+            if e["step"] is not None else f"{k} AUROC {fmt(g(f'detect_label_using_auroc_{k}'), '.2f')}, never >= 0.9"
             for k, e in using.items()) + f" ({S.get(f'detect_step_grid{sfx}', '')}).")
     if S.get("dead_output_mass") is not None:
-        out.append(f"- The softmax mass on dead tokens (probe batch) is {_f(S['dead_output_mass'])} at step "
+        out.append(f"- The softmax mass on dead tokens (probe batch) is {fmt(S['dead_output_mass'])} at step "
                    f"{S['dead_output_mass_step']}.")
     return "\n".join(out)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from duckling.config import DucklingConfig
+from duckling.data.build import load_dataset_dir
 from duckling.errors import DucklingError
 
 
@@ -94,8 +95,6 @@ def _load_dataset_dir(path: Path, tokenizer):
     """Load ``tokenized_dataset/`` through data.py, which refuses one built with another mapping; a
     truncated or damaged Arrow file is a clear error, not a crash inside the model."""
     import pyarrow as pa
-
-    from duckling.data.build import load_dataset_dir
 
     try:
         ds = load_dataset_dir(path, tokenizer, fmt=None)

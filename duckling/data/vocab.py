@@ -19,6 +19,7 @@ import numpy as np
 
 from duckling import config
 from duckling.errors import DucklingError
+from duckling.files import write_atomic
 
 FORMAT_VERSION = 1
 UNK_TEXT = "<|unk|>"  # how the unknown id decodes; it has no GPT-2 id (null in the JSON)
@@ -242,12 +243,7 @@ class CompactTokenizer:
         body = ",\n".join("    " + json.dumps(t, ensure_ascii=False) for t in tokens)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            tmp.write_text(f'{head},\n  "tokens": [\n{body}\n  ]\n}}\n', encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomic(path, f'{head},\n  "tokens": [\n{body}\n  ]\n}}\n')
         return path
 
     @classmethod

@@ -17,7 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from duckling.analysis import metrics as A
+from duckling.analysis.plots import DPI, FIGSIZE, STEP_LABEL
+from duckling.analysis.report import report
 from duckling.errors import DucklingError
+from duckling.recording.reader import Recording
 from duckling.sweeps.engine import read_manifest
 
 # headline numbers of report summary.json: {key: (column, axis label)}
@@ -44,13 +48,10 @@ METRICS = {
 FIG_METRICS = ("final_eval_loss", "dead_norm_over_null", "dead_mean_pairwise_cosine",
                "drift_cosine_to_neg_mean_hidden", "update_rule_measured_over_predicted", "detect_auroc_norm",
                "detect_auroc_cos_all_mean", "detect_auroc_pc1", "detect_label_using_auroc_cos_dead_mean_nopc1")
-DPI = 110
 
 
 def _summary(run_dir: Path, refresh: bool) -> dict:
     """The run's report summary.json, computed (with its figures) when missing or older than the run."""
-    from duckling.analysis.report import report
-
     if refresh or _stale(run_dir):
         return report(run_dir)
     return json.loads((run_dir / "report" / "summary.json").read_text())
@@ -61,13 +62,6 @@ def _stale(run_dir: Path) -> bool:
     newest = max((p.stat().st_mtime for p in (run_dir / "final" / "trainer_state.json",
                                                run_dir / "run_info.json") if p.is_file()), default=0)
     return not path.is_file() or path.stat().st_mtime < newest
-
-
-def _report_quietly(run_dir: Path) -> dict:
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    from duckling.analysis.report import report
-
-    return report(run_dir)
 
 
 def _summaries(run_dirs: list, refresh: bool, progress: bool) -> dict:
@@ -89,7 +83,7 @@ def _summaries(run_dirs: list, refresh: bool, progress: bool) -> dict:
     os.environ.update({k: "1" for k in env})  # inherited by the spawned workers: no thread oversubscription
     try:
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            out.update(zip(todo, pool.map(_report_quietly, todo)))
+            out.update(zip(todo, pool.map(report, todo)))
     finally:
         for k, v in env.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -220,8 +214,6 @@ def plot_metric_vs(done, field: str, swept: list, metrics=FIG_METRICS):
     line with the min-max spread as a bar; one line per combination of the other swept fields."""
     from matplotlib.figure import Figure
 
-    from duckling.analysis.plots import FIGSIZE
-
     metrics = [m for m in metrics if done[METRICS[m][0]].notna().any()]
     ncols = 3 if len(metrics) > 4 else 2
     nrows = math.ceil(len(metrics) / ncols)
@@ -264,9 +256,6 @@ def plot_metric_vs(done, field: str, swept: list, metrics=FIG_METRICS):
 
 
 def _norm_curves(run_dir: Path):
-    from duckling.analysis import metrics as A
-    from duckling.recording.reader import Recording
-
     n = A.norms(Recording(run_dir))
     return n["steps"], n["dead"]["mean"], n["null_mean"]
 
@@ -275,8 +264,6 @@ def plot_norm_curves(out: Path, done, swept: list):
     """Mean dead-row norm of every configuration against the step (line: mean over seeds; band:
     min-max over seeds), with each configuration's weight-decay null model dashed; bottom: their ratio."""
     from matplotlib.figure import Figure
-
-    from duckling.analysis.plots import FIGSIZE, STEP_LABEL
 
     fig = Figure(figsize=(FIGSIZE[0] * 1.4, FIGSIZE[1] * 1.5), layout="constrained")
     ax, ax2 = fig.subplots(2, 1, sharex=True)

@@ -19,8 +19,9 @@ import numpy as np
 
 from duckling.analysis import metrics as A
 from duckling.analysis import update_rule as U
-from duckling.sweeps.compare import compare
+from duckling.analysis.report import fmt
 from duckling.recording.reader import Recording
+from duckling.sweeps.compare import compare
 
 WD_COLORS = {0.0: "tab:gray", 0.01: "tab:orange", 0.1: "tab:purple"}
 OPT_COLORS = {"adamw": "tab:red", "coupled_adam": "tab:blue", "sgd": "tab:green"}
@@ -173,8 +174,8 @@ def findings(t) -> list[str]:
         by = g.groupby("train.weight_decay", sort=True)
         wds = " / ".join(f"{wd:g}" for wd in by.groups)
 
-        def col(c, fmt="{:.3g}"):
-            return " / ".join(fmt.format(v) for v in by[c].mean())
+        def col(c):
+            return fmt(by[c].mean())  # one value per weight decay, as report.findings prints a run's
 
         auc = {k: by[k].mean() for k in INDICATORS}
         best = max(INDICATORS, key=lambda k: float(np.nanmax(np.maximum(auc[k], 1 - auc[k]))))
