@@ -3,7 +3,7 @@
 Every function takes a ``Recording`` (``duckling.recording.reader``) and returns a dict of numpy arrays.
 They read lazily: per-row scalars are gathered a chunk of steps at a time, snapshots one step at a
 time, and snapshot-based curves are evaluated at most at ``MAX_POINTS`` evenly spaced steps (a
-6-inch figure at 100 dpi has 600 pixels; pass ``steps=rec.steps`` for every recorded step).
+7-inch figure at 100 dpi, plots.FIGSIZE and DPI, has 700 pixels; pass ``steps=rec.steps`` for every recorded step).
 Shapes: T = scalar steps, S = evaluated snapshot steps, V = vocab, d = hidden size.
 """
 from __future__ import annotations
