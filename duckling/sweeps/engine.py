@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import shutil
 import time
 import traceback
@@ -260,8 +261,17 @@ def sweep(spec_or_path, out, *, address: str | None = None, progress: bool = Tru
         if progress and not dry_run:
             print(f"sweep {out}: all {len(spec.runs)} runs are complete; nothing to train.")
         return _table(out, manifest)
-    _execute(spec, out, manifest, todo, address, progress, max_retries, list(callbacks))
+    _execute(spec, out, manifest, todo, address, progress, max_retries, list(callbacks),
+             _resume_command(spec_or_path, out))
     return _table(out, manifest)
+
+
+def _resume_command(spec_or_path, out: Path) -> str:
+    """The command that resumes this sweep: its spec file as it was given (relative paths in a spec are
+    read from the spec file's folder, so its copy in the sweep folder would not do)."""
+    if not isinstance(spec_or_path, (str, Path)):  # a dict or Spec: no file to name
+        return "the same sweep() call"
+    return f"duckling sweep {shlex.quote(str(spec_or_path))} --out {shlex.quote(str(out))}"
 
 
 def _gpus(spec: Spec) -> float:
@@ -272,7 +282,7 @@ def _gpus(spec: Spec) -> float:
     return DEFAULT_GPUS if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def _execute(spec, out, manifest, todo, address, progress, max_retries, callbacks):
+def _execute(spec, out, manifest, todo, address, progress, max_retries, callbacks, resume="the same command"):
     import ray
 
     started = start_ray(address)
@@ -316,11 +326,11 @@ def _execute(spec, out, manifest, todo, address, progress, max_retries, callback
                         board.event(run.name, res["status"], res.get("error"), res)
                     _write_manifest(out, manifest)
         except KeyboardInterrupt:
-            _cancel(refs, entries, board)
+            _cancel(refs, entries, board, out)
             _write_manifest(out, manifest)
             board.close()
-            print(f"Sweep interrupted. Every run keeps its recording and checkpoints; resume with the same "
-                  f"command (duckling sweep SPEC --out {out}).", flush=True)
+            print(f"Sweep interrupted. Every run keeps its recording and checkpoints; resume with {resume}.",
+                  flush=True)
             raise
         board.close()
     finally:
@@ -328,8 +338,9 @@ def _execute(spec, out, manifest, todo, address, progress, max_retries, callback
             ray.shutdown()
 
 
-def _cancel(refs: dict, entries: dict, board) -> None:
-    """Ctrl-C: interrupt every task (their train() saves what it can) and wait for them briefly."""
+def _cancel(refs: dict, entries: dict, board, out: Path) -> None:
+    """Ctrl-C: interrupt every task (their train() saves what it can) and wait for them briefly. A run
+    that never started (nothing in its folder) is ``pending`` again; one that did is ``interrupted``."""
     import ray
 
     for ref in refs:
@@ -339,5 +350,8 @@ def _cancel(refs: dict, entries: dict, board) -> None:
     except KeyboardInterrupt:
         pass
     for ref, run in refs.items():
-        entries[run.name]["status"] = "interrupted"
-        board.event(run.name, "interrupted", None)
+        status = "pending" if run_state(out / run.name) == "fresh" else "interrupted"
+        entries[run.name]["status"] = status
+        if status == "pending":  # queued, never started: not an attempt
+            entries[run.name]["attempts"] = max(0, entries[run.name].get("attempts", 1) - 1)
+        board.event(run.name, status, None)
