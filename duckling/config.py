@@ -8,7 +8,7 @@ One override syntax everywhere: dotted field names.
 Every field is checked when a config is built or overridden (``__post_init__``); a bad value raises
 ``DucklingError`` naming the field, the value and the allowed range. The CLI, the notebooks and the
 sweep engine all go through this module, so they share the checks and the messages.
-Values follow ``../shared/docs/mission.md``.
+The defaults are the project's starting targets; docs/results.md compares them with what was measured.
 """
 from __future__ import annotations
 
