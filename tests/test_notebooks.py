@@ -279,7 +279,7 @@ def test_08_dead_token_study(repo_root, tmp_path, tiny):
 
 def test_committed_notebooks_follow_the_rules(repo_root):
     """Imports first, then one `parameters` cell; no papermill-injected cell left behind (it would
-    override a user's parameters on "Run all"); small; no machine paths in the outputs; the helper
+    override a user's parameters on "Run all"); small; no machine paths in the outputs or the metadata; the helper
     functions that moved into the package are not called any more."""
     paths = sorted((repo_root / "notebooks").glob("0*.ipynb"))
     assert [p.name[:2] for p in paths] == ["01", "02", "03", "04", "05", "06", "07", "08"]
@@ -287,7 +287,10 @@ def test_committed_notebooks_follow_the_rules(repo_root):
             "nb.load_tokenizer", "nb.Table")
     for p in paths:
         raw = p.read_text(encoding="utf-8")
-        cells = json.loads(raw)["cells"]
+        cells, meta = json.loads(raw)["cells"], json.loads(raw)["metadata"]
+        pm = meta.get("papermill", {})  # papermill records where it read and wrote: that machine's paths
+        assert not {"input_path", "output_path"} & set(pm), f"{p.name}: strip papermill's input_path/output_path"
+        assert not any(s in json.dumps(meta) for s in ("/work/", "/tmp/", "/root/", "/home/")), p.name
         code = [c for c in cells if c["cell_type"] == "code"]
         tags = [c["metadata"].get("tags", []) for c in code]
         assert "import duckling.notebook as nb" in "".join(code[0]["source"]), p.name
