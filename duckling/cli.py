@@ -16,7 +16,10 @@ import warnings
 from pathlib import Path
 
 from duckling import config as C
+from duckling.analysis.metrics import MAX_POINTS
 from duckling.errors import DucklingError
+from duckling.quickstart import DEFAULT_STEPS, format_headline
+from duckling.sweeps.progress import text_table
 
 # Fields whose shorthand flag appears on `duckling train` (the rest are reachable with --set).
 TRAIN_SECTIONS = ("model", "data", "train", "record")
@@ -105,15 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="write every dead-token figure and summary.json for a run")
     s.add_argument("run", help="run folder")
     s.add_argument("--out", default=None, help="default: RUN/report")
-    s.add_argument("--max-points", type=int, default=None,
-                   help="snapshot steps evaluated per curve (default: analysis.MAX_POINTS; 0 = every recorded step)")
+    s.add_argument("--max-points", type=int, default=MAX_POINTS,
+                   help=f"snapshot steps evaluated per curve, evenly spaced (default {MAX_POINTS}; 0 = every "
+                   "recorded step)")
     s = sub.add_parser("compact", help="convert a v1 recording to the compressed, checksummed v2 format, in place")
     s.add_argument("run", help="run folder (or its recording/ folder)")
 
     s = sub.add_parser("quickstart", help="offline first run: the bundled sample, a short recorded run, its report")
     s.add_argument("--out", default="runs/quickstart", help="folder for the dataset, run and report (default runs/quickstart)")
     s.add_argument("--steps", type=_positive_int("--steps"), default=None,
-                   help="training steps (default: about 2 minutes on 2 CPU cores)")
+                   help=f"training steps (default {DEFAULT_STEPS:,}: ~75 s on 2 CPU cores)")
 
     s = sub.add_parser("sweep", help="train every grid point x seed of a TOML spec on Ray (local by default)")
     s.add_argument("spec", help="sweep spec (TOML; see sweeps/)")
@@ -247,8 +251,10 @@ def cli_train(args) -> int:
         else cfg.data.mapping_path
     result = train(cfg, dataset=cfg.data.dataset_dir, run_dir=run, eval_dataset=args.eval_dataset,
                    resume=args.resume, tokenizer=mapping)
-    steps, losses = result.losses()
+    _, losses = result.losses()
+    _, held_out = result.eval_losses()
     last = f", loss {losses[-1]:.3f}" if len(losses) else ""
+    last += f", held-out loss {held_out[-1]:.3f}" if len(held_out) else ""
     print(f"trained {run} to step {result.global_step}{last}, {result.steps_per_s:.1f} steps/s "
           f"({result.device}, {result.precision})")
     return 0
@@ -269,19 +275,17 @@ def cli_generate(args) -> int:
 
 
 def cli_report(args) -> int:
-    """``duckling report RUN [--out DIR]``."""
-    from duckling.analysis import metrics as A
+    """``duckling report RUN [--out DIR]``: the figures and summary.json, and the headline numbers with
+    what each one says (as the quickstart prints them)."""
     from duckling.analysis.report import report
 
     mp = args.max_points
-    if mp is not None and mp < 0:
+    if mp < 0:
         raise DucklingError(f"--max-points must be >= 0 (0 = every recorded step), not {mp}.")
-    S = report(args.run, args.out, A.MAX_POINTS if mp is None else mp)
+    S = report(args.run, args.out, mp)
     out = Path(args.out) if args.out else Path(args.run) / "report"
     print(f"wrote {len(S['figures'])} figures and summary.json to {out}")
-    for k in ("dead_norm_over_null", "dead_mean_pairwise_cosine", "drift_cosine_to_neg_mean_hidden",
-              "drift_cosine_to_neg_mean_live", "detect_auroc_norm"):
-        print(f"  {k}: {S.get(k)}")
+    print("\n".join(format_headline(S)))
     return 0
 
 
@@ -303,28 +307,31 @@ def cli_quickstart(args) -> int:
 
 
 def cli_sweep(args) -> int:
-    from duckling.sweeps.engine import sweep
+    from duckling.sweeps.engine import MANIFEST, sweep
 
     if args.max_retries < 0:
         raise DucklingError(f"--max-retries must be >= 0, not {args.max_retries}.")
     table = sweep(args.spec, args.out, address=args.address, max_retries=args.max_retries, dry_run=args.dry_run,
                   progress=not args.no_progress)
-    cols = [c for c in ("name", "status", "on_disk", "global_step", "loss", "eval_loss") if c in table.columns]
-    print(table[cols].to_string(index=False))
+    cols = {c: h for c, h in (("name", "run"), ("status", "status"), ("on_disk", "on disk"), ("global_step", "step"),
+                              ("loss", "loss"), ("eval_loss", "held-out loss")) if c in table.columns}
+    print(text_table(table.to_dict("records"), cols))  # "-": no value yet (a run not trained)
     failed = int((table["status"] == "failed").sum()) if "status" in table.columns else 0
     if failed:
-        print(f"{failed} run(s) failed (errors in {Path(args.out) / 'manifest.json'}); run the same command "
+        print(f"{failed} run(s) failed (errors in {Path(args.out) / MANIFEST}); run the same command "
               "again to retry them.", file=sys.stderr)
     return 1 if failed else 0
 
 
 def cli_compare(args) -> int:
-    from duckling.sweeps.compare import compare, markdown
+    """``duckling compare OUT``: a short table here; every column in OUT/compare.csv and compare.md."""
+    from duckling.sweeps.compare import compare, short_table
 
     table = compare(args.out, refresh_reports=args.refresh_reports)
-    print(markdown(table))
-    for path in table.attrs.get("files", []):
-        print(f"wrote {path}")
+    print(short_table(table))
+    files = table.attrs.get("files", [])
+    print(f"every column ({len(table.columns)}) and the mean over seeds: {Path(args.out) / 'compare.md'} and "
+          f"compare.csv; figures: {', '.join(f for f in files if f.endswith('.png')) or 'none yet'}")
     return 0
 
 

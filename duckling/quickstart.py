@@ -1,4 +1,4 @@
-"""``duckling quickstart``: the whole pipeline on the bundled sample, offline, in about two minutes on a CPU.
+"""``duckling quickstart``: the whole pipeline on the bundled sample, offline, in ~75 s on 2 CPU cores.
 
 It builds the 500-story TinyStories sample (duckling/sample/) into 512-token rows with the committed
 vocabulary, trains the default Duckling for 1,000 steps with W recorded after every step,
@@ -23,11 +23,14 @@ from duckling.data.build import build_dataset
 from duckling.data.vocab import CompactTokenizer
 from duckling.errors import DucklingError
 from duckling.files import write_atomic, write_json
+from duckling.recording.budget import recording_bytes
 
-# Sized for ~2 minutes on 2 CPU cores: on this project's 2-core AMD EPYC, training with every-step
-# recording ran at 14.4 steps/s when the machine was otherwise idle (600 steps in 43 s; build + report
-# ~5 s more); at the ~8 steps/s of a slower or busier 2-core machine, 1,000 steps take ~2 min.
-# The recording of 1,000 steps took 2.2 GB (bf16 W + float32 row scalars); the summary prints its size.
+# Sized for ~75 s on 2 CPU cores: on this project's idle 2-core AMD EPYC, a fresh clone ran it in 75 s
+# wall, 68 s of it training at 15.1 steps/s with every-step recording (README); at the ~8 steps/s of
+# a slower or busier 2-core machine, ~2 min. The recording (format 2: compressed bf16 W + float32 row
+# scalars) takes a few hundred MB for 1,000 steps (2,695-3,769 snapshots per GB at 300-2,000 steps in
+# the README's measurements); the summary prints its real size. Before it starts, the run's disk check
+# reserves the uncompressed bound, duckling.recording.budget.recording_bytes (~2.26 GB for 1,000 steps).
 DEFAULT_STEPS = 1000
 SUMMARY_FILE = "quickstart.json"
 BUNDLED_MAPPING = Path(__file__).parent / "sample" / "token_mapping.json.gz"  # == the repo's token_mapping.json
@@ -41,9 +44,22 @@ HEADLINE = {
     "detect_auroc_norm": "AUROC of -||w|| for dead vs live rows (0.5 = chance, < 0.5: dead rows are larger)",
     "dead_output_mass": "softmax probability the model puts on all dead tokens together",
 }
+FULL_STEPS = 10_000
+
+
+def _disk_check_gb(steps: int) -> float:
+    """What the disk check reserves for the recording of a default run of ``steps`` steps (GB): its
+    uncompressed bound (duckling.recording.budget.recording_bytes), not what the recording will take."""
+    cfg = DucklingConfig()
+    return recording_bytes(cfg.record, steps, (cfg.model.vocab_size, cfg.model.n_embd)) / 1e9
+
+
+# Measured: 1.97 GB for the 10,001 snapshots of a default 10K-step run (docs/results/cpu_10k/recording_stats.json).
+FULL_RUN_GB = 1.97
 FULL_RUN = [
     "duckling build --out tokenized_dataset      # TinyStories from the hub (or --data PATH for local text)",
-    "duckling train --dataset tokenized_dataset --run runs/main --max-steps 10000   # ~22 GB of recording",
+    f"duckling train --dataset tokenized_dataset --run runs/main --max-steps {FULL_STEPS}   # ~{FULL_RUN_GB:.0f} GB "
+    f"of recording; the disk check wants ~{_disk_check_gb(FULL_STEPS):.0f} GB free (it counts the recording uncompressed)",
     "duckling report runs/main",
 ]
 
@@ -150,6 +166,19 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
+def format_headline(S: dict) -> list[str]:
+    """A report summary's headline numbers (HEADLINE), rounded, each with what it says; and its final
+    losses when it has them (``duckling report`` and the quickstart print these lines)."""
+    lines = []
+    loss = ", ".join(f"{what} {_fmt(S[k])}" for k, what in (("final_train_loss", "training"),
+                                                            ("final_eval_loss", "held-out")) if S.get(k) is not None)
+    if loss:
+        lines.append(f"loss at the last logged step: {loss}")
+    lines.append("dead tokens at the last step:")
+    lines += [f"  {k} = {_fmt(S.get(k))}   ({what})" for k, what in HEADLINE.items()]
+    return lines
+
+
 def format_summary(d: dict) -> str:
     """The summary as the few lines ``duckling quickstart`` prints."""
     lines = []
@@ -164,8 +193,7 @@ def format_summary(d: dict) -> str:
         f"total {sec['total']:.0f} s",
         f"loss: {_fmt(loss['first_logged'])} at step {_fmt(loss['first_logged_step'])} -> {_fmt(loss['final'])} "
         f"at step {d['steps']}",
-        "dead tokens at the last step:",
-        *(f"  {k} = {_fmt(d['headline'].get(k))}   ({what})" for k, what in HEADLINE.items()),
+        *format_headline(d["headline"]),
         f"figures ({len(d['figures'])} PNGs) and summary.json: {d['report_dir']}",
         "This was a short run on a small sample. The full run (needs the Hugging Face hub or local text):",
         *(f"  {c}" for c in d["full_run"]),

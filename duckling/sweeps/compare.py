@@ -23,6 +23,7 @@ from duckling.analysis.report import report
 from duckling.errors import DucklingError
 from duckling.recording.reader import Recording
 from duckling.sweeps.engine import read_manifest
+from duckling.sweeps.progress import text_table
 
 # headline numbers of report summary.json: {key: (column, axis label)}
 METRICS = {
@@ -44,6 +45,15 @@ METRICS = {
     **{f"detect_first_step_separable.{k}{o}.step": (f"sep_step_{k}{o.replace('.', '_')}", "")
        for k in ("norm", "cos_all_mean", "pc1") for o in ("", ".opposite")},
     "dead_output_mass": ("dead_output_mass", "probability mass on dead ids"),
+}
+# what `duckling compare` prints in the terminal ({column: header}); the wide table is compare.csv / .md
+SHORT = {"name": "run", "status": "status", "train_loss": "loss", "eval_loss": "held-out loss",
+         "dead_norm_over_null": "dead norm/null", "dead_pairwise_cos": "dead cos", "detect_auroc_norm": "AUROC norm"}
+SHORT_MEANING = {
+    "loss": "final training loss (nats/token)", "held-out loss": "final held-out loss (nats/token)",
+    "dead norm/null": "mean dead-row norm / its pure-weight-decay value (1 = dead rows only decay)",
+    "dead cos": "mean cosine between dead rows (0 = unrelated directions)",
+    "AUROC norm": "AUROC of -||w|| for dead vs live rows (0.5 = chance)",
 }
 FIG_METRICS = ("final_eval_loss", "dead_norm_over_null", "dead_mean_pairwise_cosine",
                "drift_cosine_to_neg_mean_hidden", "update_rule_measured_over_predicted", "detect_auroc_norm",
@@ -124,6 +134,14 @@ def compare(out, *, write: bool = True, refresh_reports: bool = False, progress:
     if write:
         table.attrs["files"] = _write(out, table, swept)
     return table
+
+
+def short_table(table) -> str:
+    """The few columns ``duckling compare`` prints (SHORT; "-": no value yet), with what they mean."""
+    cols = {c: h for c, h in SHORT.items() if c in table.columns}
+    lines = [text_table(table.to_dict("records"), cols), ""]
+    lines += [f"  {h}: {SHORT_MEANING[h]}" for h in cols.values() if h in SHORT_MEANING]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- files

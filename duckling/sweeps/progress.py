@@ -1,9 +1,31 @@
 """What a sweep prints: one line per run state change and one overall bar (runs done, steps done,
-aggregate steps/s), instead of one progress bar per run."""
+aggregate steps/s), instead of one progress bar per run; and the short tables ``duckling sweep`` and
+``duckling compare`` print (a value that does not exist yet is "-", never None or NaN)."""
 from __future__ import annotations
 
+import math
 import sys
 import time
+
+
+def cell(v, digits: int = 4) -> str:
+    """One table cell: floats to ``digits`` significant digits, missing values (None, NaN) as "-"."""
+    if getattr(getattr(v, "dtype", None), "kind", "") == "f":  # a numpy float32 scalar
+        v = float(v)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return str(int(v)) if v.is_integer() and abs(v) < 1e15 else f"{v:.{digits}g}"  # a step stays 10000
+    return str(v)
+
+
+def text_table(rows: list[dict], columns: dict) -> str:
+    """A plain, left-aligned terminal table: ``columns`` is {key in each row: header}."""
+    body = [[cell(r.get(k)) for k in columns] for r in rows]
+    width = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(columns.values())]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(columns.values(), width)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, width)).rstrip() for b in body]
+    return "\n".join(lines)
 
 
 class Board:
@@ -79,6 +101,8 @@ class Board:
             self.start_step.pop(name, None)
             self._line(f"{name}: {'failed, retrying' if status == 'retrying' else 'failed'}"
                        f" ({reason[:200]})")
+        elif status == "pending":
+            self._line(f"{name}: pending (never started)")
         else:
             self._line(f"{name}: {status}")
         self._postfix()
