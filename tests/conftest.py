@@ -1,4 +1,7 @@
-"""Shared test set-up: offline tiktoken cache, the shared TinyStories text when present."""
+"""Shared test set-up: offline tiktoken cache, the shared TinyStories text when present, and the
+``slow`` marker: ``python -m pytest -q -m "not slow"`` is the fast tier (no notebook runs, no Ray
+sweep, no quickstart, no kill/restart subprocesses, no torch.compile); ``python -m pytest -q`` runs
+everything."""
 from __future__ import annotations
 
 import os
@@ -15,6 +18,11 @@ if not os.environ.get("TIKTOKEN_CACHE_DIR") and _cache.is_dir():
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: seconds or more each (notebooks, Ray sweeps, the quickstart, "
+                            "kill/restart subprocesses, compiled graphs); deselect with -m \"not slow\"")
 
 
 @pytest.fixture(scope="session")

@@ -157,6 +157,7 @@ def test_separated_groups_give_auroc_one(tmp_path):
     assert set(det["label_using"]) == {"cos_dead_mean", "cos_dead_mean_nopc1"}
 
 
+@pytest.mark.slow
 def test_report_untied_writes_both_matrices(tmp_path):
     """One report over an untied run covers both code paths (tied runs hold "wte" only)."""
     from duckling.analysis.report import report

@@ -135,6 +135,7 @@ def test_smooth_plot_and_json(tmp_path):
 
 
 # ---------------------------------------------------------------- the notebooks
+@pytest.mark.slow
 def test_01_token_frequency(repo_root, tmp_path, tiny):
     res = tmp_path / "01.json"
     out = run_notebook(repo_root, tmp_path, "01_token_frequency", DATA="sample",  # the bundled text, by name
@@ -147,6 +148,7 @@ def test_01_token_frequency(repo_root, tmp_path, tiny):
     assert n_images(out) == 1 and n_tables(out) == 3
 
 
+@pytest.mark.slow
 def test_02_build_tokenizer_and_dataset(repo_root, tmp_path, tiny):
     from duckling.data.build import check_no_dead, load_dataset_dir
 
@@ -163,6 +165,7 @@ def test_02_build_tokenizer_and_dataset(repo_root, tmp_path, tiny):
     assert "exact round trip: True" in outputs_text(out) and n_images(out) == 1 and n_tables(out) == 1
 
 
+@pytest.mark.slow
 def test_03_bf16_check(repo_root, tmp_path, tiny):
     res = tmp_path / "03.json"
     out = run_notebook(repo_root, tmp_path, "03_bf16_check", DATA=tiny["DATA"], DATASET_DIR=tiny["DATASET_DIR"],
@@ -174,6 +177,7 @@ def test_03_bf16_check(repo_root, tmp_path, tiny):
     assert "refused: " in outputs_text(out) and n_images(out) == 1
 
 
+@pytest.mark.slow
 def test_04_layer_sweep(repo_root, tmp_path, tiny):
     """Through the sweep engine (local Ray, 1 CPU per run): one run folder per depth, compared."""
     res, sweep_dir = tmp_path / "04.json", tmp_path / "sweep04"
@@ -201,6 +205,7 @@ def test_04_layer_sweep(repo_root, tmp_path, tiny):
     assert len(load_dataset_dir(tmp_path / "valid", tiny["tok"], fmt=None)[0]["input_ids"]) == T  # held out, T-token rows
 
 
+@pytest.mark.slow
 def test_05_batch_sweep(repo_root, tmp_path, tiny):
     """Through the sweep engine: the same steps per batch size, loss per step and per second."""
     res, sweep_dir = tmp_path / "05.json", tmp_path / "sweep05"
@@ -224,6 +229,7 @@ def test_05_batch_sweep(repo_root, tmp_path, tiny):
     assert n_images(out) == 3 and n_tables(out) == 2
 
 
+@pytest.mark.slow
 def test_06_long_run(repo_root, tmp_path, tiny):
     run = tmp_path / "run06"
     run_notebook(repo_root, tmp_path, "06_long_run", DATA=tiny["DATA"], DATASET_DIR=tiny["DATASET_DIR"],
@@ -239,6 +245,7 @@ def test_06_long_run(repo_root, tmp_path, tiny):
     assert g["prompt"] == "Once upon a time" and g["greedy"] and g["sampled"]
 
 
+@pytest.mark.slow
 def test_07_experiment_template(repo_root, tmp_path, tiny):
     run = tmp_path / "run07"
     out = run_notebook(repo_root, tmp_path, "07_experiment_template", DATA=tiny["DATA"],
@@ -255,6 +262,7 @@ def test_07_experiment_template(repo_root, tmp_path, tiny):
     assert n_images(out) == 4 and n_tables(out) == 1  # norms, trajectories, collapse, detectability inline
 
 
+@pytest.mark.slow
 def test_08_dead_token_study(repo_root, tmp_path, tiny):
     """Two tied optimizers x one weight decay x one seed plus the untied control, through the sweep engine;
     the table, both figures and the findings come from duckling.sweeps.study."""

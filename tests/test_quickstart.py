@@ -121,6 +121,7 @@ def qs(tmp_path_factory):
     return out, Q.quickstart(out, steps=5, progress=False)
 
 
+@pytest.mark.slow
 def test_quickstart_writes_data_recording_report_and_summary(qs):
     from datasets import load_from_disk
 
@@ -151,6 +152,7 @@ def test_quickstart_writes_data_recording_report_and_summary(qs):
     assert "dead_norm_over_null" in text and d["report_dir"] in text and "duckling train" in text
 
 
+@pytest.mark.slow
 def test_quickstart_reuses_a_finished_folder_and_refuses_others(qs, tmp_path, capsys):
     out, d = qs
     mtime = (out / "run").stat().st_mtime_ns

@@ -82,6 +82,7 @@ class ExplainStep(TrainerCallback):
             dynamo.reset()
 
 
+@pytest.mark.slow
 def test_compiled_forward_with_recorder_has_one_graph_and_no_outside_mutation(tmp_path):
     from duckling.training.model import build_model
 

@@ -82,6 +82,7 @@ def _no_tmp(run: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------- (1) kill -9 mid-append
+@pytest.mark.slow
 def test_sigkill_mid_append_keeps_a_readable_contiguous_recording(dataset, tok, tmp_path):
     ds, mapping = dataset
     run = tmp_path / "run"
@@ -131,6 +132,7 @@ def test_sigkill_mid_append_keeps_a_readable_contiguous_recording(dataset, tok, 
 
 
 # ---------------------------------------------------------------- (2) one writer per run folder
+@pytest.mark.slow
 def test_second_writer_is_refused_and_named(dataset, tmp_path, capsys):
     ds, mapping = dataset
     run = tmp_path / "run"

@@ -67,6 +67,7 @@ def tiny_sweep(data, ray_up, tmp_path_factory):
     return out, sweep(spec(data), out, progress=False)
 
 
+@pytest.mark.slow
 def test_sweep_runs_equal_direct_train_and_rerun_trains_nothing(tiny_sweep, data, tmp_path):
     from duckling.config import DucklingConfig
     from duckling.sweeps.engine import sweep
@@ -94,6 +95,7 @@ def test_sweep_runs_equal_direct_train_and_rerun_trains_nothing(tiny_sweep, data
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "sweep.json"} == stamps
 
 
+@pytest.mark.slow
 def test_killed_worker_is_completed_with_no_gap_on_rerun(tiny_sweep, data, tmp_path):
     from transformers import TrainerCallback
 
@@ -144,6 +146,7 @@ def test_bad_specs_are_refused_before_any_run(data, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_toml_spec_names_and_other_spec_refused(tiny_sweep, data, tmp_path):
     from duckling.sweeps.engine import sweep
 
@@ -169,6 +172,7 @@ def test_toml_spec_names_and_other_spec_refused(tiny_sweep, data, tmp_path):
         sweep(toml, tmp_path / "stuff", progress=False)
 
 
+@pytest.mark.slow
 def test_compare_table_and_figures(tiny_sweep):
     from duckling.sweeps.compare import compare
 
