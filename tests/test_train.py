@@ -103,6 +103,25 @@ def test_interrupted_run_resumes_bit_exact(reference, tok, tmp_path):
     assert len(json.loads((run / "run_info.json").read_text())["resumed"]) == 1
 
 
+def test_resuming_a_finished_run_trains_no_step_and_rewrites_final_identically(reference, tok, tmp_path):
+    """Killed after its last checkpoint, before final/: --resume only writes final/ (the Trainer's own
+    resume would run one step past max_steps), with the weights the run ended on, byte for byte."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference.run_dir, run, ignore=shutil.ignore_patterns(".lock", "final"))
+    kept = {p.relative_to(run): p.read_bytes() for p in run.rglob("*")
+            if p.is_file() and p.name != "run_info.json" and p.name != ".lock"}
+    resumed = train(tiny_cfg(), dataset=live_rows(), run_dir=run, tokenizer=tok, resume=True, progress=False)
+    assert resumed.global_step == 6 and same_weights(resumed.model, reference.model)
+    assert resumed.log_history == json.loads((run / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    assert (run / "final" / "model.safetensors").read_bytes() == \
+        (reference.run_dir / "final" / "model.safetensors").read_bytes()
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.relative_to(run) in kept} == kept
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]  # no checkpoint-7
+    assert json.loads((run / "run_info.json").read_text())["status"] == "complete"
+
+
 def test_exception_keeps_recording_and_refusals_lose_nothing(tok, tmp_path):
     from duckling.recording.reader import Recording
 

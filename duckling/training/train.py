@@ -13,6 +13,7 @@ The Trainer's step itself is set up in ``trainer.py``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import platform
 import tempfile
@@ -26,10 +27,15 @@ import torch
 from duckling.config import DucklingConfig, N_LIVE
 from duckling.errors import DucklingError, RunInterrupted
 from duckling.data.rows import as_rows, check_rows, collate
+from duckling.data.vocab import CompactTokenizer
+from duckling.training.model import build_model
+from duckling.training.optim import optimizer_cls_and_kwargs
 from duckling.training.trainer import (_trainer_classes, check_trainable_dtype, fused_adamw_available,  # noqa: F401
-                      pick_compile, pick_device, pick_precision, training_arguments, tune_cpu_allocator)
+                                       load_finished_checkpoint, pick_compile, pick_device, pick_precision,
+                                       training_arguments, tune_cpu_allocator)
 from duckling.training.generate import generate  # noqa: F401  (the notebooks' API: train, load_run, generate)
-from duckling.training.run_folder import load_run, quiet_hf  # noqa: F401
+from duckling.training.run_folder import (check_run_dir, load_run, quiet_hf, run_lock,  # noqa: F401 (load_run)
+                                          silence_unactionable_warnings, update_run_info, write_run_files)
 from duckling.training.safety import StopOnSignal, after_failure, check_disk, empty_run_dir, failure_advice, sync_recording
 
 
@@ -73,15 +79,42 @@ def _tokenizer(tokenizer, cfg: DucklingConfig, required: bool):
             f"Token mapping {path.resolve()} not found. A recorded run needs the mapping that defines the live "
             "and dead ids: run from the repository root (the committed token_mapping.json), pass --mapping PATH "
             "(tokenizer=PATH), or tokenizer=False to train without one (ids >= 6144 then count as dead).")
-    from duckling.data.vocab import CompactTokenizer
-
     return CompactTokenizer.from_file(path)
 
 
-def _recorder(run_dir: Path, cfg: DucklingConfig, n_live: int, probe_ids):
+@dataclass
+class _Job:
+    """What ``train`` resolved before the Trainer starts: in memory (run_dir None) or in a run folder."""
+
+    cfg: DucklingConfig
+    rows: object
+    eval_rows: object | None
+    device: str
+    precision: str
+    compile_mode: str | None  # None = eager
+    progress: bool
+    n_live: int = N_LIVE
+    run_dir: Path | None = None
+    ckpt: Path | None = None  # the checkpoint to resume from
+    fresh: bool = False  # a new run folder: a failure before the first step removes it
+
+    @property
+    def record(self) -> bool:
+        return self.run_dir is not None and self.cfg.record.enabled
+
+    @property
+    def done(self) -> bool:
+        """Resuming a checkpoint at max_steps: only final/ is left to write."""
+        return self.ckpt is not None and _ckpt_step(self.ckpt) >= self.cfg.train.max_steps
+
+
+def _recorder(job: _Job):
+    # imported here, not at the top: the recorder imports transformers, which ``import duckling.training.train``
+    # does not need (the Trainer classes are built lazily too)
     from duckling.training.recorder import WRecorder  # resumes (truncate, append) when the Trainer starts at step > 0
 
-    return WRecorder(run_dir, cfg.record, n_live=n_live, probe_ids=probe_ids)
+    probe = collate([(job.rows if job.eval_rows is None else job.eval_rows)[0]])["input_ids"]  # (1, T): fixed probe
+    return WRecorder(job.run_dir, job.cfg.record, n_live=job.n_live, probe_ids=probe)
 
 
 def train(cfg: DucklingConfig | None = None, dataset=None, run_dir=None, *, eval_dataset=None,
@@ -99,8 +132,6 @@ def train(cfg: DucklingConfig | None = None, dataset=None, run_dir=None, *, eval
       run_dir unless ``tokenizer=False``).
     model: train this model instead of a fresh ``build_model(cfg.model)`` (notebook 03).
     """
-    from duckling.training.model import build_model
-
     cfg = cfg or DucklingConfig()
     device = pick_device(cfg.train.device)
     precision = pick_precision(cfg.train.compute_dtype, device)
@@ -126,15 +157,14 @@ def train(cfg: DucklingConfig | None = None, dataset=None, run_dir=None, *, eval
     check_trainable_dtype(model, cfg.train.allow_bf16_params)
     if device == "cpu":
         tune_cpu_allocator()
+    job = _Job(cfg, rows, eval_rows, device, precision, compile_mode, progress, n_live)
     if run_dir is None:
-        return _fit(cfg, model, rows, eval_rows, None, None, callbacks, device, precision, compile_mode, progress)
+        return _fit(job, model, callbacks)
 
-    from duckling.training.run_folder import check_run_dir, run_lock, write_run_files
-
-    record = cfg.record.enabled
     ckpt, old_info = check_run_dir(run_dir, cfg, tok, resume)
+    job = dataclasses.replace(job, run_dir=run_dir, ckpt=ckpt, fresh=not resume)
     start = _ckpt_step(ckpt) if ckpt else 0
-    check_disk(run_dir, cfg, model, start, record, tuple(model.get_input_embeddings().weight.shape), n_live)
+    check_disk(run_dir, cfg, model, start, job.record, tuple(model.get_input_embeddings().weight.shape), n_live)
     info = {"device": device, "device_name": _device_name(device), "precision": precision,
             "compile": compile_mode or "off", "optimizer": cfg.train.optimizer, "threads": torch.get_num_threads(),
             "n_train_rows": len(rows), "seq_len": rows.seq_len,
@@ -149,74 +179,81 @@ def train(cfg: DucklingConfig | None = None, dataset=None, run_dir=None, *, eval
                 if not resume:
                     empty_run_dir(run_dir)
                 raise
-            return _fit(cfg, model, rows, eval_rows, run_dir, ckpt, callbacks, device, precision, compile_mode,
-                        progress, record=record, n_live=n_live, fresh=not resume)
+            return _fit(job, model, callbacks)
     except OSError as e:  # creating, locking or describing the folder
         raise DucklingError(f"Cannot write the run folder {run_dir.resolve()}: {e.strerror or e}. Check the "
                             "path, its permissions and the free disk space; nothing was trained.") from e
 
 
-def _fit(cfg, model, rows, eval_rows, run_dir, ckpt, callbacks, device, precision, compile_mode, progress,
-         record=False, n_live=N_LIVE, fresh=False) -> TrainResult:
-    """Run the Trainer (in memory when run_dir is None); the run folder is locked by the caller."""
-    from transformers import PrinterCallback, ProgressCallback, TrainerState
-
-    from duckling.training.run_folder import silence_unactionable_warnings, update_run_info
-
+def _fit(job: _Job, model, callbacks) -> TrainResult:
+    """Run the Trainer (in memory when job.run_dir is None); the run folder is locked by the caller."""
     silence_unactionable_warnings()
-    extra, stop = [], StopOnSignal()
-    if record:
-        probe = collate([(rows if eval_rows is None else eval_rows)[0]])["input_ids"]  # (1, T): fixed probe
-        extra.append(_recorder(run_dir, cfg, n_live, probe))
-    DucklingTrainer, Progress, Timer = _trainer_classes()
-    timer = Timer(device, skip=min(10, cfg.train.max_steps // 5))
-    tmp = None if run_dir is not None else tempfile.TemporaryDirectory(prefix="duckling-")
-    args = training_arguments(cfg, run_dir or tmp.name, device, precision, save=run_dir is not None,
-                              evaluate=eval_rows is not None, progress=progress, compile_mode=compile_mode)
-    own = [stop.callback, *extra, sync_recording(run_dir)] if run_dir is not None else []
-    from duckling.training.optim import optimizer_cls_and_kwargs
+    stop = StopOnSignal()
+    recorders = [_recorder(job)] if job.record else []
+    own = [stop.callback, *recorders, sync_recording(job.run_dir)] if job.run_dir is not None else []
+    with contextlib.ExitStack() as scratch:
+        out = job.run_dir or scratch.enter_context(tempfile.TemporaryDirectory(prefix="duckling-"))
+        trainer, timer = _trainer(job, model, out, own, callbacks)
+        _run(job, trainer, stop, recorders)
+    return _finish(job, trainer, timer, stop)
 
-    trainer = DucklingTrainer(model=model, args=args, train_dataset=rows, eval_dataset=eval_rows,
+
+def _trainer(job: _Job, model, out, own: list, callbacks):
+    """The DucklingTrainer for ``job`` (writing to ``out``) and its step timer."""
+    from transformers import PrinterCallback, ProgressCallback
+
+    DucklingTrainer, Progress, Timer = _trainer_classes()
+    cfg = job.cfg
+    timer = Timer(job.device, skip=min(10, cfg.train.max_steps // 5))
+    args = training_arguments(cfg, out, job.device, job.precision, save=job.run_dir is not None,
+                              evaluate=job.eval_rows is not None, progress=job.progress, compile_mode=job.compile_mode)
+    trainer = DucklingTrainer(model=model, args=args, train_dataset=job.rows, eval_dataset=job.eval_rows,
                               data_collator=collate, callbacks=[*own, timer, *callbacks],
                               optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(cfg.train, cfg.model.vocab_size))
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)  # logs are in log_history, never printed per step
-    if progress:
+    if job.progress:
         trainer.add_callback(Progress())
-    done = ckpt is not None and _ckpt_step(ckpt) >= cfg.train.max_steps
+    return trainer, timer
+
+
+def _run(job: _Job, trainer, stop: StopOnSignal, recorders: list) -> None:
+    """Train (a finished run only loads its last checkpoint) and evaluate. Whatever happens the
+    recorders are closed (the recording keeps every complete step); a failed run folder is cleaned
+    up and its error becomes advice that fits where the run stands."""
     failed = None
     try:
-        with stop.installed() if run_dir is not None else contextlib.nullcontext():
-            if done:  # the Trainer would run one extra step here; a finished run only needs its final/
-                trainer._load_from_checkpoint(str(ckpt))
-                trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
+        with stop.installed() if job.run_dir is not None else contextlib.nullcontext():
+            if job.done:  # the Trainer would run one step past max_steps here
+                load_finished_checkpoint(trainer, job.ckpt)
             else:
                 with quiet_hf():  # no per-checkpoint "Writing model shards" bars
-                    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-            if eval_rows is not None and not cfg.train.eval_steps and not done and stop.signal is None:
+                    trainer.train(resume_from_checkpoint=str(job.ckpt) if job.ckpt else None)
+            if job.eval_rows is not None and not job.cfg.train.eval_steps and not job.done and stop.signal is None:
                 trainer.evaluate()
     except (DucklingError, OSError) as e:
         failed = e
     except BaseException as e:
         failed = e
         raise
-    finally:  # also on an exception or Ctrl-C: the recording keeps every complete step
-        for cb in extra:
+    finally:  # also on an exception or Ctrl-C
+        for cb in recorders:
             try:
                 cb.close("interrupted") if stop.signal else cb.close()
             except DucklingError as e:
                 failed = failed or e
-        if tmp is not None:
-            tmp.cleanup()
-        removed = run_dir is not None and failed is not None and after_failure(run_dir, trainer.state.global_step,
-                                                                                 failed, fresh)
-    if failed is not None:
-        if run_dir is None:
-            raise failed
-        raise DucklingError(failure_advice(run_dir, trainer.state.global_step, failed, removed)) from failed
-    model = trainer.model
-    if run_dir is not None and stop.signal is not None:
         step = trainer.state.global_step
+        removed = job.run_dir is not None and failed is not None and after_failure(job.run_dir, step, failed, job.fresh)
+    if failed is not None:
+        if job.run_dir is None:
+            raise failed
+        raise DucklingError(failure_advice(job.run_dir, step, failed, removed)) from failed
+
+
+def _finish(job: _Job, trainer, timer, stop: StopOnSignal) -> TrainResult:
+    """A stopped run says where to resume; a complete one writes final/ and its status."""
+    run_dir, step = job.run_dir, trainer.state.global_step
+    if run_dir is not None and stop.signal is not None:
         update_run_info(run_dir, status="interrupted", interrupted=time.strftime("%Y-%m-%dT%H:%M:%S"), global_step=step)
         raise RunInterrupted(f"{stop.signal} received: stopped after step {step} and saved checkpoint-{step} in "
                              f"{run_dir.resolve()}. Continue exactly from there with `duckling train --run "
@@ -226,10 +263,10 @@ def _fit(cfg, model, rows, eval_rows, run_dir, ckpt, callbacks, device, precisio
             trainer.save_model(str(run_dir / "final"))
         trainer.state.save_to_json(str(run_dir / "final" / "trainer_state.json"))
         update_run_info(run_dir, status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                        global_step=trainer.state.global_step, steps_per_s=timer.steps_per_s)
-    return TrainResult(model=model, cfg=cfg, run_dir=run_dir, log_history=list(trainer.state.log_history),
-                       steps_per_s=timer.steps_per_s, global_step=trainer.state.global_step,
-                       device=device, precision=precision, compile=compile_mode)
+                        global_step=step, steps_per_s=timer.steps_per_s)
+    return TrainResult(model=trainer.model, cfg=job.cfg, run_dir=run_dir, log_history=list(trainer.state.log_history),
+                       steps_per_s=timer.steps_per_s, global_step=step, device=job.device, precision=job.precision,
+                       compile=job.compile_mode)
 
 
 def _device_name(device: str) -> str:

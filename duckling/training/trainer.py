@@ -8,8 +8,11 @@ setting that stops every 32 MB logits buffer from being a fresh, page-faulting m
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -32,7 +35,7 @@ def pick_device(requested: str = "auto") -> str:
 
 
 def bf16_supported(device: str) -> bool:
-    """Whether bf16 autocast runs on *native* bf16 arithmetic here (what ``precision='auto'`` uses).
+    """Whether bf16 autocast runs on *native* bf16 arithmetic here (what ``train.compute_dtype='auto'`` uses).
 
     cuda: compute capability >= 8 (Ampere+). mps: macOS 14+ (M1/M2 emulate bf16 in fp32 units).
     cpu: AVX512-BF16 or AMX instructions; without them oneDNN emulates bf16, which is no faster
@@ -47,17 +50,19 @@ def bf16_supported(device: str) -> bool:
 
 
 def pick_precision(requested: str, device: str) -> str:
-    """``auto`` -> ``bf16`` (mixed: float32 weights and optimizer, bf16 autocast) where supported,
-    else ``fp32`` with a one-line notice; an explicit ``bf16`` only needs autocast to exist."""
+    """The training arithmetic for ``train.compute_dtype``: ``auto`` -> ``bf16`` (mixed: float32 weights
+    and optimizer, bf16 autocast) where supported, else ``fp32`` with a one-line notice; an explicit
+    ``bf16`` only needs autocast to exist."""
     if requested not in ("auto", "bf16", "fp32"):
-        raise DucklingError(f"Unknown precision {requested!r}: use auto, bf16 or fp32.")
+        raise DucklingError(f"Unknown train.compute_dtype {requested!r}: use auto, bf16 or fp32.")
     if requested == "auto":
         if bf16_supported(device):
             return "bf16"
-        print(f"duckling: no native bf16 on {device}; training in float32 (precision='bf16' forces mixed bf16).")
+        print(f"duckling: no native bf16 on {device}; training in float32 (train.compute_dtype='bf16' forces "
+              "mixed bf16).")
         return "fp32"
     if requested == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
-        raise DucklingError("This GPU cannot run bf16 (needs compute capability 8+). Use precision='fp32'.")
+        raise DucklingError("This GPU cannot run bf16 (needs compute capability 8+). Use train.compute_dtype='fp32'.")
     return requested
 
 
@@ -110,14 +115,16 @@ def graph_friendly(model):
 def install_hidden_state_capture(model) -> None:
     """Install transformers' output-capturing hooks now, before anything is compiled: installed
     lazily by the first ``output_hidden_states`` forward they are a thread lock and
-    ``register_forward_hook`` inside the traced code (graph breaks). No-op where absent."""
+    ``register_forward_hook`` inside the traced code (graph breaks).
+
+    transformers 5 has no top-level name for this; ``maybe_install_capturing_hooks`` is the call its
+    own forward makes (idempotent; a model with nothing to capture gets no hook), pinned by
+    tests/test_transformers_contract.py. transformers 4 has no such hooks: a no-op there."""
     try:
         from transformers.utils.output_capturing import maybe_install_capturing_hooks
-    except ImportError:  # an older transformers: no such hooks
+    except ImportError:  # transformers 4: hidden states are returned without hooks
         return
-    base = getattr(model, "base_model", model)
-    if "hidden_states" in (getattr(base, "_can_record_outputs", None) or {}):
-        maybe_install_capturing_hooks(base)
+    maybe_install_capturing_hooks(getattr(model, "base_model", model))
 
 
 def check_trainable_dtype(model, allow_bf16_params: bool) -> None:
@@ -127,9 +134,63 @@ def check_trainable_dtype(model, allow_bf16_params: bool) -> None:
         raise DucklingError(
             f"{len(bf16)} parameters (e.g. {bf16[0]}) are stored in bfloat16. With AdamW this keeps the "
             "optimizer state in bf16: Adam's second moment underflows and the loss floors at ~5.8. Keep "
-            "the model in float32 and use bf16 *mixed* precision (TrainConfig.precision='bf16', the "
+            "the model in float32 and use bf16 *mixed* precision (train.compute_dtype='bf16', the "
             "default where supported). To demonstrate the failure on purpose, set "
-            "TrainConfig.allow_bf16_params=True.")
+            "train.allow_bf16_params=True.")
+
+
+# ---------------------------------------------------------------- loading checkpoints
+# What the Trainer logs when a resumed checkpoint lacks lm_head.weight. A tied lm_head.weight *is*
+# wte and is never stored, so for a tied model the warning is noise. Its text is pinned by
+# tests/test_transformers_contract.py.
+TIED_HEAD_WARNING = "There were missing keys in the checkpoint model loaded: ['lm_head.weight']."
+
+
+def _tied(model) -> bool:
+    out = model.get_output_embeddings()
+    return out is not None and out.weight is model.get_input_embeddings().weight
+
+
+class _DropTiedHeadWarning(logging.Filter):
+    def filter(self, record) -> bool:
+        return record.getMessage() != TIED_HEAD_WARNING
+
+
+@contextlib.contextmanager
+def tied_head_not_missing(model):
+    """While the Trainer loads a checkpoint into a tied ``model``, drop its lm_head.weight warning
+    (a filter on the ``transformers.trainer`` logger; every other warning still shows)."""
+    log, drop = logging.getLogger("transformers.trainer"), _DropTiedHeadWarning()
+    if _tied(model):
+        log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
+def load_finished_checkpoint(trainer, ckpt: Path) -> None:
+    """Put a finished run's last checkpoint (step >= max_steps) into ``trainer`` without training:
+    its weights into ``trainer.model`` in place, then its TrainerState.
+
+    ``trainer.train(resume_from_checkpoint=ckpt)`` would run one step past max_steps here (an extra
+    step, record and checkpoint), so the weights are loaded with safetensors and ``load_state_dict``,
+    as the Trainer's own resume does. A tied lm_head.weight may be absent; anything else missing or
+    unexpected means the checkpoint is not this model's, and is an error."""
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    weights = ckpt / "model.safetensors"
+    if not weights.is_file():
+        raise DucklingError(f"{ckpt.resolve()} has trainer_state.json but no model.safetensors: the checkpoint is "
+                            "damaged. Delete that checkpoint folder and resume again (from the one before it).")
+    missing, unexpected = trainer.model.load_state_dict(load_file(weights, device="cpu"), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and _tied(trainer.model))]
+    if missing or unexpected:
+        raise DucklingError(f"{weights.resolve()} does not hold this model's weights (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}). The run folder was edited or mixed with another run; "
+                            "restore it or start a new run.")
+    trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
 
 
 # ---------------------------------------------------------------- the Trainer
@@ -171,11 +232,9 @@ def _trainer_classes():
                 self._flops_per_token = 6 * self.model.num_parameters(exclude_embeddings=True)
             return self._flops_per_token * inputs["input_ids"].numel()
 
-        def _issue_warnings_after_load(self, load_result):
-            # A tied lm_head.weight is not stored in checkpoints (it *is* wte); transformers 5 warns anyway.
-            tied = self.model.lm_head.weight is self.model.transformer.wte.weight
-            missing = [k for k in load_result.missing_keys if not (tied and k == "lm_head.weight")]
-            super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+        def train(self, *args, **kwargs):
+            with tied_head_not_missing(self.model):
+                return super().train(*args, **kwargs)
 
     class Progress(ProgressCallback):
         """The Trainer's bar, with the last logged losses as its postfix instead of printed dicts."""
