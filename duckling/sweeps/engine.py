@@ -138,14 +138,21 @@ def _Reporter(actor, name):  # noqa: N802 - a class built lazily (transformers i
     return _reporter_class()(actor, name)
 
 
+def _ray():
+    """The ray module; without it (Ray is the optional [sweep] extra) a one-line error naming the install."""
+    try:
+        import ray
+    except ImportError:
+        raise DucklingError("Sweeps run on Ray, which is not installed: pip install 'duckling[sweep]' "
+                            "(in a checkout: pip install -e '.[sweep]').") from None
+    return ray
+
+
 def start_ray(address: str | None = None) -> bool:
     """Connect to Ray: ``address`` / $RAY_ADDRESS (e.g. "auto" for a running cluster), else a fresh
     local instance with every CPU of this machine, no dashboard and no worker log forwarding.
     Returns True when this call started (or connected) Ray, False when it was already up."""
-    try:
-        import ray
-    except ImportError:
-        raise DucklingError("Sweeps run on Ray, which is not installed: `pip install 'ray>=2.60'`.") from None
+    ray = _ray()
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or "local"
@@ -245,6 +252,8 @@ def sweep(spec_or_path, out, *, address: str | None = None, progress: bool = Tru
     running the same command again resumes them.
     """
     spec = spec_or_path if isinstance(spec_or_path, Spec) else load_spec(spec_or_path)
+    if not dry_run:
+        _ray()  # Ray is an extra: say so before the sweep folder is made
     out = Path(out).resolve()
     manifest = _open_folder(spec, out, dry_run)
     entries = {e["name"]: e for e in manifest["runs"]}
@@ -275,7 +284,7 @@ def _resume_command(spec_or_path, out: Path) -> str:
 
 
 def _gpus(spec: Spec) -> float:
-    import ray
+    ray = _ray()
 
     if spec.gpus is not None:
         return spec.gpus
@@ -283,7 +292,7 @@ def _gpus(spec: Spec) -> float:
 
 
 def _execute(spec, out, manifest, todo, address, progress, max_retries, callbacks, resume="the same command"):
-    import ray
+    ray = _ray()
 
     started = start_ray(address)
     try:
@@ -341,7 +350,7 @@ def _execute(spec, out, manifest, todo, address, progress, max_retries, callback
 def _cancel(refs: dict, entries: dict, board, out: Path) -> None:
     """Ctrl-C: interrupt every task (their train() saves what it can) and wait for them briefly. A run
     that never started (nothing in its folder) is ``pending`` again; one that did is ``interrupted``."""
-    import ray
+    ray = _ray()
 
     for ref in refs:
         ray.cancel(ref)
