@@ -130,7 +130,7 @@ def test_the_decoder_works_where_numba_cannot_cache(monkeypatch):
     process instead of failing, and decodes the same values."""
     import importlib
 
-    import numba
+    numba = pytest.importorskip("numba")  # the [fast] extra (without it: the numpy decode, tests/test_extras.py)
     from numba.core import caching
 
     from duckling.recording import kernels

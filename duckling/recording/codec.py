@@ -187,8 +187,9 @@ def _decode_batch(items, h, gw: int, records: np.ndarray) -> np.ndarray:
     """Records (sorted local positions) of groups gw columns wide, given as (block buffer, the
     group's frame offsets) in items, of blocks laid out like header h: (len(items), len, gw).
     zstd decompresses the frames needed (the anchor and the ranges holding the records) in one
-    call; one compiled loop per range turns their bytes back into values (kernels.decode_range)."""
-    from duckling.recording.kernels import decode_range  # numba: imported (and its cached code loaded) on first decode
+    call; kernels.decode_range turns each range's bytes back into values (numba's compiled loop with
+    the [fast] extra, else numpy passes: the same bits)."""
+    from duckling.recording.kernels import decode_range  # numba (if installed) is imported on first decode
 
     w, t, ranges = h["itemsize"], _UINT[h["itemsize"]], h["ranges"]
     need = [r for r, (a, b) in enumerate(ranges) if ((records >= a) & (records < b)).any()]
