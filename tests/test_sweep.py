@@ -195,7 +195,59 @@ def test_compare_table_and_figures(tiny_sweep):
         assert (out / f).stat().st_size > 0
     md = (out / "compare.md").read_text()
     assert "| train.weight_decay | seeds |" in md and "weight_decay=0.1__seed=1" in md
+    from duckling.sweeps.compare import short_table
+
+    short = short_table(table)  # what `duckling compare` prints: a few columns, every run, no NaN
+    assert short.splitlines()[0].split("  ")[:2] == ["run", "status"] and "held-out loss" in short.splitlines()[0]
+    assert all(row["name"] in short for _, row in table.iterrows()) and "nan" not in short.lower()
+    assert max(len(line) for line in short.splitlines()) < 120
     summary = out / "weight_decay=0__seed=0" / "report" / "summary.json"
     stamp = summary.stat().st_mtime_ns
     compare(out, write=False, progress=False)  # reports are computed once
     assert summary.stat().st_mtime_ns == stamp
+
+
+def test_dry_run_table_shows_no_none_and_the_board_says_pending(data, tmp_path, capsys):
+    """What a user sees without Ray: the plan's table has "-" where no loss exists yet, and a run that
+    Ctrl-C caught before it started is "pending" again (one that started is "interrupted")."""
+    import sys
+    import types
+
+    from duckling.cli import main
+    from duckling.sweeps import engine
+
+    toml = tmp_path / "wd.toml"
+    toml.write_text(f'dataset = "{data["dataset"]}"\nmapping = "{data["mapping"]}"\n[base]\n"train.max_steps" = 5\n'
+                    '[grid]\n"train.weight_decay" = [0.0, 0.1]\n')
+    assert main(["sweep", str(toml), "--out", str(tmp_path / "plan"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "None" not in out and "nan" not in out.lower() and out.count(" -") >= 6, out
+    assert out.splitlines()[0].split()[:2] == ["run", "status"]
+
+    class Run:
+        def __init__(self, name):
+            self.name = name
+
+    class Board:
+        def __init__(self):
+            self.events = []
+
+        def event(self, name, status, error):
+            self.events.append((name, status))
+
+    (tmp_path / "sw" / "started").mkdir(parents=True)
+    (tmp_path / "sw" / "started" / "config.json").write_text("{}")  # a run that began (no checkpoint yet)
+    refs = {object(): Run("never"), object(): Run("started")}
+    entries = {"never": {"status": "queued", "attempts": 1}, "started": {"status": "queued", "attempts": 1}}
+    fake_ray = types.SimpleNamespace(cancel=lambda ref: None, wait=lambda *a, **k: ([], []))
+    board = Board()
+    old = sys.modules.get("ray")
+    sys.modules["ray"] = fake_ray
+    try:
+        engine._cancel(refs, entries, board, tmp_path / "sw")
+    finally:
+        sys.modules.pop("ray") if old is None else sys.modules.__setitem__("ray", old)
+    assert entries == {"never": {"status": "pending", "attempts": 0},
+                       "started": {"status": "interrupted", "attempts": 1}}
+    assert board.events == [("never", "pending"), ("started", "interrupted")]
+    assert engine._resume_command("my sweeps/wd.toml", tmp_path) == f"duckling sweep 'my sweeps/wd.toml' --out {tmp_path}"
