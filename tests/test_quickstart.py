@@ -167,3 +167,34 @@ def test_quickstart_reuses_a_finished_folder_and_refuses_others(qs, tmp_path, ca
         Q.quickstart(tmp_path / "other", steps=5, progress=False)
     with pytest.raises(DucklingError, match="--steps"):
         Q.quickstart(tmp_path / "new", steps=0, progress=False)
+
+
+@pytest.mark.slow
+def test_report_cli_prints_rounded_headline_numbers_with_their_meanings(qs, tmp_path, capsys):
+    from duckling.cli import main
+
+    out, d = qs
+    assert main(["report", d["run_dir"], "--out", str(tmp_path / "rep")]) == 0
+    text = capsys.readouterr().out
+    for k, what in Q.HEADLINE.items():
+        assert f"  {k} = " in text and f"({what})" in text, k
+    assert "loss at the last logged step: training " in text
+    assert not re.search(r"\d\.\d{6,}", text), text  # rounded, not repr'd floats
+
+
+def test_help_gives_the_default_numbers(capsys):
+    from duckling.analysis.metrics import MAX_POINTS
+    from duckling.cli import main
+
+    for argv, want in ((["quickstart", "--help"], f"default {Q.DEFAULT_STEPS:,}"),
+                       (["report", "--help"], f"default {MAX_POINTS};")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert want in " ".join(capsys.readouterr().out.split()), argv
+
+
+def test_full_run_line_states_the_recording_size_and_the_disk_check():
+    line = Q.FULL_RUN[1]
+    assert f"--max-steps {Q.FULL_STEPS}" in line and "~2 GB of recording" in line
+    gb = Q._disk_check_gb(Q.FULL_STEPS)  # the uncompressed bound the disk check reserves (~23 GB)
+    assert f"~{gb:.0f} GB free" in line and gb > 5 * Q.FULL_RUN_GB
