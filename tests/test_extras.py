@@ -115,20 +115,31 @@ print('numpy decode ok')
     assert res.returncode == 0 and "numpy decode ok" in res.stdout, res.stderr
 
 
-def test_sweep_without_ray_names_the_extra(tmp_path, repo_root):
-    """`duckling sweep` of a valid spec without Ray: exit 2, one line naming pip install
-    'duckling[sweep]', no traceback, and no sweep folder made."""
+def _spec(tmp_path, repo_root) -> list[str]:
+    """`duckling sweep` arguments for a valid spec (2 grid points) into tmp_path/sw."""
     (tmp_path / "data").mkdir()
     spec = tmp_path / "spec.toml"
     spec.write_text(f'dataset = "data"\nmapping = {str(repo_root / "token_mapping.json")!r}\n'
                     '[grid]\n"train.weight_decay" = [0.0, 0.1]\n', encoding="utf-8")
-    out = tmp_path / "sw"
-    res = _without("ray", f"from duckling.cli import main\nsys.exit(main(['sweep', {str(spec)!r}, '--out', {str(out)!r}]))")
+    return ["sweep", str(spec), "--out", str(tmp_path / "sw")]
+
+
+def test_sweep_without_ray_names_the_extra(tmp_path, repo_root):
+    """`duckling sweep` of a valid spec without Ray: exit 2, one line naming pip install
+    'duckling[sweep]', no traceback, and no sweep folder made."""
+    args = _spec(tmp_path, repo_root)
+    res = _without("ray", f"from duckling.cli import main\nsys.exit(main({args!r}))")
     err = res.stderr.strip()
     assert res.returncode == 2, (res.returncode, err)
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert err.startswith("duckling sweep: error: ") and "pip install 'duckling[sweep]'" in err, err
-    assert not out.exists()
-    dry = _without("ray", f"from duckling.cli import main\nsys.exit(main(['sweep', {str(spec)!r}, '--out', {str(out)!r}, "
-                          "'--dry-run', '--no-progress']))")
-    assert dry.returncode == 0, dry.stderr  # a dry run plans without Ray
+    assert not (tmp_path / "sw").exists()
+
+
+@pytest.mark.slow
+def test_sweep_dry_run_needs_no_ray(tmp_path, repo_root):
+    """A dry run only plans (it imports the model for the parameter count: seconds), so Ray is not needed."""
+    args = [*_spec(tmp_path, repo_root), "--dry-run", "--no-progress"]
+    res = _without("ray", f"from duckling.cli import main\nsys.exit(main({args!r}))")
+    assert res.returncode == 0 and "weight_decay=0.1__seed=" in res.stdout, (res.stdout, res.stderr)
+    assert not (tmp_path / "sw").exists()
