@@ -53,7 +53,7 @@ def synthesize(run: Path, steps: int, precision: str, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     W = rng.normal(0, cfg.model.initializer_range, (VOCAB_SIZE, d)).astype(np.float32)  # (V, d)
     h = rng.normal(size=d).astype(np.float32)  # mean hidden direction
-    w = RecordingWriter(run, shape=W.shape, n_live=N_LIVE, precision=precision)  # format 2
+    w = RecordingWriter(run, shape=W.shape, n_live=N_LIVE, dtype=precision)
     nan = np.full(VOCAB_SIZE, np.nan, np.float32)
     w.append_step(0, {"wte": np.stack([np.linalg.norm(W, axis=1), np.zeros(VOCAB_SIZE), nan, nan])},
                   snapshot={"wte": W})
@@ -80,7 +80,7 @@ def decode_everything(run: Path) -> int:
     from duckling.recording.layout import make_streams
 
     rec = Recording(run)
-    snaps, scalars, probe = make_streams(rec.root, rec.meta, rec._lay.parts)
+    snaps, scalars, probe = make_streams(rec.root, rec.meta)
     n = 0
     for st in [*snaps.values(), scalars, probe]:
         chunks, steps = st.scan()

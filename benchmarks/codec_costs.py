@@ -211,9 +211,9 @@ def main() -> None:
         rec = Recording(a.run)
     except DucklingError as e:
         raise SystemExit(str(e)) from None
-    if rec.meta["format_version"] != 2 or rec.precision != "bf16" or rec.every != 1:
+    if rec.meta["format_version"] != 2 or rec.dtype != "bf16" or rec.every != 1:
         raise SystemExit(f"{a.run}: needs an every-step bf16 recording in format 2")
-    stream = rec._v2.snaps[("wte", "u16")]
+    stream = rec._src.snaps[("wte", "u16")]
     full = len(rec.steps) // stream.block
     blocks = [b for b in a.blocks if 0 <= b < full]
     if not blocks or stream.segment is None:

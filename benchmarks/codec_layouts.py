@@ -41,7 +41,7 @@ def scalar_variants(rec, blocks: list[int]) -> dict:
 
     from duckling.recording import codec
 
-    st, V = rec._v2.scalars, rec.shape[0]
+    st, V = rec._src.scalars, rec.shape[0]
 
     def planes(a: np.ndarray, bits: bool = False) -> np.ndarray:  # (n, K) uint32 -> time innermost
         t = np.ascontiguousarray(a.T)
@@ -86,10 +86,10 @@ def main() -> None:
     except DucklingError as e:
         raise SystemExit(str(e)) from None
     version = rec.meta["format_version"]
-    if version != 2 or rec.precision != "bf16" or rec.every != 1:
+    if version != 2 or rec.dtype != "bf16" or rec.every != 1:
         raise SystemExit(f"{a.run}: needs an every-step bf16 recording in format 2 (this one: format "
-                         f"{version}, {rec.precision}, every {rec.every})")
-    stream = rec._v2.snaps[("wte", "u16")]
+                         f"{version}, {rec.dtype}, every {rec.every})")
+    stream = rec._src.snaps[("wte", "u16")]
     full = len(rec.steps) // stream.block  # full blocks: 0 .. full - 1
     blocks = [b for b in a.blocks if 0 <= b < full]
     if not blocks:

@@ -48,8 +48,7 @@ def run(seconds: float, with_python: bool, with_writer: bool, defer: bool = Fals
     count, stop = [0], threading.Event()
 
     def writer():
-        w = RecordingWriter(os.path.join(work, "rec"), shape=(V, D), n_live=6144, precision="bf16", every=1,
-                            format_version=2, background=True, defer=defer)
+        w = RecordingWriter(os.path.join(work, "rec"), shape=(V, D), n_live=6144, dtype="bf16", every=1, defer=defer)
         rng = np.random.default_rng(0)
         bits = f32_to_bf16_bits(rng.standard_normal((V, D)).astype(np.float32) * 0.02)
         rows = rng.standard_normal((len(FIELDS), V)).astype(np.float32)

@@ -117,28 +117,33 @@ def stats(run) -> dict:
     return mod.stats(run)
 
 
-def write_v1_copy(rec, out: Path):
-    """The same steps in format 1 (bit-identical content), for the read-speed comparison."""
-    from duckling.recording.reader import FIELDS, Recording
-    from duckling.recording.writer import RecordingWriter
+def write_v1_copy(rec, out: Path, chunk: int = 256):
+    """The same steps in format 1 (bit-identical content), for the read-speed comparison. duckling no
+    longer writes format 1 (it reads it: duckling/recording/v1.py, whose docstring lists its files), so
+    its raw files are written here with numpy."""
+    from duckling.recording.layout import FIELDS, snapshot_parts
+    from duckling.recording.reader import Recording
 
+    root = out / "recording"
+    root.mkdir(parents=True)
     V, d = rec.shape
-    w = RecordingWriter(out, shape=(V, d), n_live=rec.n_live, precision=rec.precision, every=rec.every,
-                        matrices=tuple(rec.matrices), format_version=1)
-    rows = {m: np.stack([np.asarray(rec.rows(f, matrix=m)) for f in FIELDS], 1) for m in rec.matrices}
-    hm, lr, snap_pos = rec.hidden_mean, rec.lr, {int(s): i for i, s in enumerate(rec.steps)}
-    B, cur = 64, {}
-    for i, s in enumerate(rec.scalar_steps):
-        snap = None
-        if int(s) in snap_pos:
-            j = snap_pos[int(s)]
-            if j % B == 0:  # a block of snapshots at a time (one decode per block, not per step)
-                cur = {m: rec.trajectory(np.arange(V), rec.steps[j:j + B], matrix=m) for m in rec.matrices}
-            snap = {m: cur[m][j % B] for m in rec.matrices}
-        w.append_step(int(s), {m: rows[m][i] for m in rec.matrices}, hm[i], float(lr[i]), snap)
-    for s, mass, top in rec.probe:
-        w.append_probe(int(s), mass, top)
-    w.close()
+    n = len(rec.scalar_steps)
+    for m in rec.matrices:
+        np.stack([np.asarray(rec.rows(f, matrix=m)) for f in FIELDS], 1).astype(np.float32).tofile(root / f"{m}.rows.f32")
+        for c in range(-(-len(rec.steps) // chunk)):  # a chunk file at a time (one decode per block)
+            W = rec.trajectory(np.arange(V), rec.steps[c * chunk:(c + 1) * chunk], matrix=m)
+            for ext, sl, _ in snapshot_parts(rec.dtype, V, rec.n_live):
+                part = np.ascontiguousarray(W[:, sl])
+                stored = (part.view(np.uint32) >> 16).astype(np.uint16) if ext == "u16" else part
+                stored.tofile(root / f"{m}.{c:05d}.{ext}")
+    rec.hidden_mean.astype(np.float32).tofile(root / "hidden_mean.f32")
+    rec.lr.astype(np.float32).tofile(root / "lr.f32")
+    rec.probe.astype(np.float32).tofile(root / "probe.f32")
+    rec.steps.astype(np.int64).tofile(root / "snap_steps.i64")
+    rec.scalar_steps[:n].astype(np.int64).tofile(root / "scalar_steps.i64")
+    meta = {k: rec.meta[k] for k in ("matrices", "shape", "every", "n_live", "n_dead", "fields", "probe_columns")}
+    (root / "meta.json").write_text(json.dumps({**meta, "format_version": 1, "precision": rec.dtype,
+                                                "chunk_steps": chunk, "status": "complete"}))
     return Recording(out)
 
 

@@ -34,7 +34,7 @@ def stats(run) -> dict:
     snap_files = [p for p in files if any(p.name.startswith(f"{m}.") for m in rec.matrices)]
     snap_disk = sum(p.stat().st_size for p in snap_files)
     V, d = rec.shape
-    item = 2 if rec.precision == "bf16" else 4  # mixed mode keeps float32 rows too: counted by raw_bytes
+    item = 2 if rec.dtype == "bf16" else 4  # mixed mode keeps float32 rows too: counted by raw_bytes
     snap_raw = len(rec.steps) * len(rec.matrices) * V * d * item
     n_sc = len(rec.scalar_steps)
     sc_files = [p for p in files if p.name.startswith("scalars.")]
@@ -49,7 +49,7 @@ def stats(run) -> dict:
             per_block[f"steps {c * B}-{c * B + B - 1}"] = round(B * V * d * item / p.stat().st_size, 2)
     out = {
         "run": str(Path(run)), "steps": n_sc, "snapshots": len(rec.steps), "every": rec.every,
-        "precision": rec.precision, "matrices": list(rec.matrices),
+        "precision": rec.dtype, "matrices": list(rec.matrices),
         "snapshot_compression_ratio": round(snap_raw / max(snap_disk, 1), 2),
         "scalar_compression_ratio": round(sc_raw / max(sc_disk, 1), 2),
         "recording_compression_ratio": round(rec.compression_ratio, 2),

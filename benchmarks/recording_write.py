@@ -38,7 +38,7 @@ from duckling.recording.writer import RecordingWriter
 def bench_writer(tmp: str, precision: str, n: int) -> float:
     cfg = DucklingConfig()
     V, d = cfg.model.vocab_size, cfg.model.n_embd
-    w = RecordingWriter(f"{tmp}/writer", shape=(V, d), precision=precision)  # format 2, background compaction
+    w = RecordingWriter(f"{tmp}/writer", shape=(V, d), dtype=precision)  # compaction on its thread as blocks fill
     W = torch.randn(V, d) * 0.02
     rows = np.zeros((len(FIELDS), V), np.float32)
     t0 = time.perf_counter()

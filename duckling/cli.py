@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-points", type=int, default=MAX_POINTS,
                    help=f"snapshot steps evaluated per curve, evenly spaced (default {MAX_POINTS}; 0 = every "
                    "recorded step)")
-    s = sub.add_parser("compact", help="convert a v1 recording to the compressed, checksummed v2 format, in place")
+    s = sub.add_parser("compact", help="upgrade an older recording (format 1, early format 2) to today's layout, in place, verified")
     s.add_argument("run", help="run folder (or its recording/ folder)")
 
     s = sub.add_parser("quickstart", help="offline first run: the bundled sample, a short recorded run, its report")
@@ -293,7 +293,13 @@ def cli_compact(args) -> int:
     from duckling.recording.compact import compact
 
     r = compact(args.run)
-    print(f"compacted {r['run']}: {r['steps']:,} steps, {r['snapshots']:,} snapshots, "
+    if r["recovered"]:
+        print(f"{r['run']}: {r['recovered']}")
+    if r["upgraded_from"] is None:
+        print(f"{r['run']}: the recording is already in today's layout ({r['steps']:,} steps, "
+              f"{r['snapshots']:,} snapshots); nothing to do.")
+        return 0
+    print(f"upgraded {r['run']} from {r['upgraded_from']}: {r['steps']:,} steps, {r['snapshots']:,} snapshots, "
           f"{r['bytes_before'] / 1e9:.3f} GB -> {r['bytes_after'] / 1e9:.3f} GB "
           f"({r['compression_ratio']:.2f}x, verified) in {r['seconds']:.1f} s")
     return 0

@@ -30,6 +30,7 @@ from duckling.errors import DucklingError
 N_LIVE = 6144
 N_DEAD = 2048
 VOCAB_SIZE = N_LIVE + N_DEAD  # 8192
+RECORD_DTYPES = ("bf16", "float32", "mixed")  # how snapshots are stored (RecordConfig.dtype, docs/recording.md)
 EOT_ID = 0  # compact id of <|endoftext|>
 UNK_ID = 1  # compact id of every GPT-2 token outside the live set
 BASE_ENCODING = "gpt2"  # tiktoken encoding the compact ids are drawn from
@@ -204,12 +205,9 @@ class RecordConfig(_Checked):
     every: int = spec(1, "snapshot stride: steps 0, k, 2k, ... (per-row scalars are kept every step)", lo=1,
                       flag="record-every")
     dtype: str = spec("bf16", "snapshot storage: bf16, float32, or mixed (dead rows float32, live rows bf16)",
-                      choices=("bf16", "float32", "mixed"), flag="record-dtype")
+                      choices=RECORD_DTYPES, flag="record-dtype")
     budget_gb: float = spec(24.0, "refuse a run whose files need more than this (GB = 1e9 bytes)",
                             lo=0.0, lo_open=True, flag="budget-gb")
-    format: int = spec(2, "recording format: 2 = compressed, checksummed blocks (docs/recording.md); 1 = raw "
-                       "files, ~9x larger, faster to read", choices=(1, 2), kind=int, flag="record-format")
-    chunk_steps: int = spec(256, "format 1 only: snapshots per chunk file", lo=1)
     queue_size: int = spec(8, "GPU: pinned buffers in flight before training waits for the writer", lo=1)
     probe_every: int = spec(100, "steps between dead-token output-mass probes (0 = off)", lo=0)
 
@@ -324,8 +322,8 @@ class DucklingConfig:
                 raise DucklingError(f"Unknown config section {section!r}: expected {', '.join(SECTIONS)}.")
             for k, v in values.items():
                 name = RENAMED.get(f"{section}.{k}", f"{section}.{k}")
-                if name == "data.seq_len":  # older runs: rows are model.n_positions tokens
-                    continue
+                if name in ("data.seq_len", "record.format", "record.chunk_steps"):  # older runs: rows are
+                    continue  # model.n_positions tokens; one recording layout is written (docs/recording.md)
                 flat[name] = v
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)

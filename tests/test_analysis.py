@@ -24,8 +24,8 @@ def write(run_dir, W, lr, hidden=None, matrices=("wte",), precision="float32", e
                      "lr_scheduler_type": "linear", "adam_epsilon": 1e-8, **(train or {})}}
     (run_dir / "config.json").write_text(json.dumps(cfg))
     W = W if isinstance(W, dict) else {"wte": W}
-    w = RecordingWriter(run_dir, shape=(V, D), n_live=N_LIVE, precision=precision, every=every,
-                        chunk_steps=7, matrices=matrices)
+    w = RecordingWriter(run_dir, shape=(V, D), n_live=N_LIVE, dtype=precision, every=every,
+                        block_steps=7, matrices=matrices)
     rng = np.random.default_rng(1)
     for t in range(T + 1):
         rows = {}

@@ -327,10 +327,9 @@ CASES = [
     # --- compare
     ("compare-missing", ["compare", "{tmp}/nosweep"], ["nosweep"], False),
     ("compare-foreign", ["compare", "{foreign}"], ["foreign", "not a sweep folder"], False),
-    # --- compact (v1 -> v2 in place)
+    # --- compact (an older recording upgraded in place; today's layout: nothing to do, tests/test_recording_v2.py)
     ("compact-missing", ["compact", "{tmp}/norun"], ["norun", "not a recorded run"], False),
     ("compact-foreign", ["compact", "{foreign}"], ["foreign", "not a recorded run"], False),
-    ("compact-already-v2", ["compact", "{run}"], ["run", "already format 2"], False),
     # --- no command / unknown command
     ("no-command", [], ["command"], True),
     ("unknown-command", ["trian"], ["trian"], True),

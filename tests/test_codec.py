@@ -1,5 +1,6 @@
-"""The block codec (duckling/recording/codec.py): exact round trips for every layout it writes and reads, any
-subset of records, and the first format-2 layout (no segments, 64-row groups) still read."""
+"""The block codec (duckling/recording/codec.py): exact round trips for every layout it writes and reads, and
+any subset of records (the first format-2 layouts, no segments and 64-row groups, are decoded by compact's
+upgrade of the golden recordings: tests/test_recording_v2.py)."""
 from __future__ import annotations
 
 import json
@@ -7,12 +8,11 @@ import json
 import numpy as np
 import pytest
 
-import duckling.recording.writer
 from duckling.recording import codec
 from duckling.errors import DucklingError
 from duckling.recording.reader import Recording
 
-from test_recording_v2 import B, N_LIVE, V, _files, _flip, same, write
+from test_recording_v2 import B, N_LIVE, V, _flip, write
 
 WIDTHS = [16, 16, 16, 8, 4, 4, 4, 1, 1]  # uneven groups, like W's 16-row live and 1-row dead groups
 
@@ -75,29 +75,10 @@ def test_bad_frame_tables_are_refused():
             codec.read_header(bad, len(bad) + 36)
 
 
-def test_the_first_v2_layout_is_still_read_and_resumed(tmp_path, monkeypatch):
-    """Recordings written before segments and 1-row dead groups (meta.json without segment_steps and
-    dead_group_rows, 64-row groups) read bit-identically and resume in their own layout."""
-    legacy = lambda block_steps: {"block_steps": int(block_steps)}  # noqa: E731 - the first v2 meta
-    write(tmp_path / "v1", fmt=1, steps=range(21))
-    write(tmp_path / "new", steps=range(21))
-    monkeypatch.setattr(duckling.recording.writer, "layout_keys", legacy)
-    write(tmp_path / "full", steps=range(21))
-    write(tmp_path / "cut", steps=range(14), close="interrupted")
-    monkeypatch.undo()
-    write(tmp_path / "cut", steps=range(10, 21))  # resumed by today's writer: the files' layout wins
-    meta = json.loads((tmp_path / "cut" / "recording" / "meta.json").read_text())
-    assert "segment_steps" not in meta and "dead_group_rows" not in meta and meta["block_steps"] == B
-    assert _files(tmp_path / "full") == _files(tmp_path / "cut")
-    assert _files(tmp_path / "full") != _files(tmp_path / "new")  # the layouts really differ
-    for run in ("full", "new"):
-        same(Recording(tmp_path / "v1"), Recording(tmp_path / run))
-
-
 def test_a_flipped_byte_in_a_one_row_dead_frame_is_detected(tmp_path):
     write(tmp_path)
     rec = Recording(tmp_path)
-    s = rec._v2.snaps[("wte", "u16")]
+    s = rec._src.snaps[("wte", "u16")]
     h, offsets = s._header(0)
     dead = len(s.widths) - 1  # the last dead row's group: one row
     assert s.widths[dead] == rec.shape[1] and s.widths[0] == 16 * rec.shape[1]
@@ -112,7 +93,7 @@ def test_compaction_reads_a_raw_chunk_once_and_refuses_a_short_one(tmp_path):
     """Compaction takes the records where they lie in the raw chunk (every trailer checked) and
     refuses a chunk shorter than the records it is asked for, naming it, instead of reading past it."""
     write(tmp_path, steps=range(B - 1), every=1, close=None)  # killed: chunk 0 raw, B - 1 records
-    s = Recording(tmp_path)._v2.snaps[("wte", "u16")]
+    s = Recording(tmp_path)._src.snaps[("wte", "u16")]
     n = B - 1
     records, steps = s.raw_records(0, n)
     assert records.shape == (n, s.width) and steps.tolist() == list(range(n))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from duckling.config import N_LIVE, DucklingConfig
+from duckling.errors import DucklingError
 from duckling.training.optim import SGDW, CoupledAdamW
 from duckling.recording.reader import Recording
 from duckling.training.train import train
@@ -82,11 +83,12 @@ def test_each_optimizer_trains_and_records(tmp_path, tok, optimizer):
     assert np.all(rec.rows("update_norm")[1:].max(axis=1) > 0)  # every step moved W
 
 
-def test_record_format_1_is_still_written_on_request(tmp_path, tok):
-    cfg = DucklingConfig().override({
-        "record.format": 1, "train.max_steps": 3, "train.save_steps": 3, "train.compile": False,
-        "train.compute_dtype": "fp32", "model.n_layer": 1, "model.n_positions": 32, "record.probe_every": 0})
-    rows = np.random.default_rng(0).integers(0, N_LIVE, size=(8, 32), dtype=np.uint16)
-    train(cfg, dataset=rows, run_dir=tmp_path / "run", tokenizer=tok, progress=False)
-    rec = Recording(tmp_path / "run")
-    assert rec.meta["format_version"] == 1 and rec.steps.tolist() == [0, 1, 2, 3]
+def test_an_old_runs_record_format_keys_are_dropped_quietly():
+    """One recording layout is written: record.format and record.chunk_steps are gone from the config,
+    and an older run's config.json that has them still loads (docs/recording.md)."""
+    d = DucklingConfig().to_dict()
+    d["record"].update(format=1, chunk_steps=256)
+    assert DucklingConfig.from_dict(d) == DucklingConfig()
+    with pytest.raises(DucklingError, match="record.format"):
+        DucklingConfig().override({"record.format": 1})
+

@@ -1,9 +1,13 @@
-"""Recording: the writer/reader contract (synthetic data) and the recorder's guarantees (tiny runs)."""
+"""Recording: the writer/reader contract (synthetic data), the golden recordings of every layout
+duckling has written (tests/data/golden), and the recorder's guarantees (tiny runs)."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,21 +16,22 @@ import torch
 from duckling import Recording
 from duckling.config import RecordConfig
 from duckling.errors import DucklingError
-from duckling.recording.reader import FIELDS, bf16_bits_to_f32, check_budget, f32_to_bf16_bits, recording_bytes
+from duckling.recording.budget import check_budget, recording_bytes
+from duckling.recording.layout import FIELDS, META_KEYS, bf16_bits_to_f32, f32_to_bf16_bits
 from duckling.recording.writer import RecordingWriter
 
 V, D, N_LIVE = 64, 8, 48
+GOLDEN = Path(__file__).parent / "data" / "golden"
 
 
 def _bf16(x: np.ndarray) -> np.ndarray:
     return torch.from_numpy(np.ascontiguousarray(x)).bfloat16().float().numpy()
 
 
-def _write_synthetic(run_dir, precision="bf16", n_steps=11, every=2, chunk=3, seed=0, fmt=2):
-    """Random W_0..W_{n_steps-1} and rows; returns what was written (format ``fmt``, blocks of ``chunk``)."""
+def _write_synthetic(run_dir, dtype="bf16", n_steps=11, every=2, block=3, seed=0):
+    """Random W_0..W_{n_steps-1} and rows; returns what was written (blocks of ``block`` records)."""
     rng = np.random.default_rng(seed)
-    w = RecordingWriter(run_dir, shape=(V, D), n_live=N_LIVE, precision=precision, every=every,
-                        chunk_steps=chunk, format_version=fmt, block_steps=chunk)
+    w = RecordingWriter(run_dir, shape=(V, D), n_live=N_LIVE, dtype=dtype, every=every, block_steps=block)
     Ws, rows = [], []
     for s in range(n_steps):
         Ws.append(rng.standard_normal((V, D)).astype(np.float32))
@@ -46,18 +51,17 @@ def test_bf16_bits_match_torch_rounding():
     assert np.array_equal(bf16_bits_to_f32(ref), _bf16(x))
 
 
-@pytest.mark.parametrize("fmt", [1, 2])
-@pytest.mark.parametrize("precision", ["bf16", "float32", "mixed"])
-def test_roundtrip_every_precision(tmp_path, precision, fmt):
-    Ws, rows = _write_synthetic(tmp_path, precision, fmt=fmt)
+@pytest.mark.parametrize("dtype", ["bf16", "float32", "mixed"])
+def test_roundtrip_every_dtype(tmp_path, dtype):
+    Ws, rows = _write_synthetic(tmp_path, dtype)
     rec = Recording(tmp_path)
-    assert list(rec.steps) == [0, 2, 4, 6, 8, 10] and len(rec) == 6  # chunks of 3: two files
+    assert list(rec.steps) == [0, 2, 4, 6, 8, 10] and len(rec) == 6  # blocks of 3: two
     assert list(rec.scalar_steps) == list(range(11))
     for s in rec.steps:
         ref = Ws[s].copy()
-        if precision == "bf16":
+        if dtype == "bf16":
             ref = _bf16(ref)
-        elif precision == "mixed":  # live rows bf16, dead rows exact
+        elif dtype == "mixed":  # live rows bf16, dead rows exact
             ref[:N_LIVE] = _bf16(ref[:N_LIVE])
         got = rec.snapshot(int(s))
         assert got.dtype == np.float32 and got.shape == (V, D)
@@ -71,8 +75,59 @@ def test_roundtrip_every_precision(tmp_path, precision, fmt):
     assert np.array_equal(rec.rows("norm", steps=[3, 5]), np.stack([rows[3][0], rows[5][0]]))
     assert np.allclose(rec.lr, 0.5 * np.arange(11)) and rec.hidden_mean.shape == (11, D)
     assert list(rec.dead_ids) == list(range(N_LIVE, V)) and len(rec.live_ids) == N_LIVE
-    assert rec.meta["status"] == "complete"
+    assert rec.meta["status"] == "complete" and rec.dtype == dtype
+    assert set(META_KEYS) <= set(rec.meta) and "precision" not in rec.meta  # one name: dtype
     assert rec.bytes_on_disk == sum(p.stat().st_size for p in rec.root.rglob("*") if p.is_file())  # every file
+
+
+# --- golden recordings (tests/data/make_golden.py says how they were made) ---------------------
+def expect_golden(rec: Recording) -> None:
+    """``rec`` reads exactly what tests/data/golden/expected.npz says, bit for bit (NaN lr included)."""
+    e = np.load(GOLDEN / "expected.npz")
+    bits = lambda x: np.ascontiguousarray(x).view(np.uint32)  # noqa: E731
+    assert rec.steps.tolist() == e["steps"].tolist() and rec.scalar_steps.tolist() == e["scalar_steps"].tolist()
+    assert rec.matrices == ["wte", "lm_head"] and rec.dtype == "mixed" and rec.shape == (40, 4)
+    for m in rec.matrices:
+        want = e[f"snapshot_{m}"]
+        for i, s in enumerate(rec.steps):
+            assert np.array_equal(bits(rec.snapshot(int(s), m)), bits(want[i])), (m, s)
+        ids = [0, 31, 32, 39]  # across the live (bf16) and dead (float32) rows
+        assert np.array_equal(bits(rec.trajectory(ids, matrix=m)), bits(want[:, ids]))
+        for fi, f in enumerate(FIELDS):
+            assert np.array_equal(bits(np.asarray(rec.rows(f, m))), bits(e[f"rows_{m}"][:, fi]))
+    for got, key in ((rec.hidden_mean, "hidden_mean"), (rec.lr, "lr"), (rec.probe, "probe")):
+        assert np.array_equal(bits(got), bits(e[key])), key
+    assert np.isnan(rec.lr[0])
+
+
+@pytest.mark.parametrize("name", ["v1", "v2"])
+def test_golden_recordings_read_as_written(name):
+    """Format 1 (read only) and today's layout as the previous release wrote it (meta key "precision")."""
+    rec = Recording(GOLDEN / name)
+    expect_golden(rec)
+    assert rec.meta["format_version"] == int(name[1])
+
+
+@pytest.mark.parametrize("name", ["v2_first", "v2_groups16"])
+def test_early_format_2_layouts_ask_for_compact(tmp_path, name):
+    with pytest.raises(DucklingError, match=r"early format-2 layout.*duckling compact"):
+        Recording(GOLDEN / name)
+    shutil.copytree(GOLDEN / name, tmp_path / "run")
+    with pytest.raises(DucklingError, match=r"cannot resume.*duckling compact"):  # nor appended to
+        RecordingWriter(tmp_path / "run", shape=(40, 4), n_live=32, dtype="mixed", every=2,
+                        matrices=("wte", "lm_head"), resume_step=12)
+
+
+@pytest.mark.parametrize("key", [k for k in META_KEYS if k != "format_version"])
+def test_every_meta_key_is_required(tmp_path, key):
+    shutil.copytree(GOLDEN / "v2", tmp_path / "run")
+    meta_path = tmp_path / "run" / "recording" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta.pop("precision" if key == "dtype" else key)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DucklingError) as e:  # one clear message naming the key and the file
+        Recording(tmp_path / "run")
+    assert key in str(e.value) and str(meta_path.parent) in str(e.value)
 
 
 def test_reader_errors_are_clear(tmp_path):
@@ -88,42 +143,36 @@ def test_reader_errors_are_clear(tmp_path):
         Recording(tmp_path / "nowhere")
 
 
-def test_torn_tail_is_ignored_and_truncated_on_resume(tmp_path):
-    """Format 1 (tests/test_recording_v2.py has the format-2 version)."""
-    Ws, _ = _write_synthetic(tmp_path, n_steps=9, fmt=1)  # snapshots 0,2,4,6,8
-    root = tmp_path / "recording"
-    with open(root / "wte.00002.u16", "ab") as f:  # a crash mid-way through snapshot 10
+def test_format_1_torn_tail_is_ignored_and_resume_asks_for_compact(tmp_path):
+    """Format 1 is read only (tests/test_recording_v2.py has today's torn tails and resumes)."""
+    shutil.copytree(GOLDEN / "v1", tmp_path / "run")
+    root = tmp_path / "run" / "recording"
+    with open(root / "wte.00002.u16", "ab") as f:  # a crash mid-way through snapshot 14
         f.write(b"\1" * 100)
     with open(root / "scalar_steps.i64", "ab") as f:  # ...and a half-written step index
         f.write(b"\2" * 5)
-    rec = Recording(tmp_path)
-    assert rec.steps[-1] == 8 and rec.scalar_steps[-1] == 8
-    # resume at step 4 drops steps 5..8 and the torn bytes; appending 5 continues without a gap
-    w = RecordingWriter(tmp_path, shape=(V, D), n_live=N_LIVE, every=2, chunk_steps=3, resume_step=4,
-                        format_version=1)
-    w.append_step(5, {"wte": np.zeros((4, V), np.float32)})
-    w.append_step(6, {"wte": np.zeros((4, V), np.float32)}, snapshot={"wte": Ws[0]})
-    w.close()
-    rec = Recording(tmp_path)
-    assert list(rec.steps) == [0, 2, 4, 6] and list(rec.scalar_steps) == list(range(7))
-    assert np.array_equal(rec.snapshot(4), _bf16(Ws[4])) and np.array_equal(rec.snapshot(6), _bf16(Ws[0]))
-    assert not (root / "wte.00002.u16").exists()
+    expect_golden(Recording(tmp_path / "run"))
+    with pytest.raises(DucklingError, match=r"format 1.*duckling compact"):
+        RecordingWriter(tmp_path / "run", shape=(40, 4), n_live=32, dtype="mixed", every=2,
+                        matrices=("wte", "lm_head"), resume_step=4)
 
 
 def test_writer_refuses_overwrite_gap_and_mismatch(tmp_path):
     _write_synthetic(tmp_path, n_steps=5)
     with pytest.raises(DucklingError, match="already holds a recording"):
         RecordingWriter(tmp_path, shape=(V, D), n_live=N_LIVE)
-    kw = dict(shape=(V, D), n_live=N_LIVE, every=2, chunk_steps=3, block_steps=3)
+    kw = dict(shape=(V, D), n_live=N_LIVE, every=2, block_steps=3)
     with pytest.raises(DucklingError, match="ends at step 4"):
         RecordingWriter(tmp_path, resume_step=7, **kw)
-    with pytest.raises(DucklingError, match="precision"):
-        RecordingWriter(tmp_path, precision="float32", resume_step=2, **kw)
+    with pytest.raises(DucklingError, match="dtype"):
+        RecordingWriter(tmp_path, dtype="float32", resume_step=2, **kw)
     w = RecordingWriter(tmp_path, resume_step=4, **kw)
-    with pytest.raises(DucklingError, match="another process"):  # one writer at a time
+    with pytest.raises(DucklingError, match="already open"):  # one writer at a time, in this process too
         RecordingWriter(tmp_path, resume_step=4, **kw)
     with pytest.raises(DucklingError, match="gap"):
         w.append_step(6, {"wte": np.zeros((4, V), np.float32)})
+    w.close()
+    RecordingWriter(tmp_path, resume_step=4, **kw).close()  # closed: open again
 
 
 def test_budget_refuses_with_bytes_and_stride(tmp_path):
@@ -143,10 +192,11 @@ def test_budget_refuses_with_bytes_and_stride(tmp_path):
 
 
 def test_full_disk_stops_cleanly_and_keeps_prefix(tmp_path, monkeypatch):
-    w = RecordingWriter(tmp_path, shape=(V, D), n_live=N_LIVE, chunk_steps=3)
+    w = RecordingWriter(tmp_path, shape=(V, D), n_live=N_LIVE, block_steps=3)
     W = np.ones((V, D), np.float32)
     for s in range(4):
         w.append_step(s, {"wte": np.zeros((4, V), np.float32)}, snapshot={"wte": W})
+    w.wait_compaction()
     real_write = os.write
     calls = {"n": 0}
 

@@ -1,4 +1,5 @@
-"""Recording format 2: lossless against format 1, every byte checked, crash-safe compaction, compact()."""
+"""Today's layout: every byte checked, crash-safe compaction and resume, compact()'s upgrade of every
+older layout (the golden recordings of tests/data/golden), interrupted anywhere and finished by a rerun."""
 from __future__ import annotations
 
 import errno
@@ -12,23 +13,37 @@ import sys
 import numpy as np
 import pytest
 
-import duckling.recording.reader
-from duckling.recording.compact import compact
+import duckling.recording.budget
+import duckling.recording.compact as C
 from duckling.config import RecordConfig
 from duckling.errors import DucklingError
-from duckling.recording.reader import FIELDS, Recording, check_budget, recording_bytes
+from duckling.recording.budget import check_budget, recording_bytes
+from duckling.recording.compact import compact
+from duckling.recording.layout import FIELDS, META_KEYS, read_meta
+from duckling.recording.reader import Recording
 from duckling.recording.streams import Stream
 from duckling.recording.writer import RecordingWriter
+
+from test_recording import GOLDEN, expect_golden
 
 V, D, N_LIVE, B = 64, 8, 48, 4
 
 
-def write(run_dir, fmt=2, precision="bf16", steps=range(15), every=2, close="complete", seed=0, background=True,
-          block=B):
-    """A smooth random walk W (most bf16 values unchanged per step, like training); returns W per step."""
+def die(w: RecordingWriter) -> None:
+    """What a kill of the writer's process leaves: its files as they are, its lock gone with it."""
+    w.wait_compaction()
+    w._compactor.stop()
+    for fd in w._fds.values():
+        os.close(fd)
+    w._fds = {}
+    w._lock.close()
+
+
+def write(run_dir, dtype="bf16", steps=range(15), every=2, close="complete", seed=0, block=B):
+    """A smooth random walk W (most bf16 values unchanged per step, like training); returns W per step.
+    close=None: the writer "dies" once the compaction of its full chunks is done (deterministic files)."""
     rng = np.random.default_rng(seed)
-    w = RecordingWriter(run_dir, shape=(V, D), n_live=N_LIVE, precision=precision, every=every,
-                        chunk_steps=B, format_version=fmt, block_steps=block, background=background,
+    w = RecordingWriter(run_dir, shape=(V, D), n_live=N_LIVE, dtype=dtype, every=every, block_steps=block,
                         resume_step=None if steps[0] == 0 else steps[0] - 1)
     W, out = rng.standard_normal((V, D)).astype(np.float32), {}
     for s in range(steps[-1] + 1):
@@ -43,9 +58,16 @@ def write(run_dir, fmt=2, precision="bf16", steps=range(15), every=2, close="com
             w.append_probe(s, 0.01 * s, 0.001 * s)
     if close:
         w.close(close)
-    else:  # "killed" once the background compaction of the full chunks is done (deterministic files)
-        w.wait_compaction()
+    else:
+        die(w)
     return out
+
+
+def stored(W: np.ndarray, dtype: str) -> np.ndarray:
+    """What a snapshot of W reads back as: bf16 rounding where the dtype stores bf16."""
+    b = W.view(np.uint32)
+    bf = (((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
+    return {"bf16": bf, "float32": W, "mixed": np.concatenate([bf[:N_LIVE], W[N_LIVE:]])}[dtype]
 
 
 def same(a: Recording, b: Recording) -> None:
@@ -66,49 +88,56 @@ def same(a: Recording, b: Recording) -> None:
         assert np.array_equal(bits(x), bits(y))
 
 
-@pytest.mark.parametrize("precision", ["bf16", "float32", "mixed"])
-def test_v2_is_bit_identical_to_v1(tmp_path, precision):
-    write(tmp_path / "v1", fmt=1, precision=precision)
-    write(tmp_path / "v2", fmt=2, precision=precision)
-    v1, v2 = Recording(tmp_path / "v1"), Recording(tmp_path / "v2")
-    same(v1, v2)
-    assert v2.meta["format_version"] == 2 and v1.compression_ratio == pytest.approx(1.0, abs=0.05)
-    assert abs(v2.raw_bytes - v1.raw_bytes) < 160 and v2.bytes_on_disk < v1.bytes_on_disk  # meta.json differs
-    assert not list(v2.root.glob("*.raw"))  # a finished recording is fully compacted
-    assert v2.rows("norm")[3:5].shape == (2, V) and v2.rows("norm", steps=[2])[0, 1] == v1.rows("norm")[2, 1]
+@pytest.mark.parametrize("dtype", ["bf16", "float32", "mixed"])
+def test_reads_are_exact_across_blocks_and_parts(tmp_path, dtype):
+    W = write(tmp_path, dtype=dtype)
+    rec = Recording(tmp_path)
+    assert rec.steps.tolist() == list(range(0, 15, 2)) and not list(rec.root.glob("*.raw"))  # all compacted
+    want = np.stack([stored(W[int(s)], dtype) for s in rec.steps])
+    bits = lambda x: np.ascontiguousarray(x).view(np.uint32)  # noqa: E731
+    for i, s in enumerate(rec.steps):
+        assert np.array_equal(bits(rec.snapshot(int(s))), bits(want[i]))
+    ids = [N_LIVE, 0, V - 1, 5]
+    assert np.array_equal(bits(rec.trajectory(ids)), bits(want[:, ids]))
+    assert np.array_equal(bits(rec.trajectory(ids, steps=[2, 12])), bits(want[[1, 6]][:, ids]))
+    assert rec.compression_ratio > 1 and rec.probe[:, 0].tolist() == [0, 3, 6, 9, 12]
+    assert rec.rows("norm")[3:5].shape == (2, V) and rec.rows("norm", steps=[2])[0, 1] == rec.rows("norm")[2, 1]
 
 
-@pytest.mark.parametrize("precision", ["bf16", "mixed"])
-def test_preloaded_snapshots_are_the_same_bits_and_decode_each_block_once(tmp_path, monkeypatch, precision):
+@pytest.mark.parametrize("dtype", ["bf16", "mixed"])
+def test_preloaded_snapshots_are_the_same_bits_and_decode_each_block_once(tmp_path, monkeypatch, dtype):
     import duckling.recording.streams as streams
 
-    write(tmp_path / "v1", fmt=1, precision=precision)
-    write(tmp_path / "v2", fmt=2, precision=precision)
-    v1, v2 = Recording(tmp_path / "v1"), Recording(tmp_path / "v2")
+    write(tmp_path, dtype=dtype)
+    rec, plain = Recording(tmp_path), Recording(tmp_path)
     calls = []
     real = streams.decode_groups
     monkeypatch.setattr(streams, "decode_groups", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
-    keep = v2.steps[::2]  # steps 0, 4 (block 0) and 8, 12 (block 1): blocks of 4 snapshots, every 2 steps
-    v2.preload(keep)
+    keep = rec.steps[::2]  # steps 0, 4 (block 0) and 8, 12 (block 1): blocks of 4 snapshots, every 2 steps
+    rec.preload(keep)
     n_decodes = len(calls)
-    assert n_decodes == len(v2._lay.parts) * 2  # each block holding a kept step decoded once per part
+    assert n_decodes == len(rec._src.parts) * 2  # each block holding a kept step decoded once per part
+    monkeypatch.undo()
     for s in keep:
-        assert np.array_equal(v2.snapshot(int(s)).view(np.uint32), v1.snapshot(int(s)).view(np.uint32))
+        assert np.array_equal(rec.snapshot(int(s)).view(np.uint32), plain.snapshot(int(s)).view(np.uint32))
+    monkeypatch.setattr(streams, "decode_groups", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    for s in keep:
+        rec.snapshot(int(s))
     assert len(calls) == n_decodes  # served from memory
-    assert np.array_equal(v2.snapshot(2).view(np.uint32), v1.snapshot(2).view(np.uint32))  # not kept: read
-    v2.preload([])
-    assert v2._v2.kept == {}
-    v1.preload(keep)  # format 1: nothing to keep
+    monkeypatch.undo()
+    assert np.array_equal(rec.snapshot(2).view(np.uint32), plain.snapshot(2).view(np.uint32))  # not kept: read
+    rec.preload([])
+    assert rec._src.kept == {}
     with pytest.raises(DucklingError, match="not recorded"):
-        v2.preload([3])
+        rec.preload([3])
 
 
 def test_unclosed_recording_reads_its_raw_tail(tmp_path):
-    write(tmp_path / "v1", fmt=1)
-    write(tmp_path / "v2", close=None)  # killed: the last partial block is still raw
-    v2 = Recording(tmp_path / "v2")
-    assert list(v2.root.glob("scalars.*.raw")) and list(v2.root.glob("scalars.*.blk"))
-    same(Recording(tmp_path / "v1"), v2)
+    write(tmp_path / "closed")
+    write(tmp_path / "killed", close=None)  # the last partial block is still raw
+    killed = Recording(tmp_path / "killed")
+    assert list(killed.root.glob("scalars.*.raw")) and list(killed.root.glob("scalars.*.blk"))
+    same(Recording(tmp_path / "closed"), killed)
 
 
 def _flip(path, offset_from_end: int = 10) -> None:
@@ -146,9 +175,8 @@ def test_corrupt_block_header_names_the_chunk(tmp_path):
 STAGES = ["encode", "fsync", "replace", "unlink"]
 
 
-@pytest.mark.parametrize("background", [False, True])
 @pytest.mark.parametrize("stage", STAGES)
-def test_a_kill_during_compaction_loses_nothing(tmp_path, monkeypatch, stage, background):
+def test_a_kill_during_compaction_loses_nothing(tmp_path, monkeypatch, stage):
     ref = tmp_path / "ref"
     write(ref)
 
@@ -158,25 +186,21 @@ def test_a_kill_during_compaction_loses_nothing(tmp_path, monkeypatch, stage, ba
     def boom(*a, **k):
         raise Kill
 
-    target = {"encode": ("duckling.recording.streams.encode_block", None), "fsync": ("os.fsync", None),
-              "replace": ("os.replace", None), "unlink": ("pathlib.Path.unlink", None)}[stage][0]
-    w = RecordingWriter(tmp_path / "cut", shape=(V, D), n_live=N_LIVE, every=2, block_steps=B,
-                        background=background)
+    target = {"encode": "duckling.recording.streams.encode_block", "fsync": "os.fsync",
+              "replace": "os.replace", "unlink": "pathlib.Path.unlink"}[stage]
+    w = RecordingWriter(tmp_path / "cut", shape=(V, D), n_live=N_LIVE, every=2, block_steps=B)
     ref_rec = Recording(ref)
     for s in range(8):
         snap = {"wte": ref_rec.snapshot(s)} if s % 2 == 0 else None
         if s == 7:
-            w.wait_compaction()  # background: steps 0..6's snapshot block is done; the kill hits step 7's
+            w.wait_compaction()  # steps 0..6's snapshot block is done; the kill hits step 7's
             monkeypatch.setattr(target, boom)
         rows = {"wte": np.stack([ref_rec.rows(f)[s] for f in FIELDS])}
-        try:
-            w.append_step(s, rows, ref_rec.hidden_mean[s], float(ref_rec.lr[s]), snap)
-        except Kill:
-            break
-    w.wait_compaction()  # background: the kill hit the compaction thread (step 7 was committed before)
-    assert isinstance(w._compactor.error, Kill) if background else w._compactor is None
+        w.append_step(s, rows, ref_rec.hidden_mean[s], float(ref_rec.lr[s]), snap)
+    w.wait_compaction()  # the kill hit the compaction thread (step 7 was committed before)
+    assert isinstance(w._compactor.error, Kill)
     monkeypatch.undo()
-    w._unlock()  # the process died: its lock goes with it
+    die(w)
     cut = Recording(tmp_path / "cut")  # the kill came after step 7 was committed: nothing is lost
     assert cut.scalar_steps.tolist() == list(range(8)) and cut.steps.tolist() == [0, 2, 4, 6]
     assert np.array_equal(cut.rows("norm"), ref_rec.rows("norm")[:8])
@@ -184,6 +208,26 @@ def test_a_kill_during_compaction_loses_nothing(tmp_path, monkeypatch, stage, ba
     w2.close()
     assert not list((tmp_path / "cut" / "recording").glob("*.tmp"))
     assert Recording(tmp_path / "cut").scalar_steps.tolist() == list(range(8))
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_one_compaction_path_as_blocks_fill_or_at_close(tmp_path, monkeypatch, defer):
+    """Blocks are made in one place (Stream.compact on the compaction thread): as they fill, or, with
+    defer (CPU/MPS), all at close; the files are the same either way."""
+    import threading
+    import duckling.recording.streams as S
+    where, real = [], S.Stream.compact
+    monkeypatch.setattr(S.Stream, "compact", lambda self, c, n: where.append((threading.current_thread().name, c, n))
+                        or real(self, c, n))
+    w = RecordingWriter(tmp_path / "run", shape=(V, D), n_live=N_LIVE, every=1, block_steps=B, defer=defer)
+    for s in range(2 * B + 1):
+        w.append_step(s, {"wte": np.full((4, V), s, np.float32)}, snapshot={"wte": np.full((V, D), s, np.float32)})
+    w.wait_compaction()
+    assert len(where) == (0 if defer else 4)  # 2 full chunks of 2 streams (snapshots, scalars)
+    w.close()
+    assert {name for name, _, _ in where} == {"duckling-compact"} and len(where) == 6  # + the 2 tails
+    rec = Recording(tmp_path / "run")
+    assert not list(rec.root.glob("*.raw")) and rec.steps.tolist() == list(range(2 * B + 1))
 
 
 def test_background_compaction_runs_off_the_writers_thread_and_close_finishes_it(tmp_path, monkeypatch):
@@ -235,7 +279,7 @@ def test_background_compaction_runs_off_the_writers_thread_and_close_finishes_it
 
 def _files(root) -> dict:
     return {p.name: p.read_bytes() for p in sorted((root / "recording").iterdir())
-            if p.name not in ("meta.json", "writer.lock")}
+            if p.name != "meta.json"}
 
 
 @pytest.mark.parametrize("cut_at, resume_at", [(13, 9), (12, 7), (14, 3)])
@@ -263,8 +307,9 @@ def test_hand_edited_metadata_is_refused(tmp_path):
     for edit, match in [({"matrices": ["../../outside"]}, "matrices"), ({"matrices": ["wte", "wte"]}, "matrices"),
                         ({"shape": [V, D + 1]}, "shape"), ({"shape": [V, -8]}, "shape"),
                         ({"block_steps": 3}, "edited"), ({"n_live": V + 1}, "n_live"),
-                        ({"precision": "float32"}, "does not match"), ({"every": 0}, "every"),
-                        ({"dead_group_rows": 2}, "groups its columns"), ({"n_live": N_LIVE - 8}, "groups its columns"),
+                        ({"dtype": "float32"}, "does not match"), ({"dtype": "fp8"}, "dtype"), ({"every": 0}, "every"),
+                        ({"dead_group_rows": 2}, "groups its columns"), ({"n_live": N_LIVE - 8}, "n_dead"),
+                        ({"n_live": N_LIVE - 8, "n_dead": V - N_LIVE + 8}, "groups its columns"), ({"fields": ["norm"]}, "fields"),
                         ({"segment_steps": 0}, "segment_steps"), ({"group_rows": 64}, "groups its columns")]:
         meta_path.write_text(json.dumps({**good, **edit}))
         with pytest.raises(DucklingError, match=match):
@@ -296,13 +341,13 @@ def test_budget_is_constant_memory_and_counts_extra_bytes(tmp_path):
     assert check_budget(tmp_path, RecordConfig(), 100, extra_bytes=12345) == small + 12345
 
 
-@pytest.mark.parametrize("precision", ["bf16", "mixed"])
-def test_budget_bounds_an_incompressible_recording(tmp_path, monkeypatch, precision):
+@pytest.mark.parametrize("dtype", ["bf16", "mixed"])
+def test_budget_bounds_an_incompressible_recording(tmp_path, monkeypatch, dtype):
     """Random bits do not compress: the blocks are their records plus frame and header bytes, which
     the budget counts (the bound must hold for any data, not only training's)."""
     rng = np.random.default_rng(0)
-    cfg = RecordConfig(dtype=precision, every=1, probe_every=3)
-    w = RecordingWriter(tmp_path, shape=(V, D), n_live=N_LIVE, precision=precision, every=1, block_steps=B)
+    cfg = RecordConfig(dtype=dtype, every=1, probe_every=3)
+    w = RecordingWriter(tmp_path, shape=(V, D), n_live=N_LIVE, dtype=dtype, every=1, block_steps=B)
     for s in range(11):
         W = rng.integers(0, 2**32, (V, D), dtype=np.uint64).astype(np.uint32).view(np.float32)
         W[~np.isfinite(W)] = 1.0
@@ -317,51 +362,138 @@ def test_budget_bounds_an_incompressible_recording(tmp_path, monkeypatch, precis
     size = rec.bytes_on_disk - (tmp_path / "recording" / "meta.json").stat().st_size
     bound = lambda: recording_bytes(cfg, 10, shape=(V, D), n_live=N_LIVE, block_steps=B, scratch=False)  # noqa: E731
     assert size <= bound()
-    monkeypatch.setattr(duckling.recording.reader, "_block_overhead", lambda *a: 0)
+    monkeypatch.setattr(duckling.recording.budget, "_block_overhead", lambda *a: 0)
     assert size > bound()  # the records alone do not bound the blocks: the framing term is needed
 
 
-# --- compact() --------------------------------------------------------------------------------
-def test_compact_converts_in_place_and_refuses_bad_input(tmp_path):
-    write(tmp_path / "run", fmt=1, precision="mixed")
-    write(tmp_path / "ref", fmt=1, precision="mixed")
+# --- compact(): older layouts upgraded in place ---------------------------------------------------
+OLDER = ["v1", "v2_first", "v2_groups16"]
+
+
+def today(run) -> dict:
+    meta = json.loads((run / "recording" / "meta.json").read_text())
+    assert set(META_KEYS) <= set(meta) and "precision" not in meta and "chunk_steps" not in meta
+    assert meta["format_version"] == 2 and meta["segment_steps"] == meta["block_steps"] // 2
+    return meta
+
+
+@pytest.mark.parametrize("name", [*OLDER, "v2"])
+def test_compact_upgrades_every_older_layout_in_place(tmp_path, name):
+    shutil.copytree(GOLDEN / name, tmp_path / "run")
     out = compact(tmp_path / "run")
-    assert out["steps"] == 15 and out["snapshots"] == 8 and out["bytes_after"] < out["bytes_before"]
-    same(Recording(tmp_path / "ref"), Recording(tmp_path / "run"))
-    assert not list((tmp_path / "run" / "recording").glob("*.u16"))
-    with pytest.raises(DucklingError, match="already format 2"):
-        compact(tmp_path / "run")
+    assert out["upgraded_from"] == {"v1": "format 1", "v2": None}.get(name, "an early format-2 layout")
+    assert (out["steps"], out["snapshots"]) == (13, 7)
+    expect_golden(Recording(tmp_path / "run"))
+    meta = today(tmp_path / "run")
+    assert meta["status"] == "complete" and meta["block_steps"] == (64 if name == "v1" else 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no copy left beside it
+    n = {"v1": (1, 1, 1)}.get(name, (2, 4, 2))  # blocks of 64 (format 1 had none) or the recording's own 4
+    streams = [("wte.u16", n[0]), ("wte.f32", n[0]), ("lm_head.u16", n[0]), ("lm_head.f32", n[0]),
+               ("scalars", n[1]), ("probe", n[2])]
+    assert {p.name for p in (tmp_path / "run" / "recording").iterdir()} == \
+        {"meta.json"} | {f"{s}.{c:05d}.blk" for s, k in streams for c in range(k)}
+    again = compact(tmp_path / "run")  # today's layout: nothing to do
+    assert again["upgraded_from"] is None and again["recovered"] is None
+
+
+def test_compact_refuses_a_missing_or_busy_recording(tmp_path):
     with pytest.raises(DucklingError, match="not a recorded run"):
         compact(tmp_path / "nothing")
-    w = RecordingWriter(tmp_path / "live", shape=(V, D), n_live=N_LIVE, format_version=1)
-    with pytest.raises(DucklingError, match="live run"):
-        compact(tmp_path / "live")
-    w.close()
+    shutil.copytree(GOLDEN / "v1", tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from duckling.files import folder_lock\n"
+                               f"with folder_lock({str(tmp_path / 'run')!r}):\n print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DucklingError, match="being written by process"):  # the run folder's one lock
+            compact(tmp_path / "run")
+        with pytest.raises(DucklingError, match="being written by process"):  # and the writer's
+            RecordingWriter(tmp_path / "run", shape=(40, 4), n_live=32, dtype="mixed", every=2, matrices=("wte", "lm_head"), resume_step=4)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert Recording(tmp_path / "run").meta["format_version"] == 1  # untouched
 
 
-@pytest.mark.parametrize("stage", ["write", "verify", "commit", "cleanup"])
-def test_an_interrupted_compact_leaves_a_readable_recording(tmp_path, monkeypatch, stage):
-    import duckling.recording.compact as C
-    write(tmp_path / "run", fmt=1)
-    write(tmp_path / "ref", fmt=1)
+class Interrupt(BaseException):
+    pass
 
-    def boom(*a, **k):
-        raise KeyboardInterrupt
 
-    target = {"write": "duckling.recording.streams.encode_block", "verify": "duckling.recording.compact._verify",
-              "commit": "duckling.recording.compact._atomic_json", "cleanup": "duckling.recording.compact._v1_files"}[stage]
-    monkeypatch.setattr(target, boom)
-    with pytest.raises(KeyboardInterrupt):
-        C.compact(tmp_path / "run")
+def _once(real, after: int = 0):
+    """``real``, except that call number ``after`` (0-based) raises Interrupt."""
+    n = [0]
+
+    def f(*a, **k):
+        n[0] += 1
+        if n[0] == after + 1:
+            raise Interrupt
+        return real(*a, **k)
+    return f
+
+
+STAGES_C = {"write": ("duckling.recording.streams.encode_block", 3), "verify": ("duckling.recording.compact._verify", 0),
+            "swap": ("duckling.recording.compact._swap", 0), "cleanup": ("duckling.recording.compact.shutil.rmtree", 0),
+            "between renames": ("duckling.recording.compact.os.rename", 1)}
+
+
+@pytest.mark.parametrize("name", ["v1", "v2_first"])
+@pytest.mark.parametrize("stage", list(STAGES_C))
+def test_an_interrupted_compact_leaves_a_recording_and_a_rerun_finishes(tmp_path, monkeypatch, name, stage):
+    """An interruption anywhere leaves RUN/recording complete (old layout before the swap, today's after),
+    except between the two renames of the fallback used where folders cannot be swapped atomically;
+    the next compact finishes (or undoes, then redoes) the upgrade."""
+    shutil.copytree(GOLDEN / name, tmp_path / "run")
+    target, after = STAGES_C[stage]
+    if stage == "between renames":
+        monkeypatch.setattr(C, "_exchange", lambda a, b: False)
+    module, _, attr = target.rpartition(".")
+    obj = {"duckling.recording.compact.shutil": shutil, "duckling.recording.compact.os": os}.get(module)
+    obj = obj if obj is not None else sys.modules[module]
+    monkeypatch.setattr(obj, attr, _once(getattr(obj, attr), after))
+    with pytest.raises(Interrupt):
+        compact(tmp_path / "run")
     monkeypatch.undo()
-    same(Recording(tmp_path / "ref"), Recording(tmp_path / "run"))  # v1 (or v2 after the commit)
-    if stage == "cleanup":
-        with pytest.raises(DucklingError, match="removed"):
-            C.compact(tmp_path / "run")
+    swapped = stage == "cleanup"
+    if stage == "between renames":
+        assert not (tmp_path / "run" / "recording").exists()  # the fallback's one window
+    elif name == "v1" or swapped:
+        expect_golden(Recording(tmp_path / "run"))  # readable as it is: format 1, or today's
     else:
-        C.compact(tmp_path / "run")
-    assert Recording(tmp_path / "run").meta["format_version"] == 2
-    same(Recording(tmp_path / "ref"), Recording(tmp_path / "run"))
+        with pytest.raises(DucklingError, match="duckling compact"):  # still the early layout, complete
+            Recording(tmp_path / "run")
+        root = tmp_path / "run" / "recording"
+        assert C._reader_of(root, read_meta(root)).steps.tolist() == list(range(0, 13, 2))  # compact reads it
+    if swapped:
+        today(tmp_path / "run")
+    out = compact(tmp_path / "run")
+    assert out["recovered"] is not None or stage in ("write", "verify", "swap")
+    expect_golden(Recording(tmp_path / "run"))
+    today(tmp_path / "run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert not (tmp_path / "run" / "recording" / ".verified").exists()
+
+
+def test_a_sigkilled_compact_is_finished_by_the_next(tmp_path):
+    """A real kill (SIGKILL) in the middle of writing the new copy."""
+    shutil.copytree(GOLDEN / "v1", tmp_path / "run")
+    code = ("import os, signal\nimport duckling.recording.streams as S\nreal, n = S.encode_block, [0]\n"
+            "def enc(*a, **k):\n n[0] += 1\n if n[0] == 4: os.kill(os.getpid(), signal.SIGKILL)\n return real(*a, **k)\n"
+            f"S.encode_block = enc\nfrom duckling.recording.compact import compact\ncompact({str(tmp_path / 'run')!r})")
+    p = subprocess.run([sys.executable, "-c", code])
+    assert p.returncode == -signal.SIGKILL and (tmp_path / "run" / "recording.new").exists()
+    expect_golden(Recording(tmp_path / "run"))  # the old recording, untouched
+    assert compact(tmp_path / "run")["recovered"] == "removed an unfinished upgrade copy"
+    expect_golden(Recording(tmp_path / "run"))
+    today(tmp_path / "run")
+
+
+def test_cli_compact_says_what_it_did(tmp_path, capsys):
+    from duckling import cli
+    shutil.copytree(GOLDEN / "v2_first", tmp_path / "run")
+    assert cli.main(["compact", str(tmp_path / "run")]) == 0
+    assert "upgraded" in capsys.readouterr().out
+    assert cli.main(["compact", str(tmp_path / "run")]) == 0
+    assert "already in today's layout" in capsys.readouterr().out
 
 
 def test_sigkill_of_a_writer_loses_no_committed_step(tmp_path):
@@ -374,14 +506,3 @@ def test_sigkill_of_a_writer_loses_no_committed_step(tmp_path):
     assert p.returncode == -signal.SIGKILL
     rec = Recording(tmp_path)
     assert rec.steps.tolist() == list(range(10)) and rec.snapshot(9)[0, 0] == 9
-
-
-def test_real_run_compacted_equals_a_native_v2_run(tmp_path, monkeypatch):
-    from test_recording import run, tiny
-    v1 = run(tiny("mixed", max_steps=5, format=1), tmp_path / "v1").run_dir  # record.format = 1
-    v2 = run(tiny("mixed", max_steps=5), tmp_path / "v2").run_dir
-    assert Recording(v1).meta["format_version"] == 1
-    shutil.copytree(v1 / "recording", tmp_path / "ref" / "recording")
-    compact(v1)
-    same(Recording(tmp_path / "ref"), Recording(v1))
-    same(Recording(v1), Recording(v2))

@@ -1,147 +1,213 @@
-"""``compact(run_dir)``: convert a format-1 recording to format 2 in place, safely.
+"""``compact(run_dir)`` (``duckling compact RUN``): upgrade an older recording to today's layout, in place
+and safely (docs/recording.md, "Older recordings").
 
-The v2 files are written next to the v1 files (their names never collide), read back and compared
-bit for bit with the v1 files, and only then is meta.json replaced atomically (the commit point);
-the v1 files are deleted last. A kill before the commit leaves the v1 recording (v2 leftovers are
-ignored by the reader and removed by the next ``compact``); a kill after it leaves the v2 recording
-(v1 leftovers are removed by the next ``compact``).
+Format 1 and the early format-2 layouts (meta.json without group_rows / dead_group_rows /
+segment_steps) are rewritten to today's layout in ``RUN/recording.new``, a block at a time; the copy is
+read back and compared bit for bit with the old recording, marked verified, and only then swapped with
+``RUN/recording`` in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``; elsewhere two renames,
+``recording`` -> ``recording.old`` and ``recording.new`` -> ``recording``). The old files go last.
+At every moment ``RUN/recording`` is a complete recording, old or new (on the two-rename fallback,
+except between its two renames), and a rerun of compact finishes or undoes what an interruption left.
+A recording already in today's layout only has its meta.json brought up to date (the previous
+release's "precision" key is renamed "dtype"). compact holds the run folder's lock throughout.
 """
 from __future__ import annotations
 
-import fcntl
-import json
+import ctypes
+import errno
 import os
 import shutil
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from duckling.errors import DucklingError
-from duckling.recording.layout import BLOCK_STEPS, FORMAT_V2, layout_keys, make_streams
-from duckling.recording.reader import FIELDS, Recording, _atomic_json, _rec_dir
-from duckling.recording.streams import Stream
+from duckling.files import folder_lock, write_json
+from duckling.recording.layout import (BLOCK_STEPS, FIELDS, FORMAT, LAYOUT_KEYS, PROBE_COLUMNS, check_meta,
+                                       layout_keys, make_streams, older_layout, read_meta, rec_dir,
+                                       snapshot_parts)
+from duckling.recording.reader import Recording
+
+STAGE, OLD, VERIFIED = "recording.new", "recording.old", ".verified"
+LEGACY_GROUP_ROWS = 64  # the first format-2 layout: 64 rows per frame, dead rows alike, no segments
+EARLY_REQUIRED = ("format_version", "matrices", "shape", "dtype", "every", "n_live", "block_steps")
 
 
-def _v1_files(root, meta) -> list:
-    mats = meta.get("matrices", [])
-    names = {"scalar_steps.i64", "snap_steps.i64", "hidden_mean.f32", "lr.f32", "probe.f32"}
-    names |= {f"{m}.rows.f32" for m in mats}
-    return [p for p in root.iterdir() if p.name in names or (p.name.split(".")[0] in mats and len(
-        p.name.split(".")) == 3 and p.name.split(".")[1].isdigit())]
-
-
-def _v2_files(root) -> list:
-    return [p for p in root.iterdir() if p.suffix in (".blk", ".raw", ".tmp") and p.name != "meta.json.tmp"]
-
-
-def _locked(root) -> bool:
-    fd = os.open(root / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
+        os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _write_v2(old: Recording, root, meta2: dict) -> None:
-    """Every record of ``old`` into the v2 streams, a block at a time (memory: one block)."""
-    parts = old._lay.parts
-    snaps, scalars, probe = make_streams(root, meta2, parts)
-    B, d = meta2["block_steps"], old.shape[1]
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders atomically (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable."""
+    if sys.platform != "linux":
+        return False
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a file system without exchange
+        return False
+    raise OSError(err, os.strerror(err), str(a))
 
-    def blocks(stream: Stream, n: int, get) -> None:
-        for c in range(-(-n // B)):
-            pos = np.arange(c * B, min(n, (c + 1) * B))
-            data, steps = get(pos)
-            stream.write_block(c, np.ascontiguousarray(data).reshape(len(pos), -1), steps)
 
+def _swap(root: Path, stage: Path) -> None:
+    """``stage`` (verified) becomes ``root``; the old recording ends up in ``stage`` or ``RUN/recording.old``."""
+    run = root.parent
+    if not _exchange(root, stage):
+        os.rename(root, run / OLD)
+        _fsync_dir(run)
+        os.rename(stage, root)
+    _fsync_dir(run)
+
+
+def _recover(root: Path) -> str | None:
+    """Finish or undo an upgrade that an interruption left; returns what was done (None: nothing)."""
+    run = root.parent
+    stage, old = run / STAGE, run / OLD
+    done = None
+    if not root.exists() and old.exists():  # between the fallback's two renames
+        os.rename(stage if (stage / VERIFIED).exists() else old, root)
+        _fsync_dir(run)
+        done = "finished an interrupted upgrade"  # (or, unverified, undid it: the old one is back)
+    if not root.exists():
+        return done
+    current = older_layout(read_meta(root)) is None
+    for leftover in (stage, old):
+        if leftover.exists():  # today's recording: the old one, swapped out; else an unfinished copy
+            shutil.rmtree(leftover)
+            done = done or ("finished an interrupted upgrade" if current else "removed an unfinished upgrade copy")
+    (root / VERIFIED).unlink(missing_ok=True)
+    return done
+
+
+def _blocks(n: int, B: int):
+    for c in range(-(-n // B)):
+        yield c, np.arange(c * B, min(n, (c + 1) * B))
+
+
+def _stored(values: np.ndarray, ext: str) -> np.ndarray:
+    """float32 values read back -> the bits a part stores (exact: bf16 values are widened bits)."""
+    return (values.view(np.uint32) >> 16).astype(np.uint16) if ext == "u16" else values
+
+
+def _scalars(rec: Recording, pos: np.ndarray, hidden, lr) -> np.ndarray:
+    a, b = int(pos[0]), int(pos[-1]) + 1
+    cols = [np.asarray(rec.rows(f, matrix=m)[a:b]) for m in rec.matrices for f in FIELDS]
+    return np.ascontiguousarray(np.concatenate(cols + [hidden[a:b], lr[a:b, None]], axis=1), np.float32)
+
+
+def _write(old: Recording, stage: Path, meta: dict) -> None:
+    """Every record of ``old`` into today's streams in ``stage``, a block at a time (memory: one block)."""
+    snaps, scalars, probe = make_streams(stage, meta)
+    B, (V, _) = meta["block_steps"], old.shape
+    parts, ids = snapshot_parts(meta["dtype"], V, meta["n_live"]), np.arange(V)
     for m in old.matrices:
-        for ext, sl, dt in parts:
-            def get(pos, m=m, ext=ext, sl=sl, dt=dt):  # v1 chunks need not align with blocks
-                out = np.empty((len(pos), sl.stop - sl.start, d), dt)
-                for j, p in enumerate(pos):
-                    ch, local = divmod(int(p), old._lay.chunk)
-                    out[j] = old._chunk(m, ch, ext, sl, dt)[local]
-                return out, old.steps[pos]
-            blocks(snaps[(m, ext)], len(old.steps), get)
-    n = len(old.scalar_steps)
-    rows = {(m, f): old.rows(f, matrix=m) for m in old.matrices for f in FIELDS}
+        for c, pos in _blocks(len(old.steps), B):
+            W = old.trajectory(ids, old.steps[pos], matrix=m)
+            for ext, sl, _ in parts:
+                rec = np.ascontiguousarray(_stored(W[:, sl], ext)).reshape(len(pos), -1)
+                snaps[(m, ext)].write_block(c, rec, old.steps[pos])
     hidden, lr = old.hidden_mean, old.lr
-
-    def get_scalars(pos):
-        cols = [np.asarray(rows[(m, f)][pos[0]:pos[-1] + 1]) for m in old.matrices for f in FIELDS]
-        return np.concatenate(cols + [hidden[pos], lr[pos, None]], axis=1).astype(np.float32), pos
-    blocks(scalars, n, get_scalars)
+    for c, pos in _blocks(len(old.scalar_steps), B):
+        scalars.write_block(c, _scalars(old, pos, hidden, lr), old.scalar_steps[pos])
     pr = old.probe
-    blocks(probe, len(pr), lambda pos: (pr[pos, 1:], pr[pos, 0].astype(np.int64)))
+    for c, pos in _blocks(len(pr), B):
+        probe.write_block(c, np.ascontiguousarray(pr[pos, 1:]), pr[pos, 0].astype(np.int64))
 
 
-def _verify(old: Recording, root, meta2: dict) -> None:
-    from duckling.recording.layout import V2Reader
-    new = V2Reader(root, meta2, old._lay.parts)
-    sc, st = new.reload()
-    if not (np.array_equal(sc, old.scalar_steps) and np.array_equal(st, old.steps)):
-        raise DucklingError(f"compaction of {root} produced different steps; the v1 recording is kept.")
+def _verify(old: Recording, new: Recording) -> None:
+    """Bit for bit: steps, every snapshot, every per-step scalar, the probe."""
+    def differ(what: str) -> DucklingError:
+        return DucklingError(f"upgrading {old.root}: the new copy's {what} differ from the old recording's; "
+                             f"the old recording is kept, unchanged. Please report this.")
+    bits = lambda x: np.ascontiguousarray(x).view(np.uint32)  # noqa: E731
+    if not (np.array_equal(new.steps, old.steps) and np.array_equal(new.scalar_steps, old.scalar_steps)):
+        raise differ("steps")
+    ids, B = np.arange(old.shape[0]), new.meta["block_steps"]
     for m in old.matrices:
-        for i, s in enumerate(old.steps):
-            if not np.array_equal(new.snapshot(i, m).view(np.uint32), old.snapshot(int(s), m).view(np.uint32)):
-                raise DucklingError(f"compaction of {root}: snapshot {s} of {m} differs; the v1 recording is kept.")
-    for mi, m in enumerate(old.matrices):
-        for fi, f in enumerate(FIELDS):
-            if not np.array_equal(np.asarray(new.rows(fi, mi)).view(np.uint32),
-                                  np.asarray(old.rows(f, matrix=m)).view(np.uint32)):
-                raise DucklingError(f"compaction of {root}: {m} {f} differs; the v1 recording is kept.")
-    a = len(old.matrices) * len(FIELDS) * old.shape[0]
-    same = [np.array_equal(new.per_step(slice(a, a + old.shape[1])).view(np.uint32), old.hidden_mean.view(np.uint32)),
-            np.array_equal(new.per_step(slice(a + old.shape[1], a + old.shape[1] + 1))[:, 0].view(np.uint32),
-                           old.lr.view(np.uint32)),
-            np.array_equal(new.probe().view(np.uint32), old.probe.view(np.uint32))]
-    if not all(same):
-        raise DucklingError(f"compaction of {root}: hidden_mean, lr or probe differ; the v1 recording is kept.")
+        for _, pos in _blocks(len(old.steps), B):
+            s = old.steps[pos]
+            if not np.array_equal(bits(new.trajectory(ids, s, m)), bits(old.trajectory(ids, s, m))):
+                raise differ(f"{m} snapshots at steps {s[0]}..{s[-1]}")
+    h_old, h_new, lr_old, lr_new = old.hidden_mean, new.hidden_mean, old.lr, new.lr
+    for _, pos in _blocks(len(old.scalar_steps), B):
+        if not np.array_equal(bits(_scalars(new, pos, h_new, lr_new)), bits(_scalars(old, pos, h_old, lr_old))):
+            raise differ(f"per-step scalars at steps {pos[0]}..{pos[-1]}")
+    if not np.array_equal(bits(new.probe), bits(old.probe)):
+        raise differ("probe")
 
 
-def compact(run_dir, block_steps: int = BLOCK_STEPS) -> dict:
-    """Convert RUN_DIR's format-1 recording to format 2 in place; returns what it did.
+def _today(meta: dict) -> dict:
+    """Today's meta.json for an older recording: its keys, the layout's keys, "dtype" (never "precision")."""
+    block = meta["block_steps"] if meta["format_version"] == FORMAT else BLOCK_STEPS
+    out = {k: v for k, v in meta.items() if k not in ("precision", "chunk_steps", *LAYOUT_KEYS)}
+    V, n_live = meta["shape"][0], meta["n_live"]
+    out.update(format_version=FORMAT, n_dead=V - n_live, fields=list(FIELDS), probe_columns=list(PROBE_COLUMNS),
+               **layout_keys(block), status=meta.get("status", "complete"))
+    return out
 
-    Refuses (DucklingError) a folder without a recording, a recording that is already format 2
-    (after removing any v1 leftovers of an interrupted compaction), one that a live process is
-    writing, and a disk without room for the v2 copy next to the v1 files."""
+
+def _reader_of(root: Path, meta: dict) -> Recording:
+    """A reader of an older layout: format 1 as is; an early format-2 layout with the keys it implies."""
+    if meta["format_version"] == 1:
+        return Recording(root, _meta=meta)
+    check_meta(root, meta, EARLY_REQUIRED)
+    g = meta.get("group_rows", LEGACY_GROUP_ROWS)
+    return Recording(root, _meta={**meta, "group_rows": g, "dead_group_rows": meta.get("dead_group_rows", g),
+                                  "segment_steps": meta.get("segment_steps")})
+
+
+def compact(run_dir) -> dict:
+    """Upgrade RUN_DIR's recording to today's layout in place (see the module docstring); returns what
+    it did: {"run", "upgraded_from" (None: already today's layout), "steps", "snapshots", "bytes_before",
+    "bytes_after", "compression_ratio", "seconds", "recovered" (what an earlier interruption left, undone
+    or finished)}. Refuses (DucklingError) a folder without a recording, one that a live process holds,
+    and a disk without room for the new copy beside the old files."""
     t0 = time.perf_counter()
-    root = _rec_dir(run_dir)
-    if not (root / "meta.json").exists():
+    root = rec_dir(run_dir)
+    run = root.parent
+    if not root.exists() and not (run / OLD).exists():
         raise DucklingError(f"{run_dir} is not a recorded run (no {root}/meta.json). Pass a run folder.")
-    meta = json.loads((root / "meta.json").read_text())
-    if _locked(root):
-        raise DucklingError(f"{root} is being written by a live run; compact it after the run ends.")
-    if meta.get("format_version") == FORMAT_V2:
-        leftovers = _v1_files(root, meta)
-        for p in leftovers:
-            p.unlink()
-        raise DucklingError(f"{root} is already format 2 (compressed)" + (
-            f"; removed {len(leftovers)} format-1 file(s) left by an interrupted compaction." if leftovers
-            else "; nothing to do."))
-    old = Recording(root)  # checks the v1 metadata and structure
-    for p in _v2_files(root):  # leftovers of an interrupted compaction
-        p.unlink()
-    before = old.bytes_on_disk
-    if shutil.disk_usage(root).free < before:  # v2 is never larger than v1 (+1%), v1 stays until the end
-        raise DucklingError(f"compacting {root} needs up to {before / 1e9:.2f} GB free next to it (the v1 "
-                            f"files are kept until the v2 copy is verified); free disk space first.")
-    meta2 = dict(meta, format_version=FORMAT_V2, **layout_keys(block_steps))
-    try:
-        _write_v2(old, root, meta2)
-        _verify(old, root, meta2)
-    except BaseException:
-        for p in _v2_files(root):
-            p.unlink()
-        raise
-    _atomic_json(root / "meta.json", meta2)  # the commit point
-    for p in _v1_files(root, meta):
-        p.unlink()
-    new = Recording(root)
-    return {"run": str(root.parent), "steps": len(new.scalar_steps), "snapshots": len(new.steps),
-            "bytes_before": before, "bytes_after": new.bytes_on_disk,
-            "compression_ratio": round(before / max(new.bytes_on_disk, 1), 2),
-            "seconds": round(time.perf_counter() - t0, 1)}
+    with folder_lock(run):
+        recovered = _recover(root)
+        meta = read_meta(root)
+        kind = older_layout(meta)
+        if kind is None:  # today's layout: meta.json brought up to date, nothing else
+            check_meta(root, meta)
+            (root / "writer.lock").unlink(missing_ok=True)  # the previous release's lock file
+            if "precision" in (root / "meta.json").read_text():
+                write_json(root / "meta.json", meta)
+            rec = Recording(root)
+            return {"run": str(run), "upgraded_from": None, "steps": len(rec.scalar_steps),
+                    "snapshots": len(rec.steps), "bytes_before": rec.bytes_on_disk, "bytes_after": rec.bytes_on_disk,
+                    "compression_ratio": round(rec.compression_ratio, 2),
+                    "seconds": round(time.perf_counter() - t0, 1), "recovered": recovered}
+        old = _reader_of(root, meta)
+        before = old.bytes_on_disk
+        if shutil.disk_usage(run).free < 1.25 * before + (1 << 20):  # 1-row dead frames: up to ~20% more
+            raise DucklingError(f"upgrading {root} needs up to {before / 1e9:.2f} GB free beside it (the old "
+                                f"files are kept until the new copy is verified); free disk space first.")
+        stage, meta2 = run / STAGE, _today(meta)
+        stage.mkdir()
+        write_json(stage / "meta.json", meta2)
+        _write(old, stage, meta2)
+        _verify(old, Recording(stage))
+        _fsync_dir(stage)
+        (stage / VERIFIED).touch()
+        _fsync_dir(stage)
+        _swap(root, stage)  # the commit point
+        _recover(root)  # the old files go
+        new = Recording(root)
+        return {"run": str(run), "upgraded_from": kind, "steps": len(new.scalar_steps), "snapshots": len(new.steps),
+                "bytes_before": before, "bytes_after": new.bytes_on_disk,
+                "compression_ratio": round(before / max(new.bytes_on_disk, 1), 2),
+                "seconds": round(time.perf_counter() - t0, 1), "recovered": recovered}

@@ -1,4 +1,4 @@
-"""Streams of recording format v2: fixed-size records in chunks of ``block`` records.
+"""Streams of a recording: fixed-size records in chunks of ``block`` records.
 
 Chunk c of stream S holds records c*block .. (c+1)*block - 1, either compacted in ``S.<c:05d>.blk``
 (codec.py) or still raw in ``S.<c:05d>.raw`` (append-only records, each followed by a 16-byte
@@ -55,6 +55,7 @@ class Stream:
                  segment: int | None = None):
         self.root, self.name, self.width, self.dtype = Path(root), name, int(width), np.dtype(dtype)
         self.widths, self.block, self.segment = list(widths), int(block), segment
+        self._widths_key = tuple(self.widths)  # the whole-record plan's key (_whole_plan)
         self.bounds = np.cumsum([0] + self.widths)  # column group edges
         self.payload = self.width * self.dtype.itemsize
         self.rec_bytes = self.payload + TRAILER.itemsize
@@ -62,7 +63,6 @@ class Stream:
         self._cache_bytes = 0  # sum of the cached arrays' nbytes (kept, not recomputed per insert)
         self._headers: dict = {}
         self._last_single = None  # block of the last one-record read
-        self._whole = None  # the column plan of a whole-record read
         self._all_cols = None  # np.arange(width), made once
 
     def raw_path(self, c: int) -> Path:
@@ -225,9 +225,7 @@ class Stream:
         read of ``cols`` (indices, or slice(None): every column); slices wherever a whole group lands
         in consecutive columns."""
         if isinstance(cols, slice) or (len(cols) == self.width and cols[0] == 0 and cols[-1] == self.width - 1):
-            if self._whole is None:  # the same for every whole-record read (and stream of this layout)
-                self._whole = _whole_plan(tuple(self.widths))
-            return self._whole
+            return _whole_plan(self._widths_key)  # one per layout, shared by every stream and reader
         g_of = np.searchsorted(self.bounds, cols, side="right") - 1
         order = np.argsort(g_of, kind="stable")  # columns of each group: order[edge[g]:edge_hi[g]]
         groups = np.unique(g_of)

@@ -37,6 +37,7 @@ except ImportError:  # Python 3.10
 
 from duckling.config import RENAMED, DucklingConfig
 from duckling.errors import DucklingError
+from duckling.recording import budget
 
 TOP_KEYS = ("dataset", "eval_dataset", "mapping", "base", "grid", "resources")
 RESOURCE_KEYS = ("cpus", "gpus")
@@ -253,37 +254,22 @@ def _expand(spec: Spec) -> list[Run]:
 
 
 # ---------------------------------------------------------------- disk
-def _n_params(cfg: DucklingConfig) -> int:
-    m = cfg.model
-    block = 4 * m.n_embd * m.n_embd + 2 * m.n_embd * m.n_inner + 9 * m.n_embd + m.n_inner + 4 * m.n_embd
-    emb = m.vocab_size * m.n_embd * (1 if m.tie_word_embeddings else 2)
-    return emb + m.n_positions * m.n_embd + m.n_layer * block + 2 * m.n_embd
+def run_bytes(cfg: DucklingConfig) -> int:
+    """Disk a whole run needs (duckling.recording.budget.run_bytes), with the parameter count taken from
+    the model (built on the meta device; torch is imported here, not when `duckling compare` loads)."""
+    from duckling.training.model import n_params
 
-
-def run_bytes(cfg: DucklingConfig, n_live: int | None = None) -> int:
-    """Disk a whole run needs: its recording plus checkpoints (weights + AdamW moments) and final/."""
-    from duckling.config import N_LIVE
-    from duckling.recording.reader import recording_bytes
-
-    rec = 0
-    if cfg.record.enabled:
-        rec = recording_bytes(cfg.record, cfg.train.max_steps, shape=(cfg.model.vocab_size, cfg.model.n_embd),
-                              n_live=n_live or N_LIVE, n_matrices=1 if cfg.model.tie_word_embeddings else 2)
-    from duckling.training.safety import model_files_bytes
-
-    return rec + model_files_bytes(cfg, _n_params(cfg))
+    return budget.run_bytes(cfg, n_params(cfg.model))
 
 
 def check_disk(spec: Spec, out: Path, todo: list[Run]) -> int:
     """Refuse, before any run starts, runs over their record.budget_gb or a sweep over the free disk."""
-    from duckling.recording.reader import check_budget
-
     for run in todo:
         if run.cfg.record.enabled:
             try:
-                check_budget(out, run.cfg.record, run.cfg.train.max_steps,
-                             shape=(run.cfg.model.vocab_size, run.cfg.model.n_embd),
-                             n_matrices=1 if run.cfg.model.tie_word_embeddings else 2)
+                budget.check_budget(out, run.cfg.record, run.cfg.train.max_steps,
+                                    shape=(run.cfg.model.vocab_size, run.cfg.model.n_embd),
+                                    n_matrices=budget.n_matrices(run.cfg))
             except DucklingError as e:
                 raise DucklingError(f"Run {run.name}: {e}") from None
     need = sum(run_bytes(r.cfg) for r in todo)

@@ -26,6 +26,21 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+_N_PARAMS: dict[str, int] = {}
+
+
+def n_params(cfg: ModelConfig | None = None) -> int:
+    """Unique parameters of the model ``cfg`` describes, counted on the model itself, built on the meta
+    device (no memory, no initialisation; ~10 ms), once per config. The disk budget's checkpoint bytes
+    (``duckling.recording.budget``) are computed from it."""
+    cfg = cfg or ModelConfig()
+    key = repr(cfg)
+    if key not in _N_PARAMS:
+        with torch.device("meta"):
+            _N_PARAMS[key] = count_parameters(build_model(cfg))
+    return _N_PARAMS[key]
+
+
 def embedding_matrices(model) -> dict[str, torch.nn.Parameter]:
     """The matrices the recorder watches: ``wte`` (= W, tied), plus ``lm_head`` when untied."""
     mats = {"wte": model.transformer.wte.weight}

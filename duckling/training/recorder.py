@@ -25,7 +25,8 @@ from transformers import TrainerCallback
 from duckling.config import N_LIVE, RecordConfig
 from duckling.errors import DucklingError
 from duckling.training.model import embedding_matrices
-from duckling.recording.reader import check_budget, snapshot_parts
+from duckling.recording.budget import check_budget
+from duckling.recording.layout import snapshot_parts
 from duckling.recording.writer import RecordingWriter
 
 NAN = float("nan")
@@ -98,12 +99,12 @@ class _SyncSink:
 def _append(writer: RecordingWriter, step: int, lr: float, host: dict, snapshot: bool) -> None:
     """host: {"scalars": (n_matrices * 4 * V + d,) float32, "snap/<m>/<ext>": array[, "probe": (2,)
     float32 dead mass, max dead prob]} as numpy. The probe is written after its step."""
-    lay, mats = writer.layout, writer.layout.matrices
-    n = len(mats) * 4 * lay.n_rows
-    rows = host["scalars"][:n].reshape(len(mats), 4, lay.n_rows)  # (n_matrices, 4, V)
+    mats, V = writer.meta["matrices"], writer.meta["shape"][0]
+    n = len(mats) * 4 * V
+    rows = host["scalars"][:n].reshape(len(mats), 4, V)  # (n_matrices, 4, V)
     snap = None
     if snapshot:
-        snap = {m: {ext: host[f"snap/{m}/{ext}"].view(dt) for ext, _, dt in lay.parts} for m in mats}
+        snap = {m: {ext: host[f"snap/{m}/{ext}"].view(dt) for ext, _, dt in writer.parts} for m in mats}
     writer.append_step(step, dict(zip(mats, rows)), host["scalars"][n:], lr, snap)
     if "probe" in host:
         writer.append_probe(step, float(host["probe"][0]), float(host["probe"][1]))
@@ -214,9 +215,8 @@ class WRecorder(TrainerCallback):
         check_budget(self.run_dir, self.cfg, state.max_steps, shape=(V, d), n_live=self.n_live,
                      n_matrices=len(self.mats), start_step=start)
         self.writer = RecordingWriter(
-            self.run_dir, shape=(V, d), n_live=self.n_live, precision=self.cfg.dtype,
-            every=self.cfg.every, chunk_steps=self.cfg.chunk_steps, matrices=tuple(self.mats),
-            format_version=self.cfg.format,
+            self.run_dir, shape=(V, d), n_live=self.n_live, dtype=self.cfg.dtype,
+            every=self.cfg.every, matrices=tuple(self.mats),
             defer=w.device.type != "cuda",  # CPU/MPS: compress at the end, not beside training on the same cores
             extra_meta={"max_steps": state.max_steps, "learning_rate": args.learning_rate,
                         "weight_decay": args.weight_decay,

@@ -13,32 +13,16 @@ import threading
 from pathlib import Path
 
 from duckling.config import DucklingConfig
-from duckling.errors import DucklingError
 from duckling.files import LOCK
+from duckling.recording.budget import check_run_disk
+from duckling.training.model import count_parameters
 from duckling.training.run_folder import last_checkpoint, update_run_info
 
 
-def model_files_bytes(cfg: DucklingConfig, n_params: int) -> int:
-    """Checkpoints (weights + Adam's two moments, float32, + scheduler/rng/state files; the Trainer
-    saves before it rotates, so save_total_limit + 1 at a time) and final/ (the weights)."""
-    ckpt = 12 * n_params + (1 << 20)
-    n_ckpt = min(cfg.train.save_total_limit + 1, cfg.train.max_steps // cfg.train.save_steps + 1)
-    return n_ckpt * ckpt + 4 * n_params + (1 << 20)
-
-
 def check_disk(run_dir: Path, cfg: DucklingConfig, model, start: int, record: bool, shape, n_live: int) -> None:
-    """The budget (recording + checkpoints + final model) against record.budget_gb and the free disk."""
-    from duckling.recording.reader import _free_bytes, check_budget
-
-    extra = model_files_bytes(cfg, sum(p.numel() for p in model.parameters()))
-    if record:
-        check_budget(run_dir, cfg.record, cfg.train.max_steps, shape=shape, n_live=n_live,
-                     n_matrices=1 if cfg.model.tie_word_embeddings else 2, start_step=start, extra_bytes=extra)
-        return
-    free = _free_bytes(run_dir)
-    if extra > free:
-        raise DucklingError(f"Checkpoints and the final model need {extra / 1e9:.2f} GB but {run_dir.resolve()} "
-                            f"has {free / 1e9:.2f} GB free. Free disk space or lower train.save_total_limit.")
+    """The budget (recording + checkpoints + final model) against record.budget_gb and the free disk
+    (duckling.recording.budget), with the parameter count of the model itself."""
+    check_run_disk(run_dir, cfg, count_parameters(model), start=start, record=record, shape=shape, n_live=n_live)
 
 
 class StopOnSignal:
