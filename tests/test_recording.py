@@ -191,6 +191,21 @@ def test_budget_refuses_with_bytes_and_stride(tmp_path):
     assert recording_bytes(RecordConfig(dtype="float32"), 100) > recording_bytes(cfg, 100)
 
 
+def test_run_bytes_count_the_models_own_parameters():
+    """One parameter count, taken from the model (the sweep's hand-written formula was 1,024 off)."""
+    from duckling.config import DucklingConfig
+    from duckling.recording.budget import model_files_bytes
+    from duckling.sweeps.spec import run_bytes
+    from duckling.training.model import build_model, count_parameters, n_params
+
+    for tied in (True, False):
+        cfg = DucklingConfig().override({"model.tie_word_embeddings": tied, "model.n_layer": 1})
+        n = count_parameters(build_model(cfg.model))
+        assert n_params(cfg.model) == n
+        rec = recording_bytes(cfg.record, cfg.train.max_steps, n_matrices=1 if tied else 2)
+        assert run_bytes(cfg) == rec + model_files_bytes(cfg, n)
+
+
 def test_full_disk_stops_cleanly_and_keeps_prefix(tmp_path, monkeypatch):
     w = RecordingWriter(tmp_path, shape=(V, D), n_live=N_LIVE, block_steps=3)
     W = np.ones((V, D), np.float32)
