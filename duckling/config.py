@@ -38,7 +38,7 @@ HUB_DATASET = "roneneldan/TinyStories"
 LR_SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
                 "polynomial", "inverse_sqrt")
 OPTIMIZERS = ("adamw", "sgd", "coupled_adam")  # duckling/training/optim.py
-# train.learning_rate's default follows the optimizer (sgd's from the sweep in sweeps/sgd_lr.toml, README)
+# train.learning_rate's default follows the optimizer (sgd's from the sweep in sweeps/sgd_lr.toml: docs/results/sgd_lr/)
 LR_DEFAULTS = {"adamw": 1e-4, "coupled_adam": 1e-4, "sgd": 0.1}
 
 

@@ -26,10 +26,10 @@ from duckling.files import write_atomic, write_json
 from duckling.recording.budget import recording_bytes
 
 # Sized for ~75 s on 2 CPU cores: on this project's idle 2-core AMD EPYC, a fresh clone ran it in 75 s
-# wall, 68 s of it training at 15.1 steps/s with every-step recording (README); at the ~8 steps/s of
+# wall, 68 s of it training at 15.1 steps/s with every-step recording (docs/benchmarks.md); at the ~8 steps/s of
 # a slower or busier 2-core machine, ~2 min. The recording (format 2: compressed bf16 W + float32 row
 # scalars) takes a few hundred MB for 1,000 steps (2,695-3,769 snapshots per GB at 300-2,000 steps in
-# the README's measurements); the summary prints its real size. Before it starts, the run's disk check
+# docs/benchmarks.md); the summary prints its real size. Before it starts, the run's disk check
 # reserves the uncompressed bound, duckling.recording.budget.recording_bytes (~2.26 GB for 1,000 steps).
 DEFAULT_STEPS = 1000
 SUMMARY_FILE = "quickstart.json"

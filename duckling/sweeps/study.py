@@ -1,4 +1,4 @@
-"""The dead-token study's tables and figures (README "The dead-token study", notebook 08).
+"""The dead-token study's tables and figures (docs/results.md, "The dead-token study"; notebook 08).
 
     from duckling.sweeps.study import load, study_table, plot_norms_vs_null, plot_update_rule
     t = load("sweeps/study")                       # one row per complete run (duckling.sweeps.compare) + its folder
