@@ -54,7 +54,7 @@ def same_recording(a, b) -> bool:
 
     ra, rb = Recording(a), Recording(b)
     files = sorted(p.name for p in ra.root.iterdir() if p.suffix != ".json")
-    return (ra.steps.tolist() == rb.steps.tolist() == list(range(STEPS + 1)) and len(files) > 3
+    return (ra.steps.tolist() == rb.steps.tolist() == list(range(STEPS + 1)) and len(files) >= 3
             and files == sorted(p.name for p in rb.root.iterdir() if p.suffix != ".json")
             and all((ra.root / f).read_bytes() == (rb.root / f).read_bytes() for f in files))
 
