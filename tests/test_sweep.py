@@ -198,7 +198,7 @@ def test_compare_table_and_figures(tiny_sweep):
     from duckling.sweeps.compare import short_table
 
     short = short_table(table)  # what `duckling compare` prints: a few columns, every run, no NaN
-    assert short.splitlines()[0].split("  ")[:2] == ["run", "status"] and "held-out loss" in short.splitlines()[0]
+    assert short.splitlines()[0].split()[:2] == ["run", "status"] and "held-out loss" in short.splitlines()[0]
     assert all(row["name"] in short for _, row in table.iterrows()) and "nan" not in short.lower()
     assert max(len(line) for line in short.splitlines()) < 120
     summary = out / "weight_decay=0__seed=0" / "report" / "summary.json"
