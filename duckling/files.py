@@ -58,6 +58,15 @@ def write_atomic(path, data: str | bytes) -> None:
         raise
 
 
+def fsync_path(path) -> None:
+    """fsync a file or a folder (a folder's fsync makes the renames and creations in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def checkpoints(run_dir) -> list[Path]:
     """A run folder's *complete* Trainer checkpoints (``checkpoint-N/`` holding trainer_state.json, the
     last file the Trainer writes), oldest first: ``checkpoints(run)[-1]`` is the one to resume from."""

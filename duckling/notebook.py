@@ -209,9 +209,7 @@ def _jsonable(x):
     if isinstance(x, np.ndarray):
         return _jsonable(x.tolist())
     if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not np.isfinite(x):
-        return None
+        x = x.item()  # (non-finite floats become null in write_json)
     if isinstance(x, Path):
         return x.as_posix()
     return x

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from duckling.errors import DucklingError
-from duckling.files import folder_lock, write_json
+from duckling.files import folder_lock, fsync_path, write_json
 from duckling.recording.layout import (BLOCK_STEPS, FIELDS, FORMAT, LAYOUT_KEYS, PROBE_COLUMNS, check_meta,
                                        layout_keys, make_streams, older_layout, read_meta, rec_dir,
                                        snapshot_parts)
@@ -33,14 +33,6 @@ from duckling.recording.reader import Recording
 STAGE, OLD, VERIFIED = "recording.new", "recording.old", ".verified"
 LEGACY_GROUP_ROWS = 64  # the first format-2 layout: 64 rows per frame, dead rows alike, no segments
 EARLY_REQUIRED = ("format_version", "matrices", "shape", "dtype", "every", "n_live", "block_steps")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -64,9 +56,9 @@ def _swap(root: Path, stage: Path) -> None:
     run = root.parent
     if not _exchange(root, stage):
         os.rename(root, run / OLD)
-        _fsync_dir(run)
+        fsync_path(run)
         os.rename(stage, root)
-    _fsync_dir(run)
+    fsync_path(run)
 
 
 def _recover(root: Path) -> str | None:
@@ -76,7 +68,7 @@ def _recover(root: Path) -> str | None:
     done = None
     if not root.exists() and old.exists():  # between the fallback's two renames
         os.rename(stage if (stage / VERIFIED).exists() else old, root)
-        _fsync_dir(run)
+        fsync_path(run)
         done = "finished an interrupted upgrade"  # (or, unverified, undid it: the old one is back)
     if not root.exists():
         return done
@@ -201,9 +193,9 @@ def compact(run_dir) -> dict:
         write_json(stage / "meta.json", meta2)
         _write(old, stage, meta2)
         _verify(old, Recording(stage))
-        _fsync_dir(stage)
+        fsync_path(stage)
         (stage / VERIFIED).touch()
-        _fsync_dir(stage)
+        fsync_path(stage)
         _swap(root, stage)  # the commit point
         _recover(root)  # the old files go
         new = Recording(root)

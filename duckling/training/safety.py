@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import shutil
 import signal
 import sys
@@ -13,7 +12,7 @@ import threading
 from pathlib import Path
 
 from duckling.config import DucklingConfig
-from duckling.files import LOCK
+from duckling.files import LOCK, fsync_path
 from duckling.recording.budget import check_run_disk
 from duckling.training.model import count_parameters
 from duckling.training.run_folder import last_checkpoint, update_run_info
@@ -83,16 +82,8 @@ def fsync_tree(folder: Path) -> None:
         return
     for p in folder.iterdir():
         if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_path(p)
+    fsync_path(folder)
 
 
 def _cleanup_partial(run_dir: Path) -> None:
