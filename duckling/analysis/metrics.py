@@ -257,21 +257,34 @@ def mean_pairwise_cosine(X) -> float:
 
 def collapse(rec, matrix: str = "wte", steps=None, n_pcs: int = 3) -> dict:
     """Analysis 4: mean pairwise cosine among dead rows (live rows as control), the mean cosine to
-    the mean dead row (Magikarp's measure), and the fraction of dead-row variance on the top PCs."""
+    the mean dead row (Magikarp's measure), and the centred measures: the fraction of dead-row variance
+    on the top PCs after centring, ``pc1_noise`` (the largest share isotropic noise gives, Marchenko-Pastur
+    edge), ``dead_spread`` / ``live_spread`` (mean ||x_i - mean||^2 of each group) and ``dead_cos_from_mean``:
+    the pairwise cosine that the common displacement alone gives rows spread as measured around their
+    mean, (||m||^2 - s / (n - 1)) / (||m||^2 + s) (exact for rows of equal norm). A cosine near it means
+    the uncentred cosine only re-measures the mean's shift."""
     _check(rec, matrix)
     steps = thin(rec.steps) if steps is None else np.asarray(steps)
     dead, live = rec.dead_ids, rec.live_ids
-    out = {k: np.empty(len(steps)) for k in ("dead_cos", "live_cos", "dead_cos_to_mean")}
+    keys = ("dead_cos", "live_cos", "dead_cos_to_mean", "dead_spread", "live_spread", "dead_cos_from_mean")
+    out = {k: np.empty(len(steps)) for k in keys}
     pcs = np.empty((len(steps), n_pcs))
-    for j, n in enumerate(steps):
-        W = rec.snapshot(int(n), matrix=matrix)
+    n = len(dead)
+    for j, step in enumerate(steps):
+        W = rec.snapshot(int(step), matrix=matrix)
         X = W[dead]  # (n_dead, d)
         out["dead_cos"][j], out["live_cos"][j] = mean_pairwise_cosine(X), mean_pairwise_cosine(W[live])
-        out["dead_cos_to_mean"][j] = float((_unit(X) @ _unit(X.mean(0, dtype=np.float64))).mean())
-        Xc = X - X.mean(0)
+        m = X.mean(0, dtype=np.float64)
+        out["dead_cos_to_mean"][j] = float((_unit(X) @ _unit(m)).mean())
+        Xc = X - m.astype(X.dtype)
         ev = np.linalg.eigvalsh((Xc.T @ Xc).astype(np.float64))[::-1]  # (d,) descending
         pcs[j] = ev[:n_pcs] / ev.sum()
-    return {"steps": steps, **out, "pc_var": pcs, "n_dead": len(dead), "d": W.shape[1]}
+        s, m2 = ev.sum() / n, float(m @ m)  # spread, ||mean||^2
+        out["dead_spread"][j], out["dead_cos_from_mean"][j] = s, (m2 - s / (n - 1)) / (m2 + s)
+        L = W[live] - W[live].mean(0, dtype=np.float64).astype(W.dtype)
+        out["live_spread"][j] = float(np.einsum("ij,ij->", L, L, dtype=np.float64)) / len(live)
+    d = W.shape[1]
+    return {"steps": steps, **out, "pc_var": pcs, "n_dead": n, "d": d, "pc1_noise": (1 + (d / n) ** 0.5) ** 2 / d}
 
 
 # ---------------------------------------------------------------- 5. trajectory maps
@@ -307,14 +320,24 @@ def trajectory_map(rec, matrix: str = "wte", steps=None, n_fit_steps: int = 8, n
 
 
 # ---------------------------------------------------------------- 6. detectability
-# Label-free indicators, each with the fixed direction it is read in (higher score = "looks dead"):
-# what a user without the dead labels would compute. Their AUROC is reported as is: < 0.5 means the
-# stated direction is wrong for this run (the opposite one would have separated).
-LABEL_FREE = {"norm": "small row norm => dead",
-              "cos_all_mean": "high cosine to the mean row => dead",
-              "pc1": "far out on the long tail of the PC1 projection => dead"}
-OPPOSITE = {"norm": "large row norm => dead", "cos_all_mean": "low cosine to the mean row => dead",
-            "pc1": "on the short side of the PC1 projection => dead"}
+# BLIND INDICATORS. Each label-free indicator's direction (higher score = "looks dead"), FIXED BEFORE ANY
+# LABEL OF THE STUDY WAS SEEN, with its source (issue 23): what a user without the dead labels would
+# compute. Its AUROC is reported in this direction only: < 0.5 means the direction is wrong for the run.
+# The report may show the post-hoc best direction beside it, labelled post hoc; it never replaces it.
+#   key: (fixed direction, opposite direction, where the fixed direction comes from)
+BLIND_DIRECTIONS = {
+    "norm": ("small row norm => dead", "large row norm => dead",
+             "literature: Land & Bartolo 2024 (Magikarp), small embedding norm marks under-trained tokens"),
+    "cos_all_mean": ("high cosine to the mean row => dead", "low cosine to the mean row => dead",
+                     "literature: Gao et al. 2019 (representation degeneration), rows that get only the softmax "
+                     "denominator's push all move along -(mean hidden state), as the mean row does"),
+    "pc1": ("far out on the long tail of the PC1 projection => dead",
+            "on the short side of the PC1 projection => dead",
+            "prior, no labels (issue 13): unused tokens are a minority cluster out on one tail"),
+}
+LABEL_FREE = {k: v[0] for k, v in BLIND_DIRECTIONS.items()}
+OPPOSITE = {k: v[1] for k, v in BLIND_DIRECTIONS.items()}
+DIRECTION_SOURCE = {k: v[2] for k, v in BLIND_DIRECTIONS.items()}
 # Indicators that use the dead labels (their reference is built from the known dead rows): an upper
 # bound on what such a reference can do, not a detector.
 LABEL_USING = {"cos_dead_mean": "cosine to the mean dead row (uses the dead labels)",

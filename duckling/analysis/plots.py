@@ -117,30 +117,56 @@ def plot_drift(res, matrix: str = "wte") -> Figure:
 
 
 def plot_collapse(res, matrix: str = "wte") -> Figure:
-    """Analysis 4: mean pairwise cosine (top) and variance on the top PCs of dead rows (bottom).
-    Both axes start at 0 (cosine: -0.1), so that a flat curve near 0 does not fill the panel with noise."""
-    fig, (ax, ax2) = _fig(2, 1, f"Collapse of dead rows onto one direction{_suffix(matrix, res)}")
+    """Analysis 4, uncentred (top) against centred (middle, bottom): the dead rows' mean pairwise cosine
+    beside the cosine their common displacement alone gives; the share of their centred variance on PC1
+    (0-1 axis: 1 = all spread on one direction) against isotropic noise; their spread around their mean
+    relative to init (1 = no contraction). A high pairwise cosine with the centred measures at their
+    references is a common shift of the mean, not a collapse of the rows onto each other."""
+    fig = Figure(figsize=(FIGSIZE[0], 6.5), layout="constrained")
+    ax, ax2, ax3 = fig.subplots(3, 1, sharex=True, height_ratios=(1.3, 1, 1))
+    fig.suptitle(f"Collapse of dead rows: uncentred vs centred{_suffix(matrix, res)}", fontsize=10)
+    for a in (ax, ax2, ax3):
+        a.grid(alpha=0.3)
+        a.tick_params(labelsize=8)
     x = res["steps"]
-    ax.plot(x, res["dead_cos"], color=DEAD, lw=1.2, label="dead: mean pairwise cosine")
-    ax.plot(x, res["dead_cos_to_mean"], color=DEAD, ls="--", lw=1, label="dead: mean cosine to mean dead row")
+    ax.plot(x, res["dead_cos"], color=DEAD, lw=1.4, label="dead: mean pairwise cosine (uncentred)")
+    if "dead_cos_from_mean" in res:
+        ax.plot(x, res["dead_cos_from_mean"], color=NULL, ls="--", lw=1,
+                label="dead: what their common shift alone gives")
+    ax.plot(x, res["dead_cos_to_mean"], color=DEAD, ls=":", lw=1.2, label="dead: mean cosine to the mean dead row")
     ax.plot(x, res["live_cos"], color=LIVE, lw=1.2, label="live: mean pairwise cosine")
     lo = min(-0.1, float(np.nanmin([res["dead_cos"], res["live_cos"], res["dead_cos_to_mean"]])) - 0.05)
     ax.set_ylim(lo, 1.05)
-    _label(ax, "cosine (1 = one direction)", loc="upper left")
-    for k in range(res["pc_var"].shape[1]):
-        ax2.plot(x, res["pc_var"][:, k], color=DEAD, alpha=1 - 0.3 * k, lw=1.2, ls=("-", "--", ":")[k % 3],
-                 label=f"dead rows' principal component {k + 1}")
+    _label(ax, "cosine\n(1 = one direction)", loc="upper left", fontsize=7)
     n, d = res["n_dead"], res["d"]
-    edge = (1 + (d / n) ** 0.5) ** 2 / d
-    ax2.axhline(edge, color=NULL, ls="--", lw=1, label="largest component of isotropic noise")
-    ax2.set_ylim(0, max(2 * edge, 1.2 * float(np.nanmax(res["pc_var"]))))
-    _label(ax2, "share of the dead rows'\nvariance (after centring)", steps=True, loc="upper right")
+    edge = res.get("pc1_noise", (1 + (d / n) ** 0.5) ** 2 / d)
+    ax2.plot(x, res["pc_var"][:, 0], color=DEAD, lw=1.4, label="dead rows' PC1 after centring")
+    ax2.axhline(edge, color=NULL, ls="--", lw=1,
+                label=f"isotropic noise ({edge:.3f}): no preferred direction")
+    ax2.axhline(1.0, color="grey", ls=":", lw=1, label="1 = every dead row on one line")
+    ax2.set_ylim(0, 1.05)
+    _label(ax2, "share of centred\nvariance on PC1", loc="center right", fontsize=7)
+    if "dead_spread" in res:
+        ax3.plot(x, res["dead_spread"] / res["dead_spread"][0], color=DEAD, lw=1.4, label="dead rows")
+        ax3.plot(x, res["live_spread"] / res["live_spread"][0], color=LIVE, lw=1.2, label="live rows")
+        ax3.axhline(1.0, color=NULL, ls="--", lw=1, label="1 = spread as at init (no contraction)")
+        hi = float(np.nanmax([res["dead_spread"] / res["dead_spread"][0], res["live_spread"] / res["live_spread"][0]]))
+        ax3.set_ylim(0, max(1.25, 1.1 * hi))
+        ax3.text(0.01, 0.04, "0 = every dead row at one point", transform=ax3.transAxes, fontsize=7, color="grey")
+        _label(ax3, "spread around their mean\n/ spread at init", steps=True, loc="center right", fontsize=7)
+    else:
+        ax3.set_visible(False)
+        ax2.set_xlabel(STEP_LABEL, fontsize=8)
     return fig
 
-def plot_trajectories(res, matrix: str = "wte") -> Figure:
+
+def plot_trajectories(res, matrix: str = "wte", n_named: int = 2) -> Figure:
     """Analysis 5: 2-D PCA map: rows at the first (hollow) and last step (filled), the group means'
-    paths and named tokens' paths, each named token in the legend (labels at the end points pile up
-    where dead rows collapse together)."""
+    paths (drawn last, outlined, the live one dashed, so neither hides the other) and ``n_named`` named
+    tokens' paths per group (x = init, dot = final step)."""
+    from matplotlib import patheffects
+    from matplotlib.lines import Line2D
+
     fig = Figure(figsize=(9, 5.5), layout="constrained")
     ax = fig.subplots()
     ax.grid(alpha=0.3)
@@ -148,46 +174,101 @@ def plot_trajectories(res, matrix: str = "wte") -> Figure:
     fig.suptitle(f"Trajectories in the top-2 PCA plane ({res['explained']:.0%} of variance)"
                  f"{_suffix(matrix, res)}", fontsize=10)
     d = res["cloud_is_dead"]
-    for xy, when, kw in ((res["cloud_first"], "init", dict(facecolors="none", s=10, lw=0.5, alpha=0.5)),
-                         (res["cloud_last"], "final", dict(s=6, lw=0, alpha=0.5))):
-        ax.scatter(*xy[~d].T, edgecolors=LIVE if when == "init" else None,
-                   **({"color": LIVE} if when == "final" else {}), label=f"live rows at {when} (sample)", **kw)
-        ax.scatter(*xy[d].T, edgecolors=DEAD if when == "init" else None,
-                   **({"color": DEAD} if when == "final" else {}), label=f"dead rows at {when}", **kw)
-    ax.plot(*res["dead_mean"].T, color=DEAD, lw=2.5, label="mean dead row (path)")
-    ax.plot(*res["live_mean"].T, color=LIVE, lw=2.5, label="mean live row (path)")
-    dead_c, live_c = iter(("tab:orange", "tab:red", "tab:brown", "tab:pink")), \
-        iter(("tab:cyan", "tab:purple", "tab:green", "tab:olive"))
-    for i, (lab, is_dead) in enumerate(zip(res["named_labels"], res["named_dead"])):
-        t, c = res["track"][:, i], next(dead_c if is_dead else live_c)
-        ax.plot(*t.T, color=c, lw=0.9, alpha=0.9, marker="o", markevery=[len(t) - 1], ms=4,
-                label=f"{'dead' if is_dead else 'live'} {lab!r}")
-        ax.plot(*t[0], "x", ms=5, color=c)
+    for who, mask, color in (("live", ~d, LIVE), ("dead", d, DEAD)):
+        ax.scatter(*res["cloud_first"][mask].T, facecolors="none", edgecolors=color, s=10, lw=0.5, alpha=0.4)
+        ax.scatter(*res["cloud_last"][mask].T, color=color, s=6, lw=0, alpha=0.5)
+    handles = [Line2D([], [], ls="", marker="o", mfc="none", mec=LIVE, label="live rows (sample): ○ init, ● final"),
+               Line2D([], [], ls="", marker="o", mfc="none", mec=DEAD, label="dead rows: ○ init, ● final")]
+    outline = [patheffects.Stroke(linewidth=5, foreground="white"), patheffects.Normal()]
+    for path, color, ls, who in ((res["dead_mean"], DEAD, "-", "dead"), (res["live_mean"], LIVE, "--", "live")):
+        h, = ax.plot(*path.T, color=color, lw=2.5, ls=ls, zorder=5, path_effects=outline,
+                     marker="o", markevery=[len(path) - 1], ms=6, label=f"mean {who} row: path, ● final")
+        ax.plot(*path[0], "x", color=color, ms=8, mew=2, zorder=6)
+        handles.append(h)
+    dead_c, live_c = iter(("tab:orange", "tab:brown", "tab:pink", "tab:olive")), \
+        iter(("tab:cyan", "tab:purple", "tab:green", "tab:gray"))
+    is_dead = np.asarray(res["named_dead"])
+    pick = [i for grp in (np.flatnonzero(is_dead), np.flatnonzero(~is_dead))
+            for i in (grp[np.linspace(0, len(grp) - 1, min(n_named, len(grp))).round().astype(int)] if len(grp) else [])]
+    for i in pick:
+        t, c = res["track"][:, i], next(dead_c if is_dead[i] else live_c)
+        h, = ax.plot(*t.T, color=c, lw=0.9, alpha=0.9, marker="o", markevery=[len(t) - 1], ms=4, zorder=4,
+                     label=f"{'dead' if is_dead[i] else 'live'} token {res['named_labels'][i]!r}")
+        ax.plot(*t[0], "x", ms=5, color=c, zorder=4)
+        handles.append(h)
     ax.set_xlabel("principal component 1 (embedding units)", fontsize=8)
     ax.set_ylabel("principal component 2 (embedding units)", fontsize=8)
-    ax.legend(fontsize=LEGEND_PT, loc="upper left", bbox_to_anchor=(1.01, 1.0), markerscale=1.5,
-              title="x = init, • = final step", title_fontsize=LEGEND_PT)
+    ax.legend(handles=handles, fontsize=LEGEND_PT, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              title="x = init, ● = final step", title_fontsize=LEGEND_PT)
     return fig
 
+
+# detectability: one style per indicator (colour, line, marker), so coinciding curves stay apart
+_DETECT_STYLE = {"norm": ("black", "-", "o"), "cos_all_mean": ("tab:green", "-", "^"), "pc1": ("tab:cyan", "-", "s"),
+                 "cos_dead_mean": ("tab:red", "--", None), "cos_dead_mean_nopc1": ("tab:orange", "-.", None)}
+
+
 def plot_detectability(res, matrix: str = "wte") -> Figure:
-    """Analysis 6: AUROC of each indicator over steps, each in its fixed direction (solid: label-free,
-    as a user without labels reads it; dashed: uses the dead labels). AUROC < 0.5: the stated
-    direction is wrong for this run."""
-    fig, (ax,) = _fig(title=f"Detectability of dead rows{_suffix(matrix, res)}")
+    """Analysis 6: AUROC of each indicator over steps, each in its fixed direction: label-free ones
+    (solid, with markers, drawn on top) as a user without labels reads them, label-using ones (broad,
+    dashed, underneath) as upper bounds. The legend sits below the axes; the chance line and the two
+    separation bands are in it."""
+    fig = Figure(figsize=(FIGSIZE[0], 6.2), layout="constrained")
+    ax = fig.subplots()
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=8)
+    fig.suptitle(f"Detectability of dead rows{_suffix(matrix, res)}", fontsize=10)
     free, using = res.get("label_free", {}), res.get("label_using", {})
-    colors = {"norm": "black", "cos_all_mean": "tab:green", "pc1": "tab:cyan", "cos_dead_mean": "tab:red",
-              "cos_dead_mean_nopc1": "tab:orange"}
     short = {"cos_dead_mean": "cosine to mean dead row", "cos_dead_mean_nopc1": "Magikarp (PC1 removed)"}
-    for key, a in res["auroc"].items():
-        lab = free.get(key) or f"{short.get(key, key)} [uses labels]"
-        ax.plot(res["steps"], a, color=colors.get(key, "grey"), lw=1.2, ls="--" if key in using else "-", label=lab)
-    ax.axhline(0.5, color="grey", lw=0.5)
-    ax.axhspan(0.9, 1.02, color="tab:green", alpha=0.06, lw=0)
-    ax.axhspan(-0.02, 0.1, color="tab:red", alpha=0.06, lw=0)
+    x = res["steps"]
+    every = max(1, len(x) // 10)
+    for i, (key, a) in enumerate(res["auroc"].items()):
+        color, ls, marker = _DETECT_STYLE.get(key, ("grey", "-", "x"))
+        if key in using:
+            ax.plot(x, a, color=color, lw=3.5, ls=ls, alpha=0.45, zorder=2,
+                    label=f"uses labels: {short.get(key, key)} (upper bound)")
+        else:
+            ax.plot(x, a, color=color, lw=1.2, ls=ls, marker=marker, ms=5, mfc="none" if i % 2 else color,
+                    markevery=(i * every // 3 % every, every), zorder=4, label=f"label-free: {free.get(key, key)}")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":", label="chance (0.5)")
+    ax.axhspan(0.9, 1.02, color="tab:green", alpha=0.08, lw=0, label="≥ 0.9: separates in the stated direction")
+    ax.axhspan(-0.02, 0.1, color="tab:red", alpha=0.08, lw=0, label="≤ 0.1: separates the other way")
     ax.set_ylim(-0.02, 1.02)
-    _label(ax, "AUROC in the stated direction\n(1 = separates, 0 = separates the other way)", steps=True,
-           loc="best")
+    ax.set_xlabel(STEP_LABEL, fontsize=8)
+    ax.set_ylabel("AUROC in the stated direction\n(1 = separates, 0 = separates the other way)", fontsize=8)
+    fig.legend(fontsize=LEGEND_PT, loc="outside lower center", ncol=2)
     return fig
+
+
+def plot_frequency(buckets, nf, loss, source: str, matrix: str = "wte", untied: bool = False) -> Figure:
+    """Embedding norm (top) and held-out loss (bottom) by token-frequency bucket: dead tokens (frequency 0)
+    then the live tokens' deciles, rarest first (after Kunstner et al. 2024, Pinto et al. 2024)."""
+    fig, (ax, ax2) = _fig(2, 1, f"By token frequency{_suffix(matrix, {'untied': untied})}")
+    k = len(buckets["labels"])
+    x = np.arange(k)
+    ticks = [f"{lab}\n{lo}" if lo == hi else f"{lab}\n{lo}-{hi}" for lab, lo, hi in
+             zip(buckets["labels"], buckets["count_min"], buckets["count_max"])]
+    ax.plot(x, nf["init"], "o", mfc="none", color=NULL, label="at init")
+    ax.plot(x[:1], nf["final"][:1], "o", color=DEAD, ms=7, label=f"dead, step {nf['step']}")
+    ax.plot(x[1:], nf["final"][1:], "o-", color=LIVE, label=f"live deciles, step {nf['step']}")
+    ax.set_ylim(0, None)
+    _label(ax, "mean row norm", fontsize=7, loc="best")
+    if "note" in loss:
+        ax2.text(0.5, 0.5, "held-out loss by frequency " + loss["note"], ha="center", va="center", wrap=True,
+                 fontsize=8, transform=ax2.transAxes)
+        ax2.set_yticks([])
+    else:
+        ok = np.asarray(loss["n_targets"]) > 0
+        ax2.plot(x[ok], np.asarray(loss["loss"])[ok], "o-", color=LIVE,
+                 label=f"held-out loss, final model ({loss['rows']} rows of {loss['dataset']})")
+        ax2.axhline(loss["overall"], color=NULL, ls="--", lw=1, label=f"all targets: {loss['overall']:.3g}")
+        ax2.text(0.01, 0.04, "dead tokens never occur as targets", transform=ax2.transAxes, fontsize=7, color="grey")
+        _label(ax2, "cross-entropy of the\ntarget token (nats)", fontsize=7, loc="best")
+    ax2.set_xticks(x, ticks, fontsize=7)
+    ax2.set_xlabel(f"frequency bucket: dead, then live deciles (D1 = rarest), with the count range;\n"
+                   f"counts from {source}", fontsize=7)
+    return fig
+
 
 def plot_output_mass(res) -> Figure:
     """Analysis 7: total and maximum softmax probability on dead tokens, fixed probe batch."""

@@ -12,6 +12,31 @@ the stated direction is wrong). ``detect_label_using_auroc_cos_dead_mean`` and
 per label-free indicator, the first evaluated step with AUROC >= 0.9 in the stated direction and
 in the opposite one, each with the evaluated step before it (the resolution);
 ``detect_label_using_first_step_separable`` the same for the label-using ones.
+
+Keys added with issue 23 (per matrix: an untied run adds each again with ``_lm_head``; "no sfx" = once):
+- centred collapse: ``dead_centred_pc1_share`` (share of variance on PC1 of the centred dead rows, last
+  step; == ``dead_pc1_variance_fraction``), ``dead_centred_pc1_share_init`` (step 0),
+  ``dead_centred_pc1_share_noise`` (what isotropic noise gives: (1 + sqrt(d/n))^2 / d),
+  ``dead_spread_over_init`` / ``live_spread_over_init`` (mean ||row - group mean||^2 at the last step over
+  step 0; 1 = no contraction), ``dead_pairwise_cosine_from_mean`` (the pairwise cosine the common
+  displacement alone gives, beside the measured ``dead_mean_pairwise_cosine``).
+- mean embedding: ``mean_shift_{all,live,dead}`` = ||mean row_N - mean row_0||, ``mean_row_norm_{all,live,
+  dead}`` and ``..._init``, ``mean_shift_cos_neg_hidden_{all,live,dead}`` = cosine(shift, -mean hidden
+  state averaged over updates 1..N).
+- update rule as a consistency check: ``update_rule_step_ratio_{median,p05,p95}`` (per-step measured /
+  predicted, coherent form; 5-95% over steps), ``update_rule_step_ratio_incoherent_{median,p05,p95}``,
+  ``update_rule_n_steps``.
+- decay-only reference: ``dead_path_decay_only`` (mean dead-row path that decoupled decay alone gives,
+  sum_t lr_t wd ||w_t-1||, from the exact scalars), ``dead_path_over_decay_only`` (measured path / it;
+  None when wd = 0).
+- frequency (after Kunstner et al. 2024, Pinto et al. 2024): ``freq_source`` (no sfx), ``freq_buckets``
+  (no sfx: {"labels": ["dead", "D1", ..., "D10"], "n_tokens", "count_min", "count_max"}; D1 = rarest live
+  decile), ``norm_by_freq`` / ``norm_by_freq_init`` (mean row norm per bucket, same order), and, no sfx,
+  ``loss_by_freq`` (held-out loss per target bucket, dead = None), ``loss_by_freq_n_targets``,
+  ``loss_by_freq_overall``, ``loss_by_freq_rows``, or ``loss_by_freq_note`` (why it was skipped).
+- blind indicators: ``detect_direction_source`` ({indicator: where its fixed direction comes from},
+  metrics.BLIND_DIRECTIONS), ``detect_auroc_post_hoc_{k}`` = max(A, 1 - A) with
+  ``detect_post_hoc_direction_{k}``: chosen after seeing the labels, never the headline.
 """
 from __future__ import annotations
 
@@ -30,6 +55,7 @@ if "numpy" not in sys.modules:  # only effective before numpy loads OpenBLAS, i.
 
 import numpy as np  # noqa: E402
 
+from duckling.analysis import measures as M  # noqa: E402
 from duckling.analysis import metrics as A  # noqa: E402
 from duckling.analysis import plots as P  # noqa: E402
 from duckling.analysis import update_rule as U  # noqa: E402
@@ -59,8 +85,11 @@ def _trainer_state(run_dir: Path) -> dict | None:
     return None
 
 
-def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS) -> dict:
+def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS, eval_dataset=None) -> dict:
     """Write every figure into ``out`` (default RUN_DIR/report) and return the summary dict.
+
+    ``eval_dataset``: the held-out dataset folder for the loss by frequency bucket (default: the one
+    run_info.json or the run's sweep.json names; without one, or without RUN/final, it is skipped with a note).
 
     Snapshot-based curves are evaluated at ``max_points`` evenly spaced recorded steps (always
     including the first and last; None or 0 = every recorded step); per-step scalars use every step."""
@@ -95,7 +124,11 @@ def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS) -> dict:
                                          "over the optimizer's rule fed the recorded gradient norms and row-mean "
                                          "second moments (duckling/analysis/update_rule.py); coherent = each row's gradient "
                                          "keeps its direction (upper bound on the first moment), incoherent = "
-                                         "uncorrelated directions; the ratios are sums over all steps",
+                                         "uncorrelated directions; a CONSISTENCY CHECK of the recorded fields, not a "
+                                         "prediction (the rule is fed the run's own gradients): "
+                                         "update_rule_measured_over_predicted* are sums over all steps, "
+                                         "update_rule_step_ratio_* the median and 5-95% of the per-step ratios",
+               "detect_direction_source": A.DIRECTION_SOURCE,
                "lr_budget_convention": "sum over updates of lr x sqrt(d): the straight-line distance of a row "
                                        "moving lr per coordinate per step (Adam's constant-gradient limit)",
                "figures": []}
@@ -106,6 +139,17 @@ def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS) -> dict:
 
     untied = len(S["matrices"]) > 1
     budget = U.lr_budget(rec)  # (T,) sum of lr x sqrt(d)
+    counts, S["freq_source"] = M.token_counts(rec)
+    buckets = None if counts is None else M.frequency_buckets(counts, rec.live_ids, rec.dead_ids)
+    if buckets is not None:
+        S["freq_buckets"] = {k: buckets[k] for k in ("labels", "n_tokens", "count_min", "count_max")}
+        loss = M.loss_by_frequency(run_dir, buckets, eval_dataset)
+        if "note" in loss:
+            S["loss_by_freq_note"] = loss["note"]
+        else:
+            S.update(loss_by_freq=[_num(x) for x in loss["loss"]], loss_by_freq_n_targets=loss["n_targets"].tolist(),
+                     loss_by_freq_overall=_num(loss["overall"]), loss_by_freq_rows=loss["rows"],
+                     loss_by_freq_dataset=loss["dataset"])
     for m in S["matrices"]:
         sfx = "" if m == "wte" else f"_{m}"
         rec.preload(steps, m)  # the analyses below pass over these steps several times: decode once
@@ -118,14 +162,22 @@ def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS) -> dict:
         put("drift", P.plot_drift(dr, m), sfx)
         c = {**A.collapse(rec, m, steps), "untied": untied}
         put("collapse", P.plot_collapse(c, m), sfx)
+        ms = M.mean_shift(rec, m, steps)
         put("trajectories", P.plot_trajectories({**A.trajectory_map(rec, m, steps), "untied": untied}, m), sfx)
         det = A.detectability(rec, m, steps)
         put("detectability", P.plot_detectability(det, m), sfx)
         put("gradients", P.plot_gradients({**A.gradient_channel(rec, m), "untied": untied}, m), sfx)
         rec.preload([], m)  # free it: the rest uses per-step scalars
+        last = int(A._scalar_index(rec, [d["steps"][-1]])[0])  # the displacement's last step among the scalars
         u = U.update_prediction(rec, m)
         put("update_rule", P.plot_update_rule(u, m), sfx)
-        last = int(A._scalar_index(rec, [d["steps"][-1]])[0])  # the displacement's last step among the scalars
+        if buckets is not None:
+            nf = M.norm_by_frequency(rec, buckets, m)
+            put("frequency", P.plot_frequency(buckets, nf, loss, S["freq_source"], m, untied), sfx)
+            S.update({f"norm_by_freq{sfx}": [_num(x) for x in nf["final"]],
+                      f"norm_by_freq_init{sfx}": [_num(x) for x in nf["init"]]})
+        q2, q2i = M.step_ratio_stats(u["ratio"]), M.step_ratio_stats(u["ratio_incoherent"])
+        decay_path = float(np.nansum(u["decay"][:last + 1]))
         sep = {k: {"direction": A.LABEL_FREE[k], "threshold": 0.9,
                    **A.first_separable(det["steps"], det["auroc"][k]),
                    "opposite": {"direction": A.OPPOSITE[k],
@@ -140,9 +192,21 @@ def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS) -> dict:
             "live_mean_pairwise_cosine": _num(c["live_cos"][-1]),
             "dead_cos_to_mean_dead": _num(c["dead_cos_to_mean"][-1]),
             "dead_pc1_variance_fraction": _num(c["pc_var"][-1, 0]),
+            "dead_centred_pc1_share": _num(c["pc_var"][-1, 0]),
+            "dead_centred_pc1_share_init": _num(c["pc_var"][0, 0]),
+            "dead_centred_pc1_share_noise": _num(c["pc1_noise"]),
+            "dead_spread_over_init": _num(c["dead_spread"][-1] / c["dead_spread"][0]),
+            "live_spread_over_init": _num(c["live_spread"][-1] / c["live_spread"][0]),
+            "dead_pairwise_cosine_from_mean": _num(c["dead_cos_from_mean"][-1]),
+            **{f"mean_shift_{g}": _num(ms[f"shift_{g}"][-1]) for g in ("all", "live", "dead")},
+            **{f"mean_row_norm_{g}": _num(ms[f"mean_norm_{g}"][-1]) for g in ("all", "live", "dead")},
+            **{f"mean_row_norm_{g}_init": _num(ms[f"mean_norm_{g}"][0]) for g in ("all", "live", "dead")},
+            **{f"mean_shift_cos_neg_hidden_{g}": _num(ms[f"cos_hidden_{g}"][-1]) for g in ("all", "live", "dead")},
             "drift_cosine_to_neg_mean_hidden": _num(dr["cos_hidden"][-1]),
             "drift_cosine_to_neg_mean_live": _num(dr["cos_live"][-1]),
             **{f"detect_auroc_{k}": _num(det["auroc"][k][-1]) for k in A.LABEL_FREE},
+            **{f"detect_auroc_post_hoc_{k}": _num(M.post_hoc(det["auroc"][k][-1], k)[0]) for k in A.LABEL_FREE},
+            **{f"detect_post_hoc_direction_{k}": M.post_hoc(det["auroc"][k][-1], k)[1] for k in A.LABEL_FREE},
             **{f"detect_label_using_auroc_{k}": _num(det["auroc"][k][-1]) for k in A.LABEL_USING},
             "detect_first_step_separable": sep,
             "detect_label_using_first_step_separable": {
@@ -154,6 +218,11 @@ def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS) -> dict:
             "update_rule_optimizer": u["optimizer"],
             "update_rule_measured_over_predicted": _num(U.path_ratio(u)),
             "update_rule_measured_over_predicted_incoherent": _num(U.path_ratio(u, "incoherent")),
+            **{f"update_rule_step_ratio_{k}": q2[k] for k in ("median", "p05", "p95")},
+            **{f"update_rule_step_ratio_incoherent_{k}": q2i[k] for k in ("median", "p05", "p95")},
+            "update_rule_n_steps": q2["n_steps"],
+            "dead_path_decay_only": _num(decay_path),
+            "dead_path_over_decay_only": _num(d["dead_path_mean"][last] / decay_path) if decay_path > 0 else None,
             "update_rule_v_check_median": _num(np.nanmedian(u["v_check"])) if np.isfinite(u["v_check"]).any()
             else None,
         }.items()})
