@@ -330,14 +330,23 @@ def cli_sweep(args) -> int:
 
 
 def cli_compare(args) -> int:
-    """``duckling compare OUT``: a short table here; every column in OUT/compare.csv and compare.md."""
-    from duckling.sweeps.compare import compare, short_table
+    """``duckling compare OUT``: a short table here; every column in OUT/compare.csv and compare.md. Exit 1
+    when a run that should be there is broken or missing (everything else is still written); runs the
+    sweep has not finished (pending, failed, ...) are listed but are the sweep's business: exit 0."""
+    from duckling.sweeps.compare import compare, short_table, unhealthy
 
     table = compare(args.out, refresh_reports=args.refresh_reports)
     print(short_table(table))
     files = table.attrs.get("files", [])
-    print(f"every column ({len(table.columns)}) and the mean over seeds: {Path(args.out) / 'compare.md'} and "
-          f"compare.csv; figures: {', '.join(f for f in files if f.endswith('.png')) or 'none yet'}")
+    print(f"every column ({len(table.columns)}), the mean over seeds with 95% intervals and the differences: "
+          f"{Path(args.out) / 'compare.md'} and compare.csv; figures: "
+          f"{', '.join(f for f in files if f.endswith('.png')) or 'none yet'}")
+    bad = unhealthy(table)
+    if bad:
+        print(f"duckling compare: {len(bad)} run(s) broken or missing (listed above): the table and figures "
+              "hold the other runs only. Fix or rerun them (`duckling sweep SPEC --out OUT` retrains what is "
+              "missing; `duckling report RUN` shows a broken run's error), then compare again.", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -189,8 +189,8 @@ def test_compare_table_and_figures(tiny_sweep):
             want = sep[k]["opposite"]["step"]
             got = row[f"sep_step_{k}_opposite"]
             assert (want is None and np.isnan(got)) or got == want
-    assert sorted(table.attrs["files"]) == sorted(["compare.csv", "compare.md", "compare_weight_decay.png",
-                                                   "compare_norms.png"])
+    assert sorted(table.attrs["files"]) == sorted(["compare.csv", "compare.md", "compare_differences.csv",
+                                                   "compare_weight_decay.png", "compare_norms.png"])
     for f in table.attrs["files"]:
         assert (out / f).stat().st_size > 0
     md = (out / "compare.md").read_text()

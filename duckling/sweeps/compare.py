@@ -1,31 +1,34 @@
-"""``duckling compare SWEEP_DIR``: one table row per run of a sweep and the figures across runs.
+"""``duckling compare SWEEP_DIR``: one table row per run of a sweep, means over seeds with 95% intervals,
+differences between configurations with theirs, and the figures across runs.
 
-    from duckling.sweeps.compare import compare
-    table = compare("sweeps/wd")      # also writes compare.csv, compare.md and compare_*.png there
+    from duckling.sweeps.compare import compare, by_config, differences, difference
+    table = compare("sweeps/wd")      # also writes compare.csv, compare.md, compare_differences.csv, compare_*.png
+    by_config(table)                  # per configuration: seeds, mean and 95% t interval of every measure
+    difference(table, "eval_loss", {"train.weight_decay": 0.1}, {"train.weight_decay": 0.0})
 
-Each row: the run's swept values and seed, its final training and held-out loss, and the headline
-dead-token numbers of its report (``duckling.analysis.report``; a missing report is computed first).
-Figures: each metric against each swept value (every seed a dot, the mean over seeds a line, the
-spread over seeds a bar) and the dead-row norm curves of every configuration overlaid.
+Each row: the run's swept values and seed, its status, its final training and held-out loss and the
+headline dead-token numbers of its report (``duckling.analysis.report``'s summary.json; a missing or
+stale report is computed first, when the run's recording is there). A run that cannot be shown is never
+a "complete" row: it is ``broken`` (its report failed or its summary cannot be read; ``problem`` holds
+the error), ``missing`` (sweep.json says complete but the folder, or both its summary and its recording,
+are gone; ``problem`` names where they were expected), or keeps its sweep.json state (pending, queued,
+running, failed with its error, interrupted). One bad run never stops the others. Intervals:
+``duckling.sweeps.stats`` (Student t over seeds; paired t for differences on the same seeds, Welch else).
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 import numpy as np
 
-from duckling.analysis import metrics as A
-from duckling.analysis.plots import DPI, FIGSIZE, STEP_LABEL
-from duckling.analysis.report import report
-from duckling.errors import DucklingError
-from duckling.recording.reader import Recording
+from duckling.sweeps import stats
 from duckling.sweeps.engine import read_manifest
 from duckling.sweeps.progress import text_table
 
-# headline numbers of report summary.json: {key: (column, axis label)}
+# headline numbers of report summary.json: {key: (column, axis label)}. A new measure of the report is one
+# line here (dotted keys walk nested dicts); every other numeric summary key still lands in compare.csv.
 METRICS = {
     "final_train_loss": ("train_loss", "final training loss (nats/token)"),
     "final_eval_loss": ("eval_loss", "held-out loss (nats/token)"),
@@ -42,10 +45,12 @@ METRICS = {
     "detect_auroc_pc1": ("detect_auroc_pc1", "AUROC: PC1 long tail => dead"),
     "detect_label_using_auroc_cos_dead_mean_nopc1": ("magikarp_auroc", "AUROC: Magikarp (uses dead labels)"),
     # first evaluated step with AUROC >= 0.9 in the stated direction / the opposite one (NaN: never)
-    **{f"detect_first_step_separable.{k}{o}.step": (f"sep_step_{k}{o.replace('.', '_')}", "")
+    **{f"detect_first_step_separable.{k}{o}.step": (f"sep_step_{k}{o.replace('.', '_')}",
+                                                     f"first step AUROC >= 0.9: {k}{' (opposite)' if o else ''}")
        for k in ("norm", "cos_all_mean", "pc1") for o in ("", ".opposite")},
     "dead_output_mass": ("dead_output_mass", "probability mass on dead ids"),
 }
+LABELS = {col: label for col, label in METRICS.values()}
 # what `duckling compare` prints in the terminal ({column: header}); the wide table is compare.csv / .md
 SHORT = {"name": "run", "status": "status", "train_loss": "loss", "eval_loss": "held-out loss",
          "dead_norm_over_null": "dead norm/null", "dead_pairwise_cos": "dead cos", "detect_auroc_norm": "AUROC norm"}
@@ -55,18 +60,14 @@ SHORT_MEANING = {
     "dead cos": "mean cosine between dead rows (0 = unrelated directions)",
     "AUROC norm": "AUROC of -||w|| for dead vs live rows (0.5 = chance)",
 }
+# the figures' panels and the differences table of compare.md (summary keys)
 FIG_METRICS = ("final_eval_loss", "dead_norm_over_null", "dead_mean_pairwise_cosine",
                "drift_cosine_to_neg_mean_hidden", "update_rule_measured_over_predicted", "detect_auroc_norm",
                "detect_auroc_cos_all_mean", "detect_auroc_pc1", "detect_label_using_auroc_cos_dead_mean_nopc1")
+UNHEALTHY = ("broken", "missing")  # compare could not show a run that should be there: `duckling compare` exits 1
 
 
-def _summary(run_dir: Path, refresh: bool) -> dict:
-    """The run's report summary.json, computed (with its figures) when missing or older than the run."""
-    if refresh or _stale(run_dir):
-        return report(run_dir)
-    return json.loads((run_dir / "report" / "summary.json").read_text())
-
-
+# ---------------------------------------------------------------- one run's state
 def _stale(run_dir: Path) -> bool:
     path = run_dir / "report" / "summary.json"
     newest = max((p.stat().st_mtime for p in (run_dir / "final" / "trainer_state.json",
@@ -74,17 +75,72 @@ def _stale(run_dir: Path) -> bool:
     return not path.is_file() or path.stat().st_mtime < newest
 
 
-def _summaries(run_dirs: list, refresh: bool, progress: bool) -> dict:
-    """{run_dir: report summary}: missing or stale reports are computed, several at a time (one
-    process per CPU core; each report is single-threaded numpy work)."""
-    todo = [r for r in run_dirs if refresh or _stale(r)]
-    out = {r: json.loads((r / "report" / "summary.json").read_text()) for r in run_dirs if r not in todo}
-    if todo and progress:
+def _plan(out: Path, entry: dict, refresh: bool) -> tuple[str, str]:
+    """(what to do, why) for one sweep.json entry: "read" its summary, "compute" its report, or a final
+    status ("missing", or its sweep.json status) with the problem to show."""
+    run_dir = out / entry["path"]
+    status, error = entry.get("status", "pending"), entry.get("error") or ""
+    summary, recording = run_dir / "report" / "summary.json", run_dir / "recording"
+    finished = (run_dir / "final").is_dir()
+    if not run_dir.is_dir():
+        if status == "complete":
+            return "missing", f"run folder not found: expected at {run_dir.resolve()}"
+        return status, _first_line(error)
+    if not finished and status != "complete":  # not done (the run folder is the truth: a finished run counts)
+        return status, _first_line(error)
+    if recording.is_dir() and (refresh or _stale(run_dir)):
+        return "compute", ""
+    if summary.is_file():
+        return "read", ""
+    return "missing", (f"no report summary and no recording to compute it from: expected "
+                       f"{summary.resolve()} or {recording.resolve()}")
+
+
+def _first_line(text: str) -> str:
+    lines = [s for s in str(text).strip().splitlines() if s.strip()]
+    return lines[-1].strip() if lines else ""  # a traceback's last line names the error
+
+
+def _error(e: BaseException) -> str:
+    from duckling.errors import DucklingError
+
+    msg = " ".join(str(e).split())
+    return msg if isinstance(e, DucklingError) else f"{type(e).__name__}: {msg}"
+
+
+def _read_summary(run_dir: Path) -> dict:
+    path = run_dir / "report" / "summary.json"
+    try:
+        s = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path.resolve()}: {e}") from e
+    if not isinstance(s, dict):
+        raise ValueError(f"{path.resolve()} is not a JSON object")
+    return s
+
+
+def _report(run_dir: Path) -> dict:
+    from duckling.analysis.report import report
+
+    return report(run_dir)
+
+
+def _compute(todo: list, progress: bool) -> dict:
+    """{run_dir: summary dict or the exception}: reports computed several at a time (one process per
+    CPU core; each report is single-threaded numpy work); one failure leaves the others standing."""
+    if not todo:
+        return {}
+    if progress:
         print(f"computing {len(todo)} missing report(s) (duckling report RUN): {', '.join(r.name for r in todo)}",
               flush=True)
+    out: dict = {}
     workers = min(len(todo), os.cpu_count() or 1)
     if workers <= 1:
-        out.update({r: _summary(r, refresh) for r in todo})
+        for r in todo:
+            try:
+                out[r] = _report(r)
+            except Exception as e:  # noqa: BLE001 - listed as broken with its error; the other runs go on
+                out[r] = e
         return out
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
@@ -93,58 +149,18 @@ def _summaries(run_dirs: list, refresh: bool, progress: bool) -> dict:
     os.environ.update({k: "1" for k in env})  # inherited by the spawned workers: no thread oversubscription
     try:
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            out.update(zip(todo, pool.map(report, todo)))
+            futures = {r: pool.submit(_report, r) for r in todo}
+            for r, f in futures.items():
+                try:
+                    out[r] = f.result()
+                except Exception as e:  # noqa: BLE001 - a worker's error, or its death (BrokenProcessPool)
+                    out[r] = e
     finally:
         for k, v in env.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     return out
 
 
-def compare(out, *, write: bool = True, refresh_reports: bool = False, progress: bool = True):
-    """The comparison table of a sweep folder (a pandas DataFrame, one row per run).
-
-    Columns: name, the swept fields (dotted names), seed, status, steps, train_loss, eval_loss and
-    the report's headline numbers (METRICS). Runs that are not complete keep NaN metrics. With
-    ``write``, also writes OUT/compare.csv, OUT/compare.md and the figures OUT/compare_<field>.png
-    (each metric vs that swept field) and OUT/compare_norms.png; their paths are in ``table.attrs``."""
-    import pandas as pd
-
-    out = Path(out)
-    manifest = read_manifest(out)
-    swept = list(manifest.get("swept", []))
-    rows = []
-    done = [out / e["path"] for e in manifest["runs"]
-            if (out / e["path"] / "recording").is_dir() and (out / e["path"] / "final").is_dir()]
-    summaries = _summaries(done, refresh_reports, progress)
-    for entry in manifest["runs"]:
-        run_dir = out / entry["path"]
-        row = {"name": entry["name"], **entry["point"], "seed": entry["seed"], "status": entry["status"]}
-        if run_dir in summaries:
-            s = summaries[run_dir]
-            row["status"] = "complete"
-            row["steps"] = s.get("last_scalar_step")
-            row.update({col: _get(s, key) for key, (col, _) in METRICS.items()})
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    for _, (col, _) in METRICS.items():
-        if col not in table:
-            table[col] = np.nan
-        table[col] = pd.to_numeric(table[col], errors="coerce")
-    table.attrs["swept"] = swept
-    if write:
-        table.attrs["files"] = _write(out, table, swept)
-    return table
-
-
-def short_table(table) -> str:
-    """The few columns ``duckling compare`` prints (SHORT; "-": no value yet), with what they mean."""
-    cols = {c: h for c, h in SHORT.items() if c in table.columns}
-    lines = [text_table(table.to_dict("records"), cols), ""]
-    lines += [f"  {h}: {SHORT_MEANING[h]}" for h in cols.values() if h in SHORT_MEANING]
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- files
 def _get(summary: dict, key: str):
     """summary[key], where a dotted key walks nested dicts ("a.b.c"); None when any part is missing."""
     v = summary
@@ -153,176 +169,141 @@ def _get(summary: dict, key: str):
     return v
 
 
-def _cell(v) -> str:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.4g}"
-    return str(v)
+def _numbers(summary: dict) -> dict:
+    """Every numeric top-level summary key that METRICS does not name: compare.csv's extra columns."""
+    named = {k.split(".")[0] for k in METRICS}
+    return {k: float(v) for k, v in summary.items() if k not in named and isinstance(v, (int, float))
+            and not isinstance(v, bool)}
 
 
-def markdown(df) -> str:
-    """A GitHub markdown table of a DataFrame (no extra dependency)."""
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+# ---------------------------------------------------------------- the table
+def compare(out, *, write: bool = True, refresh_reports: bool = False, progress: bool = True):
+    """The comparison table of a sweep folder (a pandas DataFrame, one row per run of sweep.json).
 
-
-def by_config(table):
-    """Mean and standard deviation over seeds of every metric, one row per configuration."""
-    swept = table.attrs.get("swept", [])
-    cols = [c for c, _ in METRICS.values() if table[c].notna().any()]
-    done = table[table["status"] == "complete"]
-    if not len(done):
-        return done
-    g = done.groupby(swept, dropna=False, sort=False) if swept else done.groupby(lambda _: "all")
-    agg = g[cols].agg(["mean", "std"])
-    agg.columns = [f"{c} {s}" for c, s in agg.columns]
-    agg.insert(0, "seeds", g.size())
-    return agg.reset_index()
-
-
-def _mean_std_table(agg, swept: list):
-    """``by_config`` with each metric as one "mean ± std" cell (the markdown view)."""
+    Columns: name, the swept fields (dotted names), seed, status, problem, steps, the METRICS columns
+    and every other numeric key of the runs' summaries. Only ``complete`` rows have measures; the
+    others say why in ``problem`` (module docstring). ``table.attrs``: "swept", "problems" (one dict per
+    run that is not complete: name, status, problem) and, with ``write``, "files" (written into OUT:
+    compare.csv, compare.md, compare_differences.csv, compare_<field>.png, compare_norms.png)."""
     import pandas as pd
 
-    keep = [c for c in [*swept, "seeds"] if c in agg]
-    cols = {c.rsplit(" ", 1)[0] for c in agg.columns if c.endswith(" mean")}
-    view = pd.DataFrame({c: agg[c] for c in keep})
-    for c in [m for m, _ in METRICS.values() if m in cols]:
-        view[c] = [f"{m:.4g} ± {s:.2g}" if s == s else f"{m:.4g}" for m, s in zip(agg[f"{c} mean"], agg[f"{c} std"])]
-    return view
-
-
-def _write(out: Path, table, swept: list) -> list[str]:
-    table.to_csv(out / "compare.csv", index=False)
-    show = table.drop(columns=[c for c, _ in METRICS.values() if table[c].isna().all()])
-    md = [f"# Sweep {out.name}: {len(table)} runs\n", "## Mean (std) over seeds per configuration\n"]
-    agg = by_config(table)
-    md += [markdown(_mean_std_table(agg, swept)) if len(agg) else "(no complete run yet)\n",
-           "\n## Every run\n", markdown(show)]
-    (out / "compare.md").write_text("\n".join(md), encoding="utf-8")
-    files = ["compare.csv", "compare.md"]
-    done = table[table["status"] == "complete"]
-    if not len(done):
-        return files
-    for field in swept:
-        fig = plot_metric_vs(done, field, swept)
-        name = f"compare_{field.split('.')[-1]}.png"
-        fig.savefig(out / name, dpi=DPI)
-        files.append(name)
-    fig = plot_norm_curves(out, done, swept)
-    if fig is not None:
-        fig.savefig(out / "compare_norms.png", dpi=DPI)
-        files.append("compare_norms.png")
-    return files
-
-
-# ---------------------------------------------------------------- figures
-def _positions(values) -> dict:
-    """{value: x}: evenly spaced in sorted order (swept values are often log-spaced), or in the
-    order given when they are not all numbers."""
-    uniq = list(dict.fromkeys(values))
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in uniq):
-        uniq = sorted(uniq)
-    return {v: i for i, v in enumerate(uniq)}
-
-
-def plot_metric_vs(done, field: str, swept: list, metrics=FIG_METRICS):
-    """Each metric against the values of one swept field: every seed a dot, the mean over seeds a
-    line with the min-max spread as a bar; one line per combination of the other swept fields."""
-    from matplotlib.figure import Figure
-
-    metrics = [m for m in metrics if done[METRICS[m][0]].notna().any()]
-    ncols = 3 if len(metrics) > 4 else 2
-    nrows = math.ceil(len(metrics) / ncols)
-    fig = Figure(figsize=(FIGSIZE[0] * ncols / 1.6, FIGSIZE[1] * nrows / 1.4), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    others = [f for f in swept if f != field]
-    groups = list(done.groupby(others, sort=False)) if others else [((), done)]
-    xs = _positions(done[field].tolist())
-    n_seeds = done.groupby(swept)["seed"].nunique().max() if swept else len(done)
-    fig.suptitle(f"Sweep: metrics vs {field} (dots: {n_seeds} seed{'s' if n_seeds != 1 else ''}; "
-                 "line: mean; bar: min-max over seeds)", fontsize=9)
-    for ax, metric in zip(axes, metrics):
-        col, label = METRICS[metric]
-        for gi, (key, g) in enumerate(groups):
-            color = f"C{gi % 10}"
-            key = key if isinstance(key, tuple) else (key,)
-            glabel = ", ".join(f"{f.split('.')[-1]}={v}" for f, v in zip(others, key)) or None
-            offset = (gi - (len(groups) - 1) / 2) * 0.06  # keep the groups' dots apart
-            stats = g.groupby(field, sort=False)[col].agg(["mean", "min", "max"])
-            order = sorted(stats.index, key=lambda v: xs[v])
-            x = np.array([xs[v] for v in order]) + offset
-            mean, lo, hi = (stats.loc[order, k].to_numpy(float) for k in ("mean", "min", "max"))
-            ax.scatter([xs[v] + offset for v in g[field]], g[col], s=12, color=color, alpha=0.5, lw=0)
-            ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], color=color, lw=1.3, capsize=3, marker="o", ms=4,
-                        label=glabel)
-        ax.set_xticks(range(len(xs)), [str(v) for v in xs], fontsize=8)
-        ax.set_xlabel(field, fontsize=8)
-        ax.set_title(label, fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-        if metric in ("dead_norm_over_null", "update_rule_measured_over_predicted"):
-            ax.axhline(1.0, color="black", ls="--", lw=0.8)  # the null model / the rule's prediction
-        if "auroc" in metric:
-            ax.axhline(0.5, color="black", ls=":", lw=0.8)  # chance
-    if others:
-        axes[0].legend(fontsize=8, title=", ".join(f.split(".")[-1] for f in others), title_fontsize=8)
-    for ax in axes[len(metrics):]:
-        ax.set_visible(False)
-    return fig
-
-
-def _norm_curves(run_dir: Path):
-    n = A.norms(Recording(run_dir))
-    return n["steps"], n["dead"]["mean"], n["null_mean"]
-
-
-def plot_norm_curves(out: Path, done, swept: list):
-    """Mean dead-row norm of every configuration against the step (line: mean over seeds; band:
-    min-max over seeds), with each configuration's weight-decay null model dashed; bottom: their ratio."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(FIGSIZE[0] * 1.4, FIGSIZE[1] * 1.5), layout="constrained")
-    ax, ax2 = fig.subplots(2, 1, sharex=True)
-    groups = list(done.groupby(swept, sort=False)) if swept else [((), done)]
-    for gi, (key, g) in enumerate(groups):
-        key = key if isinstance(key, tuple) else (key,)
-        curves = []
-        for name in g["name"]:
+    out = Path(out)
+    manifest = read_manifest(out)
+    swept = list(manifest.get("swept", []))
+    plans = {e["name"]: _plan(out, e, refresh_reports) for e in manifest["runs"]}
+    computed = _compute([out / e["path"] for e in manifest["runs"] if plans[e["name"]][0] == "compute"], progress)
+    rows = []
+    for entry in manifest["runs"]:
+        run_dir = out / entry["path"]
+        action, problem = plans[entry["name"]]
+        row = {"name": entry["name"], **entry.get("point", {}), "seed": entry.get("seed"), "status": action,
+               "problem": problem}
+        if action in ("read", "compute"):
             try:
-                curves.append(_norm_curves(out / name))
-            except DucklingError:
-                continue
-        if not curves:
-            continue
-        n = min(len(c[0]) for c in curves)  # a seed may have stopped early (time budget)
-        steps = curves[0][0][:n]
-        dead = np.stack([c[1][:n] for c in curves])  # (seeds, T)
-        null = np.stack([c[2][:n] for c in curves])
-        color = f"C{gi % 10}"
-        label = ", ".join(f"{f.split('.')[-1]}={v}" for f, v in zip(swept, key)) or "all runs"
-        label += f" ({len(curves)} seed{'s' if len(curves) != 1 else ''})"
-        ax.plot(steps, dead.mean(0), color=color, lw=1.3, label=label)
-        ax.fill_between(steps, dead.min(0), dead.max(0), color=color, alpha=0.2, lw=0)
-        ax.plot(steps, null.mean(0), color=color, lw=0.9, ls="--")
-        ratio = dead / null
-        ax2.plot(steps, ratio.mean(0), color=color, lw=1.3)
-        ax2.fill_between(steps, ratio.min(0), ratio.max(0), color=color, alpha=0.2, lw=0)
-    if not ax.lines:
-        return None
-    ax.plot([], [], color="gray", ls="--", lw=0.9, label="weight-decay null ||w0||·Π(1-lr·wd)")
-    fig.suptitle("Dead-row norms of every configuration (line: mean over seeds, band: min-max)", fontsize=9)
-    ax.set_ylabel("mean dead-row L2 norm", fontsize=8)
-    many = len(groups) > 4  # beside the panel, not over the curves
-    ax.legend(fontsize=7, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1)} if many else {}))
-    ratios = np.concatenate([line.get_ydata() for line in ax2.lines])
-    if np.nanmax(ratios) > 10 * max(np.nanmin(ratios), 1e-12):  # one configuration far off: the rest stay visible
-        ax2.set_yscale("log")
-    ax2.axhline(1.0, color="black", ls="--", lw=0.8)
-    ax2.set_ylabel("dead norm / null", fontsize=8)
-    ax2.set_xlabel(STEP_LABEL, fontsize=8)
-    for a in (ax, ax2):
-        a.grid(alpha=0.3)
-        a.tick_params(labelsize=7)
-    return fig
+                s = computed[run_dir] if action == "compute" else _read_summary(run_dir)
+                if isinstance(s, BaseException):
+                    raise s
+                values = {col: _get(s, key) for key, (col, _) in METRICS.items()}
+                if all(v is None for v in values.values()):
+                    raise ValueError(f"{run_dir / 'report' / 'summary.json'} holds none of compare's measures "
+                                     f"(keys: {', '.join(sorted(s)[:8])}...): rerun `duckling report {run_dir}`")
+                row.update(status="complete", steps=s.get("last_scalar_step"), **_numbers(s), **values)
+            except Exception as e:  # noqa: BLE001 - listed as broken with its error; the other runs go on
+                row.update(status="broken", problem=_error(e))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    for col in [c for c, _ in METRICS.values()] + ["steps"]:
+        table[col] = pd.to_numeric(table[col], errors="coerce") if col in table else np.nan
+    table.attrs["swept"] = swept
+    table.attrs["problems"] = [{"name": r["name"], "status": r["status"], "problem": r["problem"]}
+                               for r in rows if r["status"] != "complete"]
+    if write:
+        from duckling.sweeps.compare_plots import write_figures
+        from duckling.sweeps.compare_tables import write_tables
+
+        table.attrs["files"] = write_tables(out, table, swept) + write_figures(out, table, swept)
+    return table
+
+
+def unhealthy(table) -> list[dict]:
+    """The runs compare could not show although they should be there (broken or missing)."""
+    return [p for p in table.attrs.get("problems", []) if p["status"] in UNHEALTHY]
+
+
+def short_table(table) -> str:
+    """The few columns ``duckling compare`` prints (SHORT; "-": no value), what they mean, and one line
+    per run that is not complete with its problem (a broken run's error, a missing run's expected path)."""
+    cols = {c: h for c, h in SHORT.items() if c in table.columns}
+    lines = [text_table(table.to_dict("records"), cols), ""]
+    lines += [f"  {h}: {SHORT_MEANING[h]}" for h in cols.values() if h in SHORT_MEANING]
+    counts = table["status"].value_counts()
+    lines += ["", f"{counts.get('complete', 0)} of {len(table)} runs complete"
+              + "".join(f", {n} {s}" for s, n in counts.items() if s != "complete")]
+    lines += [f"  {p['status']}: {p['name']}" + (f": {p['problem']}" if p["problem"] else "")
+              for p in table.attrs.get("problems", [])]
+    return "\n".join(lines)
+
+
+def by_config(table, metrics=None):
+    """One row per configuration (the swept values) over its complete runs: ``seeds`` and, per measure,
+    "<col> mean", "<col> lo", "<col> hi" (95% Student-t interval of the mean over seeds; NaN with one
+    seed) and "<col> n" (seeds with a value)."""
+    import pandas as pd
+
+    swept = table.attrs.get("swept", [])
+    done = table[table["status"] == "complete"]
+    cols = [c for c in (metrics or [c for c, _ in METRICS.values()]) if c in done and done[c].notna().any()]
+    rows = []
+    groups = done.groupby(swept, dropna=False, sort=False) if swept else [((), done)]
+    for key, g in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        row = {**dict(zip(swept, key)), "seeds": len(g)}
+        for c in cols:
+            ci = stats.mean_ci(g[c])
+            row.update({f"{c} mean": ci["mean"], f"{c} lo": ci["lo"], f"{c} hi": ci["hi"], f"{c} n": ci["n"]})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _select(table, where: dict):
+    done = table[table["status"] == "complete"]
+    mask = np.ones(len(done), bool)
+    for k, v in where.items():
+        mask &= (done[k] == v).to_numpy()
+    return done[mask]
+
+
+def difference(table, col: str, a: dict, b: dict) -> dict:
+    """Mean of ``col`` over the complete runs matching ``a`` minus that over those matching ``b`` (dicts of
+    column: value), with its 95% interval: paired t on the seeds both share, else Welch
+    (``stats.diff_ci``): {diff, lo, hi, half, df, n_a, n_b, method}."""
+    ga, gb = _select(table, a), _select(table, b)
+    return stats.diff_ci(ga[col].to_numpy(float), gb[col].to_numpy(float), ga["seed"].tolist(), gb["seed"].tolist())
+
+
+def differences(table, metrics=None, swept=None):
+    """Every configuration minus its reference, one swept field at a time: for each field, each value
+    after the field's first (the reference) against that first value, with the other fields held
+    fixed. Long form, one row per comparison x measure: field, value, reference, at (the other
+    fields), col, diff, lo, hi, n_a, n_b, method."""
+    import pandas as pd
+
+    swept = table.attrs.get("swept", []) if swept is None else swept
+    cols = [METRICS[m][0] if m in METRICS else m for m in (metrics or FIG_METRICS)]
+    done = table[table["status"] == "complete"]
+    cols = [c for c in cols if c in done and done[c].notna().any()]
+    rows = []
+    for field in swept:
+        values = list(dict.fromkeys(done[field]))
+        others = [f for f in swept if f != field]
+        contexts = [dict(zip(others, k if isinstance(k, tuple) else (k,)))
+                    for k, _ in done.groupby(others, sort=False)] if others else [{}]
+        for ctx in contexts:
+            for v in values[1:]:
+                for c in cols:
+                    d = difference(table, c, {**ctx, field: v}, {**ctx, field: values[0]})
+                    at = ", ".join(f"{k.split('.')[-1]}={x}" for k, x in ctx.items())
+                    rows.append({"field": field, "value": v, "reference": values[0], "at": at, "col": c,
+                                 **{k: d[k] for k in ("diff", "lo", "hi", "n_a", "n_b", "method")}})
+    return pd.DataFrame(rows, columns=["field", "value", "reference", "at", "col", "diff", "lo", "hi",
+                                       "n_a", "n_b", "method"])
