@@ -117,6 +117,13 @@ def check_unlocked(folder) -> None:
         raise FolderBusy(Path(folder), who)
 
 
+def held_lock_fd(folder) -> int | None:
+    """The descriptor of ``FOLDER/.lock`` while this process holds it (``folder_lock``), else None. A
+    child process given a duplicate of it shares the lock: it stays held until both have closed it."""
+    held = _held.get(str(Path(folder).resolve()))
+    return held[0] if held else None
+
+
 @contextlib.contextmanager
 def folder_lock(folder):
     """Hold ``FOLDER/.lock`` for the duration of the block (the folder must exist)."""

@@ -2,18 +2,16 @@
 (docs/recording.md; the only one written: older recordings are read, and upgraded by ``compact``).
 
 A step is complete once all of its records are appended; the reader ignores a torn tail. Full raw
-chunks become checksummed blocks on the writer's compaction thread, as they fill (CUDA: the codec runs
-beside the GPU) or all at ``close`` (``defer=True``, CPU/MPS: a codec thread would compete with
-training for the same cores).
+chunks become checksummed blocks in the writer's own process, never in the training process (the
+recorder runs this writer in a writer process, ``duckling.recording.process``): as they fill, encoded
+on worker processes when ``encoder`` is given (else right there), or all at ``close`` (``defer=True``).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import os
-import queue
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,57 +22,10 @@ from duckling.errors import DucklingError
 from duckling.files import folder_lock, write_json
 from duckling.recording.layout import (BLOCK_STEPS, LAYOUT_KEYS, SHAPE, SUBDIR, check_meta, f32_to_bf16_bits, make_streams,
                                        new_meta, older_layout, read_meta, snapshot_parts)
-from duckling.recording.streams import CorruptBlock, pack_trailer
+from duckling.recording.streams import CorruptBlock, Stream, pack_trailer
 
 RESUME_KEYS = ("matrices", "shape", "dtype", "every", "n_live")  # must match to append to a recording
 _OPEN: set[Path] = set()  # recordings this process is writing (the run folder's lock is re-entrant here)
-
-
-class _Compactor:
-    """The one thread that turns raw chunks into blocks, in order, one at a time.
-
-    A job is committed data already (its raw chunk is complete and checksummed on disk); the raw chunk
-    is deleted only after its block is written, fsynced, renamed and read back (``Stream.compact``), so
-    a kill at any moment loses nothing. At most one job waits behind the running one: a writer that
-    outpaces compaction blocks in ``submit`` (memory and scratch disk stay bounded). The first failure
-    is kept in ``error`` (later jobs are skipped) and raised by the writer on its next call."""
-
-    def __init__(self, nice: bool):
-        self.nice = nice  # beside training: lowest priority (at close, nothing else runs)
-        self._q: queue.Queue = queue.Queue(maxsize=1)
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="duckling-compact", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        if self.nice and sys.platform == "linux":  # this thread only: training threads get the CPU first, compaction
-            try:                     # runs in their gaps (on CPU, torch's threads fill both cores)
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-            except OSError:
-                pass
-        while True:
-            job = self._q.get()
-            try:
-                if job is None:
-                    return
-                if self.error is None:
-                    job()
-            except BaseException as e:  # noqa: BLE001 - surfaced in the writer's thread
-                self.error = e
-            finally:
-                self._q.task_done()
-
-    def submit(self, job) -> None:
-        self._q.put(job)
-
-    def wait(self) -> None:
-        """Return once every submitted job has finished (or failed)."""
-        self._q.join()
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._q.put(None)
-            self._thread.join()
 
 
 class RecordingWriter:
@@ -83,14 +34,19 @@ class RecordingWriter:
     ``resume_step=None`` starts a new recording (refuses to overwrite one); ``resume_step=k`` opens
     an existing recording, drops every record after step k (and any torn tail), and appends from k+1.
     Every ``block_steps`` records of a stream are compacted into a checksummed block by
-    ``_compact_full``, on the compaction thread: as blocks fill, or (``defer=True``) at ``close``,
-    which also compacts the last partial blocks. The writer holds the run folder's lock
-    (``duckling.files.folder_lock``) from opening to ``close``.
+    ``_compact_full``: as blocks fill, or (``defer=True``) at ``close``, which also compacts the last
+    partial blocks. ``encoder``: a ``concurrent.futures`` executor of worker processes that encode
+    blocks (``encode_chunk``) while this writer goes on appending; the blocks are committed (renamed,
+    listed in the manifest) here, in order, by this one process. Without it a block is made where
+    its chunk fills. The writer holds the run folder's lock (``duckling.files.folder_lock``) from
+    opening to ``close``; ``locked=True``: the caller holds it already (the writer process holds a
+    duplicate of its parent's lock descriptor, ``duckling.recording.process``).
     """
 
     def __init__(self, run_dir, shape=SHAPE, n_live: int = N_LIVE, dtype: str = RecordConfig.dtype,
                  every: int = RecordConfig.every, matrices=("wte",), extra_meta=None,
-                 resume_step: int | None = None, block_steps: int = BLOCK_STEPS, defer: bool = False):
+                 resume_step: int | None = None, block_steps: int = BLOCK_STEPS, defer: bool = False,
+                 encoder=None, locked: bool = False):
         run_dir = Path(run_dir)
         root = run_dir / SUBDIR
         snapshot_parts(dtype, shape[0], n_live)  # validates dtype
@@ -98,7 +54,8 @@ class RecordingWriter:
             raise DucklingError(f"recording stride ({every}) and block_steps ({block_steps}) must be >= 1.")
         meta = new_meta(matrices, shape, n_live, dtype, every, block_steps, extra_meta)
         self._fds: dict[str, int] = {}
-        self._compactor: _Compactor | None = None
+        self.encoder = encoder
+        self._pending: collections.deque = collections.deque()  # (stream, chunk, records, future), in order
         self._lock = contextlib.ExitStack()
         self.failed = False  # a write failed: the recording ends at last_step
         self.defer = defer
@@ -108,7 +65,8 @@ class RecordingWriter:
                     f"{root} already holds a recording. Resume the run (--resume) or choose a new "
                     f"run folder; a recording is never overwritten.")
             run_dir.mkdir(parents=True, exist_ok=True)
-            self._lock.enter_context(folder_lock(run_dir))
+            if not locked:
+                self._lock.enter_context(folder_lock(run_dir))
             if root.resolve() in _OPEN:
                 raise DucklingError(f"{root} is already open for writing in this process; close that "
                                     f"RecordingWriter first (a recording has one writer).")
@@ -124,7 +82,6 @@ class RecordingWriter:
             self.last_step = self.counts["scalars"] - 1
             self.root = root
             self._handed = {st.name: 0 for st in self._all_streams()}
-            self._compactor = _Compactor(nice=not defer)  # after any truncation: nothing is pending then
             if not defer:
                 self._compact_full(self._all_streams())  # full raw chunks a kill left behind
         except PermissionError as e:
@@ -212,7 +169,6 @@ class RecordingWriter:
         """Append step ``step``: per-row scalars ``rows[m]`` (4, V) float32 for every matrix, the
         mean hidden state (d,), the lr, and optionally the snapshot ``{m: W}``. W is a float32
         (V, d) array (encoded here) or a dict ``{ext: array}`` already split per ``snapshot_parts``."""
-        self._raise_compaction_error()
         if step != self.last_step + 1:
             raise DucklingError(f"recording step {step} after step {self.last_step} would leave a gap "
                                 f"or a duplicate; steps must be appended in order.")
@@ -245,16 +201,15 @@ class RecordingWriter:
                 yield m, ext, arr.astype(dt, copy=False)
 
     def append_probe(self, step: int, dead_mass: float, max_dead_prob: float) -> None:
-        self._raise_compaction_error()
         self._record(self.probe, step, np.array([dead_mass, max_dead_prob], np.float32))
         if not self.defer:
             self._compact_full([self.probe])
 
     # compaction -------------------------------------------------------------------------------
     def _compact_full(self, streams, tails: bool = False) -> None:
-        """Hand every full chunk not handed over yet (its records are committed already) to the
-        compaction thread, and with ``tails`` the last partial chunk too (at close). On resume this
-        also picks up full raw chunks that a kill left uncompacted. The one place blocks are made."""
+        """Compact every full chunk not handed over yet (its records are committed already), and with
+        ``tails`` the last partial chunk too (at close). On resume this also picks up full raw chunks
+        that a kill left uncompacted. The one place blocks are made."""
         for st in streams:
             n = self.counts[st.name]
             full = n // st.block + (tails and n % st.block > 0)
@@ -267,53 +222,66 @@ class RecordingWriter:
                 if fd is not None:
                     os.close(fd)
                 k = min(st.block, n - c * st.block)
-                self._compactor.submit(lambda st=st, c=c, k=k: self._compact(st, c, k))
+                if self.encoder is None:
+                    self._compact(st, c, k)
+                else:
+                    spec = (str(st.root), st.name, st.width, st.dtype.str, st.widths, st.block, st.segment)
+                    self._pending.append((st, c, k, self.encoder.submit(encode_chunk, spec, c, k)))
+        self.commit_encoded(wait=False)
 
-    def _compact(self, st, c: int, n: int) -> None:
+    def commit_encoded(self, wait: bool = True) -> None:
+        """Commit the blocks the workers have encoded, in order; ``wait``: all of them (else only
+        those done, and the oldest ones while more than two per worker are in flight)."""
+        bound = 2 * max(1, getattr(self.encoder, "_max_workers", 1))
+        while self._pending and (wait or len(self._pending) > bound or self._pending[0][3].done()):
+            st, c, k, fut = self._pending.popleft()
+            try:
+                encoded = fut.result()
+            except (OSError, CorruptBlock) as e:
+                self._failed_compaction(st, c, e)
+            self._compact(st, c, k, encoded)
+
+    def _compact(self, st, c: int, n: int, encoded=None) -> None:
         try:
-            st.compact(c, n)
+            st.compact(c, n, encoded)
         except (OSError, CorruptBlock) as e:
-            self.failed = True
-            raise DucklingError(
-                f"compacting {st.raw_path(c)} failed ({getattr(e, 'strerror', None) or e}); steps "
-                f"0..{self.last_step} are kept and readable in {self.root} (the raw records stay "
-                f"until their block is written and verified). Free disk space and resume from the "
-                f"last checkpoint with --resume.") from e
+            self._failed_compaction(st, c, e)
 
-    def _raise_compaction_error(self) -> None:
-        err = self._compactor.error if self._compactor is not None else None
-        if err is not None:
-            self.failed = True
-            raise err
+    def _failed_compaction(self, st, c: int, e: BaseException):
+        self.failed = True
+        for *_, fut in self._pending:
+            fut.cancel()
+        self._pending.clear()
+        raise DucklingError(
+            f"compacting {st.raw_path(c)} failed ({getattr(e, 'strerror', None) or e}); steps "
+            f"0..{self.last_step} are kept and readable in {self.root} (the raw records stay "
+            f"until their block is written and verified). Free disk space and resume from the "
+            f"last checkpoint with --resume.") from e
 
-    def wait_compaction(self) -> None:
-        """Block until every chunk handed to the compaction thread is compacted (or failed)."""
-        if self._compactor is not None:
-            self._compactor.wait()
-
-    def close(self, status: str = "complete") -> None:
-        """Compact what is left (unless the recording failed), close the files, record the final
+    def close(self, status: str = "complete", compact: bool = True) -> None:
+        """Compact what is left (unless the recording failed, or ``compact=False``: the raw chunks
+        are valid recorded data, and a resume continues them), close the files, record the final
         status in meta.json (counts stay in the files) and release the run folder's lock."""
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
         err = None
         try:
-            if self._compactor is not None:
-                self._compactor.wait()  # what was handed over during the run
-                ok = lambda: self._compactor.error is None and not self.failed and status != "failed"  # noqa: E731
-                t0 = time.perf_counter()
-                if ok():
-                    self._compact_full(self._all_streams())  # the full chunks held back (defer)
-                    self._compactor.wait()
-                self.close_compaction_s = time.perf_counter() - t0  # (benchmarks/recording_size.py)
-                if ok():
-                    self._compact_full(self._all_streams(), tails=True)  # every byte verifiable
-                self._compactor.wait()
-                self._compactor.stop()
-                err = None if self.failed else self._compactor.error  # not yet raised to the caller
-                self._compactor = None
+            ok = compact and not self.failed and status != "failed"
+            t0 = time.perf_counter()
+            if ok:
+                self._compact_full(self._all_streams())  # the full chunks held back (defer)
+            self.commit_encoded(wait=ok)
+            self.close_compaction_s = time.perf_counter() - t0  # (benchmarks/recording_size.py)
+            if ok:
+                self._compact_full(self._all_streams(), tails=True)  # every byte verifiable
+                self.commit_encoded()
+        except DucklingError as e:  # the steps are all on disk (raw, checksummed); say why they are not compacted
+            err = e
         finally:
+            for *_, fut in self._pending:
+                fut.cancel()
+            self._pending.clear()
             meta = dict(self.meta, status=status, last_step=self.last_step)
             if getattr(self, "close_compaction_s", None) is not None:
                 meta["close_compaction_s"] = round(self.close_compaction_s, 3)
@@ -322,6 +290,15 @@ class RecordingWriter:
             except OSError:  # a full or read-only disk: the data files are what counts
                 pass
             self._lock.close()
-        if err is not None:  # the steps are all on disk (raw, checksummed); say why they are not compacted
-            self.failed = True
+        if err is not None:
             raise err
+
+
+def encode_chunk(spec: tuple, c: int, n: int) -> tuple[bytes, np.ndarray]:
+    """(block bytes, steps) of raw chunk c (n records) of the stream ``spec`` (root, name, width,
+    dtype, widths, block, segment), read back, every record checked, encoded and verified: the pure
+    part of a compaction, run on a worker process of the writer process."""
+    root, name, width, dtype, widths, block, segment = spec
+    st = Stream(Path(root), name, width, np.dtype(dtype), widths, block, segment)
+    records, steps = st.raw_records(c, n)
+    return st.encode(c, records, steps), steps

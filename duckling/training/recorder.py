@@ -8,17 +8,21 @@ final hidden state (``output_hidden_states``, after ln_f) and hands it to ``obse
 the graph. In ``on_optimizer_step`` (clipped gradients still present, W and Adam's state updated, the
 lr not yet stepped) one function, ``update_math``, writes every per-step float32 of the update into
 preallocated buffers; on CUDA with a compiled model it is itself compiled (a couple of kernels instead
-of ~10 per matrix). ``on_step_end`` hands the buffers to a sink: on CUDA pinned copies without a host
-sync and a writer thread that waits on a CUDA event (training blocks only when all buffers are in
-flight, so no step is ever dropped); on CPU and MPS a synchronous write. The dead-token probe is
+of ~10 per matrix). ``on_step_end`` copies the buffers into a slot of the shared ring of the writer
+process (``duckling.recording.process``), which appends and compacts the recording in its own process:
+on CUDA a non-blocking copy into the ring registered as pinned memory, handed over once a CUDA event
+says it is done (queried on later steps, never synchronized); on CPU and MPS a plain copy. Training
+waits only when every slot is in flight, so no step is ever dropped. The dead-token probe is
 computed on the device and travels with its step, so the training thread never waits for it.
 """
 from __future__ import annotations
 
-import queue
-import threading
+import collections
+import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import TrainerCallback
 
@@ -27,7 +31,7 @@ from duckling.errors import DucklingError
 from duckling.training.model import embedding_matrices
 from duckling.recording.budget import check_budget
 from duckling.recording.layout import snapshot_parts
-from duckling.recording.writer import RecordingWriter
+from duckling.recording.process import WriterProcess, auto_procs, step_fields
 
 NAN = float("nan")
 
@@ -80,102 +84,90 @@ def probe_mass(model, ids: torch.Tensor, n_live: int) -> torch.Tensor:
     return torch.stack([dead.sum(-1).mean(), dead.max()])
 
 
-class _SyncSink:
-    """CPU/MPS: write each step as it comes (tensors -> numpy, no extra copy on CPU)."""
+class _Sink:
+    """The training process's side of the writer process (``duckling.recording.process``): each
+    step's device buffers are copied into a free slot of the shared ring, and the slot is handed over
+    with one small message once the copy is complete. On CUDA the ring is registered as pinned memory,
+    the copy is non-blocking, and a CUDA event per slot is queried on later steps (never synchronized)
+    so that only finished copies are handed over, in order; on CPU and MPS the copy is done at once."""
 
-    def __init__(self, writer: RecordingWriter):
-        self.writer = writer
+    def __init__(self, proc: WriterProcess, device: torch.device):
+        self.proc, self.cuda = proc, device.type == "cuda"
+        self.pending: collections.deque = collections.deque()  # CUDA: (slot, event, message) in flight
+        self._registered = None
+        if self.cuda:
+            self._register()
+        tdt = {np.dtype(np.float32): torch.float32, np.dtype(np.uint16): torch.int16}  # u16: bf16 bits
+        ring = proc.ring
+        self.views = [{k: torch.frombuffer(ring.shm.buf, dtype=tdt[dt], count=int(np.prod(shape)),
+                                           offset=ring.field(i, k)[0]).view(shape)
+                       for k, shape, dt in ring.fields} for i in range(ring.n)]
+        self.events = [torch.cuda.Event() for _ in range(ring.n)] if self.cuda else None
 
-    def submit(self, step: int, lr: float, tensors: dict, snapshot: bool) -> None:
-        _append(self.writer, step, lr, {k: t.cpu().numpy() for k, t in tensors.items()}, snapshot)
-
-    def drain(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _append(writer: RecordingWriter, step: int, lr: float, host: dict, snapshot: bool) -> None:
-    """host: {"scalars": (n_matrices * 4 * V + d,) float32, "snap/<m>/<ext>": array[, "probe": (2,)
-    float32 dead mass, max dead prob]} as numpy. The probe is written after its step."""
-    mats, V = writer.meta["matrices"], writer.meta["shape"][0]
-    n = len(mats) * 4 * V
-    rows = host["scalars"][:n].reshape(len(mats), 4, V)  # (n_matrices, 4, V)
-    snap = None
-    if snapshot:
-        snap = {m: {ext: host[f"snap/{m}/{ext}"].view(dt) for ext, _, dt in writer.parts} for m in mats}
-    writer.append_step(step, dict(zip(mats, rows)), host["scalars"][n:], lr, snap)
-    if "probe" in host:
-        writer.append_probe(step, float(host["probe"][0]), float(host["probe"][1]))
-
-
-class _AsyncSink:
-    """CUDA: a pool of pinned buffer sets, a bounded queue and one writer thread (also runs on CPU,
-    without pinning or events, which the tests use to exercise the thread)."""
-
-    def __init__(self, writer: RecordingWriter, n_buffers: int, cuda: bool):
-        self.writer, self.n_buffers, self.error, self.cuda = writer, max(1, n_buffers), None, cuda
-        self.reported = False
-        self.free: queue.Queue = queue.Queue()
-        self.work: queue.Queue = queue.Queue()
-        self.n_made = 0
-        self.thread = threading.Thread(target=self._run, name="duckling-recorder", daemon=True)
-        self.thread.start()
-
-    def _slot(self, tensors: dict) -> tuple[dict, object]:
-        """A free (pinned buffers, CUDA event) pair; the pool grows lazily up to its size."""
-        if self.free.empty() and self.n_made < self.n_buffers:
-            self.n_made += 1
-            buf, event = {}, torch.cuda.Event() if self.cuda else None
+    def _register(self) -> None:
+        """Page-lock the ring in place (cudaHostRegister), so that the device writes into the shared
+        slots directly; if the driver refuses, the copies are synchronous (correct, slower)."""
+        buf = self.proc.ring.shm.buf
+        ptr = np.ndarray((len(buf),), np.uint8, buffer=buf).ctypes.data
+        rc = torch.cuda.cudart().cudaHostRegister(ptr, len(buf), 0)
+        if int(getattr(rc, "value", rc)) == 0:
+            self._registered = ptr
         else:
-            buf, event = self.free.get()  # blocks: training waits for the writer, never drops a step
-        for k, t in tensors.items():  # snapshot and probe buffers appear the first time they are used
-            if k not in buf:
-                buf[k] = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
-        return buf, event
+            self.cuda = False
+            warnings.warn(f"duckling: cudaHostRegister of the recording ring failed ({rc}); the recorder "
+                          f"copies each step synchronously.", stacklevel=2)
 
     def submit(self, step: int, lr: float, tensors: dict, snapshot: bool) -> None:
-        self.raise_error(again=True)
-        buf, event = self._slot(tensors)
+        slot = self._acquire()
+        dst = self.views[slot]
         for k, t in tensors.items():
-            buf[k].copy_(t, non_blocking=self.cuda)
-        if event is not None:
-            event.record()
-        self.work.put((buf, event, step, lr, snapshot, tuple(tensors)))
+            dst[k].copy_(t, non_blocking=self.cuda)
+        msg = (step, lr, snapshot, "probe" in tensors)
+        if self.cuda:
+            self.events[slot].record()
+            self.pending.append((slot, self.events[slot], msg))
+        else:
+            self.proc.hand(slot, *msg)
 
-    def _run(self) -> None:
-        while (item := self.work.get()) is not None:
-            buf, event, step, lr, snapshot, keys = item
-            try:
-                if self.error is None:  # after a failure, only hand buffers back
-                    if event is not None:
-                        event.synchronize()
-                    _append(self.writer, step, lr, {k: buf[k].numpy() for k in keys}, snapshot)
-            except BaseException as e:  # surfaced in the training thread by raise_error()
-                self.error = e
-            finally:
-                self.free.put((buf, event))
-                self.work.task_done()
-        self.work.task_done()
+    def _hand_ready(self, wait: bool = False) -> None:
+        """Hand over every slot whose copy has finished (``wait``: all of them, polling)."""
+        while self.pending:
+            slot, event, msg = self.pending[0]
+            if not event.query():
+                if not wait:
+                    return
+                time.sleep(1e-4)
+                continue
+            self.pending.popleft()
+            self.proc.hand(slot, *msg)
 
-    def raise_error(self, again: bool = False) -> None:
-        """Raise the writer thread's failure (sticky: no later step is written; close() reports it
-        only if nobody has yet)."""
-        if self.error is not None and (again or not self.reported):
-            self.reported = True
-            if isinstance(self.error, DucklingError):
-                raise self.error
-            raise DucklingError(f"the recording writer failed: {self.error!r}. Steps written so far are "
-                                f"kept; fix the cause and resume from the last checkpoint.") from self.error
+    def _acquire(self) -> int:
+        """A free slot: copies that have finished are handed over first; training waits only when
+        every slot is in flight (on its copy or on the writer), and never drops a step."""
+        self._hand_ready()
+        while not self.proc.free and self.pending:
+            self.proc.check()
+            time.sleep(1e-4)  # the oldest copy is still on the device
+            self._hand_ready()
+        return self.proc.acquire()
 
     def drain(self) -> None:
-        self.work.join()
-        self.raise_error()
+        """Every submitted step handed over and written (a checkpoint must be covered)."""
+        self._hand_ready(wait=True)
+        self.proc.drain()
 
-    def close(self) -> None:
-        self.work.put(None)
-        self.thread.join()
+    def close(self, status: str) -> dict:
+        """Hand over the copies in flight, have the writer finish with ``status``, release the ring."""
+        try:
+            if self.proc.error is None:
+                self._hand_ready(wait=True)
+        finally:
+            self.views = self.pending = None  # the ring's memory is exported to them
+            if self._registered is not None:
+                torch.cuda.cudart().cudaHostUnregister(self._registered)
+                self._registered = None
+            info = self.proc.close(status)
+        return info
 
 
 class WRecorder(TrainerCallback):
@@ -188,19 +180,18 @@ class WRecorder(TrainerCallback):
     calls it for every training forward); under another Trainer that field is NaN.
     """
 
-    default_async: bool | None = None  # writer thread when async_write is None: None = on CUDA only
+    defer: bool | None = None  # compact at close: None = on CPU and MPS (benchmarks/recording_size.py)
+    writer_setup = None  # a picklable callable the writer process runs first (the tests inject faults)
     fuse: bool | None = None  # compile update_math and the probe: None = on CUDA when the model is compiled
     compile_backend = "inductor"  # (the tests use "aot_eager": same graphs, no code generation)
 
     def __init__(self, run_dir, record_cfg: RecordConfig | None = None, n_live: int = N_LIVE,
-                 probe_ids: torch.Tensor | None = None, extra_meta: dict | None = None,
-                 async_write: bool | None = None):
+                 probe_ids: torch.Tensor | None = None, extra_meta: dict | None = None):
         self.run_dir, self.cfg = Path(run_dir), record_cfg or RecordConfig()
         self.n_live, self.extra_meta = n_live, extra_meta or {}
         self.probe_ids = probe_ids  # (B, T) compact ids of the fixed probe batch, or None
-        self.async_write = async_write  # None = a writer thread on CUDA only
-        self.writer: RecordingWriter | None = None
-        self.sink = None
+        self.sink: _Sink | None = None
+        self.closing: dict = {}  # the writer's closing facts (close_compaction_s, last_step)
         self.recorded_steps: list[int] = []  # snapshot steps recorded by this session
         self.hidden_parts: list[torch.Tensor] = []  # (d,) per training forward of the current update
         self._closed = self._ended = False
@@ -214,19 +205,26 @@ class WRecorder(TrainerCallback):
         start = state.global_step
         check_budget(self.run_dir, self.cfg, state.max_steps, shape=(V, d), n_live=self.n_live,
                      n_matrices=len(self.mats), start_step=start)
-        self.writer = RecordingWriter(
-            self.run_dir, shape=(V, d), n_live=self.n_live, dtype=self.cfg.dtype,
-            every=self.cfg.every, matrices=tuple(self.mats),
-            defer=w.device.type != "cuda",  # CPU/MPS: compress at the end, not beside training on the same cores
+        cuda = w.device.type == "cuda"
+        kwargs = dict(
+            shape=(V, d), n_live=self.n_live, dtype=self.cfg.dtype, every=self.cfg.every, matrices=tuple(self.mats),
             extra_meta={"max_steps": state.max_steps, "learning_rate": args.learning_rate,
                         "weight_decay": args.weight_decay,
                         "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
                         "warmup_steps": args.warmup_steps, "record_config": vars(self.cfg), **self.extra_meta},
             resume_step=start if start > 0 else None)
         self.parts = snapshot_parts(self.cfg.dtype, V, self.n_live)
-        cuda = w.device.type == "cuda"
-        use_thread = next(x for x in (self.async_write, self.default_async, cuda) if x is not None)
-        self.sink = _AsyncSink(self.writer, self.cfg.queue_size, cuda) if use_thread else _SyncSink(self.writer)
+        probe = self.probe_ids is not None and bool(self.cfg.probe_every)
+        procs = auto_procs() if self.cfg.writer_procs == "auto" else int(self.cfg.writer_procs)
+        defer = not cuda if self.defer is None else self.defer
+        proc = WriterProcess(self.run_dir, kwargs, step_fields(tuple(self.mats), (V, d), self.cfg.dtype,
+                                                              self.n_live, probe),
+                             self.cfg.queue_size, procs=procs, defer=defer, setup=self.writer_setup)
+        try:
+            self.sink = _Sink(proc, w.device)
+        except BaseException:
+            proc.close("failed")
+            raise
         fuse = next(x for x in (self.fuse, cuda and bool(getattr(args, "torch_compile", False))) if x is not None)
         compiled = lambda f: torch.compile(f, fullgraph=True, dynamic=False, backend=self.compile_backend)  # noqa: E731
         self.math = compiled(update_math) if fuse else update_math
@@ -320,18 +318,10 @@ class WRecorder(TrainerCallback):
         self.close()
 
     def close(self, status: str | None = None) -> None:
-        """Flush every queued step, close the files and finalise meta.json. Safe to call twice."""
-        if self._closed or self.writer is None:
+        """Hand over every step in flight, have the writer process write them, compact and finalise
+        meta.json, and wait for it to exit. Safe to call twice; the writer's failure is raised."""
+        if self._closed or self.sink is None:
             return
         self._closed = True
-        error = None
-        try:
-            self.sink.drain()
-        except DucklingError as e:
-            error = e
-        finally:
-            self.sink.close()
-            failed = error is not None or self.writer.failed
-            self.writer.close(status or ("failed" if failed else "complete" if self._ended else "interrupted"))
-        if error is not None:
-            raise error
+        status = status or ("failed" if self.sink.proc.error else "complete" if self._ended else "interrupted")
+        self.closing = self.sink.close(status)
