@@ -208,7 +208,11 @@ class RecordConfig(_Checked):
                       choices=RECORD_DTYPES, flag="record-dtype")
     budget_gb: float = spec(24.0, "refuse a run whose files need more than this (GB = 1e9 bytes)",
                             lo=0.0, lo_open=True, flag="budget-gb")
-    queue_size: int = spec(8, "GPU: pinned buffers in flight before training waits for the writer", lo=1)
+    queue_size: int = spec(8, "steps in flight (slots of the shared ring) before training waits for the writer "
+                           "process", lo=1)
+    writer_procs: Any = spec("auto", "worker processes that encode blocks beside the writer process (auto = the "
+                             "spare cores, at most 4; 0 = the writer process encodes)",
+                             choices=("auto", *range(9)), kind=str)
     probe_every: int = spec(100, "steps between dead-token output-mass probes (0 = off)", lo=0)
 
 
