@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="text file or folder of .txt files, or 'sample' (default: $DUCKLING_DATA, else the hub)")
     s.add_argument("--out", default=d.dataset_dir, help=f"dataset folder (default {d.dataset_dir})")
     s.add_argument("--mapping", default=d.mapping_path, help=f"token mapping (default {d.mapping_path})")
-    s.add_argument("--split", default=d.split, help=f"hub split, ignored for local files (default {d.split})")
+    s.add_argument("--split", default=d.split, help=f"which split to build (default {d.split}): the hub's split, or "
+                   "for local text the subfolder of --data named for it (train/, validation/ or valid/, test/); a "
+                   "plain text file or folder given with --data is the split named")
     s.add_argument("--seq-len", type=_positive_int("--seq-len"), default=C.ModelConfig().n_positions,
                    help=f"tokens per row = the model's context (default {C.ModelConfig().n_positions})")
     s.add_argument("--max-stories", type=_positive_int("--max-stories"), default=None, help="use only the first N stories")
@@ -90,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override any config field by its dotted name, e.g. --set train.weight_decay=0.1")
     s.add_argument("--resume", action="store_true", help="continue the run folder from its last checkpoint")
-    s.add_argument("--eval-dataset", default=None, help="tokenized validation set for the held-out loss")
+    s.add_argument("--eval-dataset", default=None, help="tokenized validation set for the held-out loss (refused "
+                   "when it shares rows with the training set)")
+    s.add_argument("--allow-eval-overlap", action="store_true",
+                   help="accept an --eval-dataset that shares rows with the training set [train.allow_eval_overlap=true]")
     s.add_argument("--no-record", action="store_true", help="train without recording W [record.enabled=false]")
     s.add_argument("--untied", action="store_true",
                    help="untied input/output embeddings, the control [model.tie_word_embeddings=false]")
@@ -145,6 +150,10 @@ def cli_vocab(args) -> int:
     from duckling.data.vocab import CompactTokenizer, min_vocab_for_coverage
 
     out = Path(args.out)
+    above = next((p for p in out.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise DucklingError(f"--out {_abs(out)}: {above} is a file, not a folder, so nothing can be written under "
+                            "it. Give a path in an existing folder, such as my_mapping.json.")
     if out.exists() and not args.force:
         raise DucklingError(f"{_abs(out)} already exists; the committed mapping defines the experiment's "
                             "vocabulary. Write to another --out, or pass --force to overwrite it.")
@@ -220,6 +229,8 @@ def train_overrides(args) -> dict:
         out["record.enabled"] = False
     if args.untied:
         out["model.tie_word_embeddings"] = False
+    if args.allow_eval_overlap:
+        out["train.allow_eval_overlap"] = True
     out.update(_parse_sets(args.set))
     return out
 
@@ -255,8 +266,8 @@ def cli_train(args) -> int:
     _, held_out = result.eval_losses()
     last = f", loss {losses[-1]:.3f}" if len(losses) else ""
     last += f", held-out loss {held_out[-1]:.3f}" if len(held_out) else ""
-    print(f"trained {run} to step {result.global_step}{last}, {result.steps_per_s:.1f} steps/s "
-          f"({result.device}, {result.precision})")
+    speed = f"{result.steps_per_s:.1f} steps/s" if result.steps_per_s == result.steps_per_s else "no steps to train"
+    print(f"trained {run} to step {result.global_step}{last}, {speed} ({result.device}, {result.precision})")
     return 0
 
 
@@ -277,13 +288,19 @@ def cli_generate(args) -> int:
 def cli_report(args) -> int:
     """``duckling report RUN [--out DIR]``: the figures and summary.json, and the headline numbers with
     what each one says (as the quickstart prints them)."""
+    import contextlib
+
     from duckling.analysis.report import report
+    from duckling.files import folder_lock
 
     mp = args.max_points
     if mp < 0:
         raise DucklingError(f"--max-points must be >= 0 (0 = every recorded step), not {mp}.")
-    S = report(args.run, args.out, mp)
     out = Path(args.out) if args.out else Path(args.run) / "report"
+    run = Path(args.run)
+    into_run = run.is_dir() and (run / "config.json").is_file() and run.resolve() in (out.resolve(), *out.resolve().parents)
+    with folder_lock(run) if into_run else contextlib.nullcontext():  # writing into the run: its one writer
+        S = report(args.run, args.out, mp)
     print(f"wrote {len(S['figures'])} figures and summary.json to {out}")
     print("\n".join(format_headline(S)))
     return 0

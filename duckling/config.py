@@ -186,6 +186,8 @@ class TrainConfig(_Checked):
     device: str = spec("auto", "auto = cuda, then mps, then cpu", choices=("auto", "cuda", "mps", "cpu"), flag="device")
     threads: int = spec(0, "torch CPU threads (0 = torch's default)", lo=0, flag="threads")
     allow_bf16_params: bool = spec(False, "opt in to bf16 parameters under AdamW (the known failure mode)")
+    allow_eval_overlap: bool = spec(False, "opt in to an evaluation dataset that shares rows with the training "
+                                    "dataset (its loss is then not held out)")
     save_steps: int = spec(1000, "steps between Trainer checkpoints (resume points)", lo=1, flag="save-steps")
     save_total_limit: int = spec(2, "checkpoints kept", lo=1)
     eval_steps: int = spec(0, "evaluate every N steps (0 = once, at the end, when an eval set is given)", lo=0,

@@ -109,13 +109,37 @@ def fx(tmp_path_factory, tok):
     f["afile"].write_text("x")
     f["spec_dir"] = root / "specs"
     f["spec_dir"].mkdir()
+    # damaged checkpoints (issue 25): truncated weights, garbage optimizer state, garbage trainer_state.json
+    for name, damage in (("badweights", lambda c: (c / "model.safetensors").write_bytes(
+            (c / "model.safetensors").read_bytes()[:1000])),
+                         ("badoptim", lambda c: (c / "optimizer.pt").write_bytes(b"not a torch file" * 10)),
+                         ("badstate", lambda c: (c / "trainer_state.json").write_text('{"global_step": '))):
+        f[name] = root / name
+        shutil.copytree(f["run"], f[name])
+        damage(f[name] / "checkpoint-6")
+    # a recording whose W stream lost its block: a resume would leave a permanent gap
+    f["now"] = root / "now"
+    shutil.copytree(f["run"], f["now"])
+    for p in (f["now"] / "recording").glob("wte.*"):
+        p.unlink()
+    # a run whose dataset changed since it started (its recorded fingerprint is another dataset's)
+    f["otherrows"] = root / "otherrows"
+    shutil.copytree(f["run"], f["otherrows"])
+    info = json.loads((f["otherrows"] / "run_info.json").read_text())
+    info["dataset_fingerprint"]["sha256"] = "0" * 64
+    (f["otherrows"] / "run_info.json").write_text(json.dumps(info))
+    # local text in a split folder (train/, valid/) and a validation dataset that repeats training rows
+    f["splits"] = root / "splits"
+    for sub, seed in (("train", 0), ("valid", 1)):
+        (f["splits"] / sub).mkdir(parents=True)
+        write_corpus(f["splits"] / sub / "part.txt", make_stories(40, seed=seed))
     return f
 
 
 def tree(path: Path) -> dict:
     """{relative path: (size, mtime_ns)} of everything under ``path``."""
     return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None
-            for p in sorted(path.rglob("*"))}
+            for p in sorted(path.rglob("*")) if p.name != ".lock"}  # a lock taken and released is not a write
 
 
 PROGRESS = re.compile(r"\[[0-9:]+(<[0-9:?]+)?, [ ?0-9.]*[kMG]?(B|it)/s")  # a tqdm bar
@@ -270,6 +294,14 @@ CASES = [
     ("resume-changed-layers", ["train", "--run", "{run}", "--resume", "--dataset", "{ds}", "--n-layer", "2"], ["model.n_layer", "different config"], False),
     ("resume-bad-config-json", ["train", "--run", "{badcfg}", "--resume", "--dataset", "{ds}"], ["badcfg", "config.json", "not valid json"], False),
     ("resume-no-checkpoint", ["train", "--run", "{nofinal}", "--resume", "--dataset", "{ds}"], ["nofinal", "no complete checkpoint"], False),
+    ("resume-truncated-weights", ["train", "--run", "{badweights}", "--resume", "--dataset", "{ds}"], ["checkpoint-6/model.safetensors", "damaged", "checkpoint-3"], False),
+    ("resume-garbage-optimizer", ["train", "--run", "{badoptim}", "--resume", "--dataset", "{ds}"], ["checkpoint-6/optimizer.pt", "damaged", "checkpoint-3"], False),
+    ("resume-garbage-trainer-state", ["train", "--run", "{badstate}", "--resume", "--dataset", "{ds}"], ["checkpoint-6/trainer_state.json", "damaged"], False),
+    ("resume-w-stream-gone", ["train", "--run", "{now}", "--resume", "--dataset", "{ds}"], ["wte.u16", "steps 0..6"], False),
+    ("resume-dataset-changed", ["train", "--run", "{otherrows}", "--resume", "--dataset", "{ds}"], ["training dataset", "not the one the run started on", "rebuilt"], False),
+    ("resume-threads", ["train", "--run", "{run}", "--resume", "--dataset", "{ds}", "--threads", "7"], ["cpu threads", "--threads"], False),
+    ("resume-eval-added", ["train", "--run", "{run}", "--resume", "--dataset", "{ds}", "--eval-dataset", "{ds}", "--allow-eval-overlap"], ["evaluation dataset", "without one"], False),
+    ("eval-dataset-is-train", [*TRAIN, "--eval-dataset", "{ds}"], ["evaluation dataset", "training rows", "--allow-eval-overlap"], False),
     ("budget-too-small", [*TRAIN, "--max-steps", "6", "--budget-gb", "0.001"], ["bytes", "0.001 GB", "train fewer steps"], False),
     ("budget-too-small-steps", [*TRAIN, "--max-steps", "1e6", "--budget-gb", "1"], ["bytes", "1000000", "train fewer steps"], False),
     ("budget-no-record-still-checks-bad", [*TRAIN, "--no-record", "--budget-gb", "-1"], ["record.budget_gb", "-1"], False),
@@ -303,6 +335,8 @@ CASES = [
     ("vocab-out-is-folder", ["vocab", "--data", "{corpus}", "--out", "{foreign}"], ["foreign", "exists"], False),
     ("vocab-out-is-folder-force", ["vocab", "--data", "{corpus}", "--out", "{foreign}", "--force"], ["foreign", "is a folder"], False),
     ("vocab-out-exists", ["vocab", "--data", "{corpus}", "--out", "{map}"], ["token_mapping.json", "--force"], False),
+    ("vocab-out-under-a-file", ["vocab", "--data", "{corpus}", "--out", "{afile}/m.json"], ["afile", "is a file"], False),
+    ("vocab-out-under-a-file-force", ["vocab", "--data", "{corpus}", "--out", "{afile}/sub/m.json", "--force"], ["afile", "is a file"], False),
     ("vocab-max-stories-zero", ["vocab", "--data", "{corpus}", "--out", "{tmp}/m.json", "--max-stories", "0"], ["--max-stories", "0"], True),
     ("vocab-num-proc-abc", ["vocab", "--data", "{corpus}", "--out", "{tmp}/m.json", "--num-proc", "abc"], ["--num-proc", "abc"], True),
     # --- build
@@ -319,6 +353,8 @@ CASES = [
     ("build-seq-len-abc", ["build", "--data", "{corpus}", "--out", "{tmp}/d", "--mapping", "{map}", "--seq-len", "abc"], ["--seq-len", "abc"], True),
     ("build-out-foreign", ["build", "--data", "{corpus}", "--out", "{foreign}", "--mapping", "{map}"], ["foreign", "not a duckling dataset"], False),
     ("build-out-is-a-file", ["build", "--data", "{corpus}", "--out", "{afile}", "--mapping", "{map}"], ["afile"], False),
+    ("build-split-missing-in-split-folder", ["build", "--data", "{splits}", "--split", "test", "--out", "{tmp}/d", "--mapping", "{map}"], ["splits", "no 'test' split", "train (train/)", "validation (valid/)"], False),
+    ("build-split-of-the-sample", ["build", "--data", "sample", "--split", "validation", "--out", "{tmp}/d", "--mapping", "{map}"], ["sample", "no 'validation' split"], False),
     # --- quickstart
     ("quickstart-steps-zero", ["quickstart", "--out", "{tmp}/q", "--steps", "0"], ["--steps", "0"], True),
     ("quickstart-steps-abc", ["quickstart", "--out", "{tmp}/q", "--steps", "abc"], ["--steps", "abc"], True),

@@ -331,3 +331,104 @@ def test_run_lock_removes_the_folder_it_made_only_when_the_run_left_nothing(tmp_
     assert (tmp_path / "b" / "config.json").is_file()
     with folder_lock(tmp_path / "b"):  # a killed holder's lock never blocks
         pass
+
+
+# ---------------------------------------------------------------- (6) a resume is the same run (issue 25)
+def _state(run: Path) -> dict:
+    """Every file of the run folder but the lock, with its bytes: a refused resume changes nothing."""
+    return {k: v for k, v in _files(run).items() if k != LOCK}
+
+
+def _strict_json(path: Path):
+    def no_constant(name):
+        raise AssertionError(f"{path} holds {name}, which is not JSON")
+    return json.loads(path.read_text(), parse_constant=no_constant)
+
+
+def test_a_resume_that_would_not_be_the_same_run_is_refused_and_changes_nothing(tok, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(RunInterrupted):
+        train(tiny(), dataset=live_rows(), run_dir=run, tokenizer=tok, callbacks=[CtrlC(4)], progress=False)
+    before = _state(run)
+    info = _strict_json(run / "run_info.json")
+    assert info["dataset_fingerprint"]["rows"] == 32 and info["eval_dataset_fingerprint"] is None
+
+    def refused(match: str, cfg=None, rows=None, **kw):
+        with pytest.raises(DucklingError, match=match):
+            train(cfg or tiny(), dataset=live_rows() if rows is None else rows, run_dir=run, tokenizer=tok,
+                  resume=True, progress=False, **kw)
+        assert _state(run) == before
+
+    # the training rows changed (a dataset rebuilt from other text), an eval set appears
+    refused(r"training dataset is not the one the run started on", rows=live_rows(seed=1))
+    refused(r"with an evaluation dataset: the run was started without one",
+            eval_dataset=live_rows(4, seed=2))
+    # another CPU thread count: measured to change the weights (see the module's note in training/resume.py)
+    refused(rf"CPU threads: run has {info['threads']}, now {info['threads'] + 1}",
+            cfg=tiny(**{"train.threads": info["threads"] + 1}))
+    # a damaged checkpoint: named, with the checkpoint before it
+    for name, garbage in (("model.safetensors", None), ("optimizer.pt", b"\x80\x04garbage"),
+                          ("trainer_state.json", b"{")):
+        path = run / "checkpoint-4" / name
+        good = path.read_bytes()
+        path.write_bytes(garbage if garbage is not None else good[: len(good) // 3])
+        before = _state(run)
+        refused(rf"checkpoint-4/{re.escape(name)} is damaged .*resume again from checkpoint-3")
+        path.write_bytes(good)
+    before = _state(run)
+    # a stream that stops short of the checkpoint: the W stream lost its block
+    rec = run / "recording"
+    kept = {p: p.read_bytes() for p in rec.iterdir() if p.name.startswith("wte.")}
+    for p in kept:
+        p.unlink()
+    with pytest.raises(DucklingError, match=r"wte\.u16.*steps 0\.\.4"):
+        train(tiny(), dataset=live_rows(), run_dir=run, tokenizer=tok, resume=True, progress=False)
+    for p, data in kept.items():
+        p.write_bytes(data)
+    assert _state(run) == before
+    # with every cause removed, the same resume runs to the end
+    res = train(tiny(), dataset=live_rows(), run_dir=run, tokenizer=tok, resume=True, progress=False)
+    assert res.global_step == 6 and Recording(run).steps.tolist() == list(range(7))
+    assert _strict_json(run / "run_info.json")["status"] == "complete"
+
+
+def test_resume_finishes_a_compaction_a_kill_interrupted_and_writes_valid_json(tok, tmp_path, capsys, dataset):
+    """A kill -9 during the close-time compaction leaves raw chunks, a half-written block (.tmp) and
+    the status 'recording' (meta.json) and 'running' (run_info.json); --resume finishes the compaction,
+    then marks the run complete. Nothing it writes holds NaN."""
+    from duckling.recording.layout import make_streams, read_meta
+
+    ds, mapping = dataset
+    run = tmp_path / "run"
+    argv = ["train", "--run", str(run), "--dataset", str(ds), "--mapping", str(mapping), "--max-steps", "6",
+            "--save-steps", "3", *CLI_TINY]
+    assert main(argv) == 0
+    first = _strict_json(run / "run_info.json")
+    ref = Recording(run)
+    want = {s: ref.snapshot(s).copy() for s in ref.steps.tolist()}
+    # what the kill leaves: every stream's block back to its raw chunk (the raw records stay until their
+    # block is verified), a block half written, both statuses as they were while running
+    root = run / "recording"
+    meta = read_meta(root)
+    snaps, scalars, probe = make_streams(root, meta)
+    for st in [*snaps.values(), scalars, probe]:
+        st.truncate(len(st.scan()[1]))
+    assert {p.suffix for p in root.iterdir() if p.suffix in (".raw", ".blk")} == {".raw"}
+    (root / "wte.u16.00000.blk.tmp").write_bytes(b"DUCKBLK2 half a block")
+    (root / "meta.json").write_text(json.dumps({**meta, "status": "recording"}))
+    info = {**first, "status": "running"}
+    del info["finished"], info["steps_per_s"]
+    (run / "run_info.json").write_text(json.dumps(info))
+    capsys.readouterr()
+    assert main(["train", "--run", str(run), "--resume", "--dataset", str(ds)]) == 0
+    assert "nan" not in capsys.readouterr().out.lower()
+    assert not any(p.suffix in (".raw", ".tmp") for p in root.iterdir()), sorted(p.name for p in root.iterdir())
+    assert _strict_json(root / "meta.json")["status"] == "complete"
+    after = _strict_json(run / "run_info.json")
+    assert after["status"] == "complete" and "steps_per_s" not in after  # none measured: the run trained nothing
+    rec = Recording(run)
+    assert rec.steps.tolist() == sorted(want) and all(np.array_equal(rec.snapshot(s), w) for s, w in want.items())
+    # a finished run resumed again keeps the speed it measured when it trained (no NaN, no null)
+    assert main(argv[:3] + ["--resume", "--dataset", str(ds)]) == 0
+    assert _strict_json(run / "run_info.json").get("steps_per_s") is None
+    json.loads((run / "run_info.json").read_text())

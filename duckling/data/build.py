@@ -24,6 +24,7 @@ import numpy as np
 
 from duckling import config
 from duckling.errors import DucklingError
+from duckling.files import write_json
 from duckling.data.vocab import GPT2_EOT, N_GPT2, CompactTokenizer, get_encoding
 
 EOT_TEXT = "<|endoftext|>"
@@ -52,18 +53,52 @@ class Source:
         return None
 
 
+# Split names and the folder names that hold each split's text in a local split folder.
+SPLITS = {"train": ("train",), "validation": ("validation", "valid", "val"), "test": ("test",)}
+
+
+def canonical_split(split: str) -> str:
+    """'valid' and 'val' -> 'validation'; other names unchanged."""
+    return next((name for name, aliases in SPLITS.items() if split in aliases), split)
+
+
+def _split_folders(path: Path) -> dict[str, Path]:
+    """{split: subfolder} of a split folder (subfolders named train/, validation/ or valid/ or val/, test/)."""
+    if not path.is_dir():
+        return {}
+    found = {}
+    for name, aliases in SPLITS.items():
+        for a in aliases:
+            if (path / a).is_dir():
+                found.setdefault(name, path / a)
+    return found
+
+
 def resolve_source(data=None, split: str = "train") -> Source:
     """``data``: a path, ``"sample"``, an iterable of stories, or None ($DUCKLING_DATA, else the hub).
 
     ``"sample"`` is the 500-story TinyStories sample bundled with the package (duckling/sample/), only
     ever when asked for by name: a hub failure is an error, never a silent switch to the sample. A
     local folder that is literally called ``sample`` is reached as ``./sample``.
+
+    Splits are real for local text too. A *split folder* (subfolders ``train/``, ``validation/`` (or
+    ``valid/``, ``val/``), ``test/``) gives each split its own text: ``split`` picks the subfolder, and
+    a split it lacks is an error. A plain text file or folder of .txt files is one text set: passed as
+    ``data`` it is the text of the split asked for (the file given for it); reached through
+    $DUCKLING_DATA it is the training text, and any other split is an error (that variable names the
+    corpus, so building "validation" from it would write the training rows again).
     """
+    split = canonical_split(split)
+    from_env = data is None and bool(os.environ.get("DUCKLING_DATA"))
     if data is None:
         data = os.environ.get("DUCKLING_DATA") or None
     if data is None:
         return Source("hub", split=split)
     if isinstance(data, str) and data == "sample":
+        if split != "train":
+            raise DucklingError(f"The bundled sample is one 500-story text set with no {split!r} split. Pass the "
+                                f"{split} text itself with --data PATH, or a folder with train/ and {split}/ "
+                                "subfolders.")
         sample = Path(__file__).parents[1] / "sample" / "tinystories_sample.txt"
         if not sample.is_file():
             raise DucklingError(f"The bundled sample {str(sample)!r} is missing; reinstall duckling "
@@ -77,8 +112,23 @@ def resolve_source(data=None, split: str = "train") -> Source:
             f"Data path {str(path)!r} does not exist. Pass a .txt file or a folder of .txt files (stories "
             "separated by <|endoftext|> lines) with --data or $DUCKLING_DATA, or leave both unset to use "
             f"the hub's {config.HUB_DATASET}.")
+    where = f"$DUCKLING_DATA ({str(path)!r})" if from_env else repr(str(path))
+    folders = _split_folders(path)
+    if folders:
+        if split not in folders:
+            raise DucklingError(
+                f"{where} is a split folder with {', '.join(f'{k} ({v.name}/)' for k, v in folders.items())} but no "
+                f"{split!r} split: add a {split}/ subfolder of .txt files, or pass the {split} text itself with "
+                "--data PATH.")
+        path = folders[split]
+    elif split != "train" and from_env:
+        raise DucklingError(
+            f"{where} is one text set (no train/ and {split}/ subfolders), read as the training text: it cannot "
+            f"give the {split!r} split, and building from it would write training rows as held-out ones. Pass the "
+            f"{split} text with --data PATH --split {split}, or point DUCKLING_DATA at a folder with train/ and "
+            f"{split}/ (or valid/) subfolders.")
     if path.is_file():
-        return Source("files", files=[path])
+        return Source("files", files=[path], split=split)
     files = sorted(p for p in path.glob("*.txt") if p.is_file())
     if not files:
         subs = sorted({p.parent.name for p in path.glob("*/*.txt")})
@@ -86,7 +136,7 @@ def resolve_source(data=None, split: str = "train") -> Source:
         raise DucklingError(
             f"Folder {str(path)!r} has no .txt files.{hint} A corpus is a .txt file or a folder of .txt files "
             "with stories separated by <|endoftext|> lines.")
-    return Source("files", files=files)
+    return Source("files", files=files, split=split)
 
 
 def describe_source(source: Source) -> str:
@@ -129,13 +179,13 @@ def _hub_stories(source: Source, pbar=None) -> Iterator[str]:
 
     try:
         ds = datasets.load_dataset(source.name, split=source.split)
+    except (ValueError, KeyError) as e:
+        if not any(w in str(e).lower() for w in ("unknown split", "bad split")):
+            raise _hub_unreachable(source, e) from e
+        raise DucklingError(f"The hub's {source.name!r} has no split {source.split!r} ({str(e)[:200]}): pass one of "
+                            "its splits with --split (TinyStories: train, validation).") from e
     except Exception as e:  # offline, DNS, 404, offline-mode flags: all mean "use local files"
-        raise DucklingError(
-            f"Could not load {source.name!r} (split {source.split!r}) from the Hugging Face hub "
-            f"({type(e).__name__}: {str(e)[:200]}). Without internet, pass local text instead: --data PATH "
-            "(DUCKLING_DATA=PATH; in a notebook, the DATA parameter), a .txt file or folder of .txt files with "
-            f"stories separated by {EOT_TEXT} lines, or --data sample (DATA = \"sample\") for the bundled "
-            "500-story sample.") from e
+        raise _hub_unreachable(source, e) from e
     if pbar is not None:
         pbar.reset(total=len(ds))
         pbar.unit = " stories"
@@ -143,6 +193,15 @@ def _hub_stories(source: Source, pbar=None) -> Iterator[str]:
         if pbar is not None:
             pbar.update(len(batch["text"]))
         yield from batch["text"]
+
+
+def _hub_unreachable(source: Source, e: BaseException) -> DucklingError:
+    return DucklingError(
+        f"Could not load {source.name!r} (split {source.split!r}) from the Hugging Face hub "
+        f"({type(e).__name__}: {str(e)[:200]}). Without internet, pass local text instead: --data PATH "
+        "(DUCKLING_DATA=PATH; in a notebook, the DATA parameter), a .txt file or folder of .txt files with "
+        f"stories separated by {EOT_TEXT} lines, or --data sample (DATA = \"sample\") for the bundled "
+        "500-story sample.")
 
 
 def iter_stories(source: Source, max_stories: int | None = None, stats: dict | None = None,
@@ -372,11 +431,11 @@ def build_dataset(data=None, tokenizer=None, out=None, seq_len: int | None = Non
         _save_quietly(Dataset.from_file(str(tmp / "work" / "rows.arrow")), tmp / "ds")
         checked = check_no_dead(load_from_disk(str(tmp / "ds")), tok.n_live, seq_len)  # on the files as written
         record = {"format_version": BUILD_FORMAT, "fingerprint": fingerprint, "mapping_hash": tok.hash,
-                  "source": describe_source(source), "seq_len": seq_len, "max_stories": max_stories,
+                  "source": describe_source(source), "split": source.split, "seq_len": seq_len, "max_stories": max_stories,
                   "n_stories": stats["n_stories"], "text_sha256": stats["sha256"], **checked,
                   "unk_fraction": checked["n_unk"] / checked["n_tokens"], "dropped_tokens": stats["dropped_tokens"],
                   "dead_check": "passed"}
-        (tmp / "ds" / BUILD_FILE).write_text(json.dumps(record, indent=2))
+        write_json(tmp / "ds" / BUILD_FILE, record)
         if out.exists():  # replace an older Duckling dataset: move it aside, swap, and put it back on failure
             os.replace(out, tmp / "old")
         try:

@@ -2,6 +2,7 @@
 that no dead id can ever reach a training batch."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -125,3 +126,49 @@ def check_rows(rows: PackedRows, cfg: DucklingConfig, n_live: int, what: str = "
         raise DucklingError(f"The {what}'s rows have {rows.seq_len} tokens but the model's context is "
                             f"{cfg.model.n_positions}: rebuild it with `duckling build --seq-len "
                             f"{cfg.model.n_positions}` or raise model.n_positions.")
+
+
+# ---------------------------------------------------------------- identity of a dataset's rows
+FINGERPRINT_SAMPLE = 4096  # rows hashed in full for the fingerprint (evenly spaced, the last one included)
+
+
+def rows_fingerprint(rows: PackedRows) -> dict:
+    """What a resume compares to know the rows are the ones the run started on: the row count, the
+    row length (together its size in tokens) and a sha256 of up to FINGERPRINT_SAMPLE evenly spaced rows (the first
+    and last included). A dataset rebuilt from other text changes nearly every row, so the sample
+    catches it in milliseconds whatever the dataset's size."""
+    n = len(rows)
+    picks = np.unique(np.linspace(0, n - 1, min(n, FINGERPRINT_SAMPLE)).round().astype(np.int64))
+    h = hashlib.sha256(f"{n}x{rows.seq_len}".encode())
+    for i in picks:
+        h.update(np.ascontiguousarray(rows[int(i)], dtype=np.int64).tobytes())  # dtype-independent ids
+    return {"rows": n, "seq_len": int(rows.seq_len), "sha256": h.hexdigest()}
+
+
+def _digests(rows: np.ndarray) -> list[bytes]:
+    return [hashlib.blake2b(np.ascontiguousarray(r, dtype=np.int64).tobytes(), digest_size=16).digest() for r in rows]
+
+
+def _keys(rows: np.ndarray) -> np.ndarray:
+    """(n,) uint64: the first 4 ids of each row (16 bits each), a cheap screen before the full hash."""
+    k = min(4, rows.shape[1])
+    out = np.zeros(len(rows), np.uint64)
+    for j in range(k):
+        out = (out << np.uint64(16)) | (rows[:, j].astype(np.uint64) & np.uint64(0xFFFF))
+    return out
+
+
+def overlapping_rows(train: PackedRows, held_out: PackedRows) -> int:
+    """How many rows of ``held_out`` also occur in ``train`` (equal token ids, by a 128-bit row hash).
+
+    The training rows are screened by a key of their first 4 ids (vectorised) and hashed only when the
+    key occurs among the held-out rows, so a large training set costs one numpy pass."""
+    if train.seq_len != held_out.seq_len:
+        return 0
+    held = [d for c in held_out.chunks for d in _digests(c)]
+    held_keys = np.unique(np.concatenate([_keys(c) for c in held_out.chunks]))
+    seen: set[bytes] = set()
+    for c in train.chunks:
+        cand = c[np.isin(_keys(c), held_keys)]
+        seen.update(_digests(cand))
+    return sum(d in seen for d in held)

@@ -7,7 +7,9 @@ final/ (save_pretrained + trainer_state.json), recording/ (docs/recording.md).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import platform
 import subprocess
 import time
@@ -19,11 +21,17 @@ import torch
 from duckling.config import DucklingConfig
 from duckling.data.vocab import CompactTokenizer
 from duckling.errors import DucklingError
-from duckling.files import LOCK, check_unlocked, checkpoints, folder_lock, write_json
+from duckling.files import LOCK, _finite, check_unlocked, checkpoints, folder_lock, write_json
+from duckling.training.resume import check_checkpoint, check_recording_reaches, checkpoint_step
 
-# "How" fields of TrainConfig: changing them on resume does not change what is computed
-RESUME_FREE = {f"train.{k}" for k in ("device", "compile", "dataloader_num_workers", "logging_steps", "save_steps",
-                                     "save_total_limit", "threads")} | {"record.budget_gb", "record.queue_size"}
+# Fields that may change on resume: none changes what is computed. device, compile and threads are
+# requests: what they resolve to here (device, compile mode, CPU thread count, with the arithmetic) must
+# equal what the run resolved (training.resume.check_same_run). The rest: worker processes only fetch
+# rows (the order is the sampler's, seeded), logging / checkpoint cadence and the budget never touch the
+# arithmetic, and allow_eval_overlap only permits a check to pass. Every other field is compared.
+RESUME_FREE = {f"train.{k}" for k in ("device", "compile", "threads", "dataloader_num_workers", "logging_steps",
+                                     "save_steps", "save_total_limit", "allow_eval_overlap")} | \
+    {"record.budget_gb", "record.queue_size"}
 
 
 def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -102,6 +110,8 @@ def check_run_dir(run_dir: Path, cfg: DucklingConfig, tok, resume: bool,
             f"Nothing to resume in {where}: it holds no complete checkpoint (one is saved every "
             f"train.save_steps={cfg.train.save_steps} steps, and when a run is stopped with Ctrl-C). Its "
             "recording is kept as it is; start the run again in a new folder.")
+    check_checkpoint(ckpt)
+    check_recording_reaches(run_dir, cfg, ckpt, checkpoint_step(ckpt))
     return ckpt, old_info
 
 
@@ -150,8 +160,26 @@ def run_lock(run_dir: Path, create: bool):
 
 
 def update_run_info(run_dir: Path, **kw) -> None:
+    """Update run_info.json atomically (files.write_json: no NaN, no .tmp left). On a full disk, where
+    even its small temporary copy cannot be written, it is rewritten in place instead: the status must
+    tell the truth (``failed``), and a file of a page or so is overwritten without taking new space."""
     path = run_dir / "run_info.json"
-    write_json(path, {**json.loads(path.read_text()), **kw})
+    info = {**json.loads(path.read_text()), **kw}
+    try:
+        write_json(path, info)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        text = json.dumps(_finite(info), indent=2, default=str, allow_nan=False).encode() + b"\n"
+        if len(text) > path.stat().st_blocks * 512:  # would need a new block: it cannot be written
+            raise
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, text, 0)
+            os.ftruncate(fd, len(text))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # transformers warnings a Duckling user can do nothing about (the inputs are packed, never padded; EOT is

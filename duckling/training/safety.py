@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from duckling.config import DucklingConfig
+from duckling.errors import DucklingError
 from duckling.files import LOCK, fsync_path
 from duckling.recording.budget import check_run_disk
 from duckling.training.model import count_parameters
@@ -87,32 +88,65 @@ def fsync_tree(folder: Path) -> None:
 
 
 def _cleanup_partial(run_dir: Path) -> None:
-    """After a failure: no *.tmp files, no checkpoint folder without its trainer_state.json."""
+    """After a failure: no *.tmp files, no checkpoint folder (nor final/) without its trainer_state.json
+    (the last file written into it)."""
     for p in run_dir.rglob("*.tmp*"):
         if p.is_file():
             p.unlink(missing_ok=True)
-    for p in run_dir.glob("*checkpoint-*"):
+    for p in [*run_dir.glob("*checkpoint-*"), run_dir / "final"]:
         if p.is_dir() and not (p / "trainer_state.json").is_file():
             shutil.rmtree(p, ignore_errors=True)
+
+
+# How libraries that do not raise OSError report a failed write: safetensors (Rust's io::Error in a
+# SafetensorError) and torch.save (PytorchStreamWriter's RuntimeError).
+_FULL = ("no space left", "storagefull", "os error 28", "disk quota", "os error 122")
+_WRITE = (*_FULL, "file write failed", "error while serializing", "read-only file system", "permission denied")
+
+
+def write_failure(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it) is a failed write of a file: an OSError, or a library's own
+    exception wrapping one."""
+    while e is not None:
+        if isinstance(e, OSError):
+            return True
+        if isinstance(e, Exception) and any(w in str(e).lower() for w in _WRITE):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _disk_full(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(w in str(e).lower() for w in _FULL):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def failure_advice(run_dir: Path, step: int, err: BaseException, removed: bool) -> str:
     root = _root(err)
     where = run_dir.resolve()
-    if isinstance(root, OSError):
-        full = root.errno in (errno.ENOSPC, errno.EDQUOT)
-        cause = "the disk is full" if full else f"a write failed ({root.strerror or root})"
+    fix = "fix the cause"
+    if _disk_full(err):
+        cause, fix = "the disk is full", "free disk space"
+    elif isinstance(root, OSError):
+        cause, fix = f"a write failed ({root.strerror or root})", "make the folder writable (or fix its disk)"
+    elif not isinstance(err, DucklingError) and write_failure(err):
+        cause, fix = f"a write failed ({str(err).strip().splitlines()[0][:200]})", "make the folder writable (or fix its disk)"
     else:
         cause = str(err)
     if removed:
-        return (f"The run stopped before its first step completed: {cause} Nothing of it was kept ({where} was "
+        return (f"The run stopped before its first step completed: {cause.rstrip('.')}. Nothing of it was kept ({where} was "
                 "removed), so the same command works once the cause is fixed.")
     ckpt = last_checkpoint(run_dir)
     if ckpt is not None:
-        todo = (f"fix the cause (free disk space, make the folder writable), then continue from {ckpt.name} with "
+        todo = (f"{fix}, then continue from {ckpt.name} with "
                 f"`duckling train --run {run_dir} --resume`")
     else:
-        todo = ("it has no checkpoint yet, so it cannot be resumed: fix the cause and start again in a new folder "
+        todo = (f"it has no checkpoint yet, so it cannot be resumed: {fix} and start again in a new folder "
                 "(a lower train.save_steps gives earlier resume points)")
     return (f"Training stopped at step {step}: {cause.rstrip('.')}. Every step recorded so far is kept and "
             f"readable in {where}; {todo}.")

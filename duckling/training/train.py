@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
+import math
 import platform
 import tempfile
 import time
@@ -26,7 +26,7 @@ import torch
 
 from duckling.config import DucklingConfig, N_LIVE
 from duckling.errors import DucklingError, RunInterrupted
-from duckling.data.rows import as_rows, check_rows, collate
+from duckling.data.rows import as_rows, check_rows, collate, overlapping_rows, rows_fingerprint
 from duckling.data.vocab import CompactTokenizer
 from duckling.training.model import build_model
 from duckling.training.optim import optimizer_cls_and_kwargs
@@ -36,7 +36,9 @@ from duckling.training.trainer import (_trainer_classes, check_trainable_dtype, 
 from duckling.training.generate import generate  # noqa: F401  (the notebooks' API: train, load_run, generate)
 from duckling.training.run_folder import (check_run_dir, load_run, quiet_hf, run_lock,  # noqa: F401 (load_run)
                                           silence_unactionable_warnings, update_run_info, write_run_files)
-from duckling.training.safety import StopOnSignal, after_failure, check_disk, empty_run_dir, failure_advice, sync_recording
+from duckling.training.resume import check_same_run, checkpoint_step, finish_recording
+from duckling.training.safety import (StopOnSignal, after_failure, check_disk, empty_run_dir, failure_advice, sync_recording,
+                                      write_failure)
 
 
 # ---------------------------------------------------------------- one call
@@ -105,7 +107,7 @@ class _Job:
     @property
     def done(self) -> bool:
         """Resuming a checkpoint at max_steps: only final/ is left to write."""
-        return self.ckpt is not None and _ckpt_step(self.ckpt) >= self.cfg.train.max_steps
+        return self.ckpt is not None and checkpoint_step(self.ckpt) >= self.cfg.train.max_steps
 
 
 def _recorder(job: _Job):
@@ -136,8 +138,7 @@ def train(cfg: DucklingConfig | None = None, dataset=None, run_dir=None, *, eval
     device = pick_device(cfg.train.device)
     precision = pick_precision(cfg.train.compute_dtype, device)
     compile_mode = pick_compile(cfg.train.compile, device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    threads = cfg.train.threads or torch.get_num_threads()  # set once everything is checked
     run_dir = None if run_dir is None else Path(run_dir)
     tok = _tokenizer(tokenizer, cfg, required=run_dir is not None)
     n_live = tok.n_live if tok is not None else N_LIVE
@@ -150,6 +151,7 @@ def train(cfg: DucklingConfig | None = None, dataset=None, run_dir=None, *, eval
     eval_rows = None if eval_dataset is None else as_rows(eval_dataset, tok)
     if eval_rows is not None:
         check_rows(eval_rows, cfg, n_live, what="evaluation dataset")
+        _check_held_out(rows, eval_rows, cfg)
     if model is None:
         model = build_model(cfg.model, seed=cfg.train.seed)
     elif (model.config.vocab_size, model.config.n_positions) != (cfg.model.vocab_size, cfg.model.n_positions):
@@ -159,17 +161,23 @@ def train(cfg: DucklingConfig | None = None, dataset=None, run_dir=None, *, eval
         tune_cpu_allocator()
     job = _Job(cfg, rows, eval_rows, device, precision, compile_mode, progress, n_live)
     if run_dir is None:
+        torch.set_num_threads(threads)
         return _fit(job, model, callbacks)
 
     ckpt, old_info = check_run_dir(run_dir, cfg, tok, resume)
     job = dataclasses.replace(job, run_dir=run_dir, ckpt=ckpt, fresh=not resume)
-    start = _ckpt_step(ckpt) if ckpt else 0
+    start = checkpoint_step(ckpt) if ckpt else 0
     check_disk(run_dir, cfg, model, start, job.record, tuple(model.get_input_embeddings().weight.shape), n_live)
     info = {"device": device, "device_name": _device_name(device), "precision": precision,
-            "compile": compile_mode or "off", "optimizer": cfg.train.optimizer, "threads": torch.get_num_threads(),
+            "compile": compile_mode or "off", "optimizer": cfg.train.optimizer, "threads": threads,
             "n_train_rows": len(rows), "seq_len": rows.seq_len,
             "dataset": str(Path(dataset).resolve() if isinstance(dataset, (str, Path)) else
-                           Path(cfg.data.dataset_dir).resolve() if dataset is None else type(dataset).__name__)}
+                           Path(cfg.data.dataset_dir).resolve() if dataset is None else type(dataset).__name__),
+            "dataset_fingerprint": rows_fingerprint(rows),
+            "eval_dataset_fingerprint": None if eval_rows is None else rows_fingerprint(eval_rows)}
+    if resume:
+        check_same_run(run_dir, old_info, info)
+    torch.set_num_threads(threads)
     try:
         with run_lock(run_dir, create=not resume):
             check_run_dir(run_dir, cfg, tok, resume, locked=True)  # again, under the lock: another writer may have won
@@ -226,6 +234,8 @@ def _run(job: _Job, trainer, stop: StopOnSignal, recorders: list) -> None:
         with stop.installed() if job.run_dir is not None else contextlib.nullcontext():
             if job.done:  # the Trainer would run one step past max_steps here
                 load_finished_checkpoint(trainer, job.ckpt)
+                if job.record:  # a kill during the close-time compaction left it unfinished: finish it first
+                    finish_recording(job.run_dir, trainer.state.global_step)
             else:
                 with quiet_hf():  # no per-checkpoint "Writing model shards" bars
                     trainer.train(resume_from_checkpoint=str(job.ckpt) if job.ckpt else None)
@@ -235,7 +245,8 @@ def _run(job: _Job, trainer, stop: StopOnSignal, recorders: list) -> None:
         failed = e
     except BaseException as e:
         failed = e
-        raise
+        if not write_failure(e):  # safetensors and torch.save report a full disk in their own types
+            raise
     finally:  # also on an exception or Ctrl-C
         for cb in recorders:
             try:
@@ -259,11 +270,19 @@ def _finish(job: _Job, trainer, timer, stop: StopOnSignal) -> TrainResult:
                              f"{run_dir.resolve()}. Continue exactly from there with `duckling train --run "
                              f"{run_dir} --resume` (or train(..., resume=True)).")
     if run_dir is not None:
-        with quiet_hf():
-            trainer.save_model(str(run_dir / "final"))
-        trainer.state.save_to_json(str(run_dir / "final" / "trainer_state.json"))
-        update_run_info(run_dir, status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                        global_step=step, steps_per_s=timer.steps_per_s)
+        try:
+            with quiet_hf():
+                trainer.save_model(str(run_dir / "final"))
+            trainer.state.save_to_json(str(run_dir / "final" / "trainer_state.json"))
+            # a finished run resumed trains nothing: its speed is the one measured when it trained
+            speed = {} if job.done or not math.isfinite(timer.steps_per_s) else {"steps_per_s": timer.steps_per_s}
+            update_run_info(run_dir, status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), global_step=step,
+                            **speed)
+        except Exception as e:
+            if not (isinstance(e, OSError) or write_failure(e)):
+                raise
+            after_failure(run_dir, step, e, fresh=False)
+            raise DucklingError(failure_advice(run_dir, step, e, False)) from e
     return TrainResult(model=trainer.model, cfg=job.cfg, run_dir=run_dir, log_history=list(trainer.state.log_history),
                        steps_per_s=timer.steps_per_s, global_step=step, device=job.device, precision=job.precision,
                        compile=job.compile_mode)
@@ -275,5 +294,15 @@ def _device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
-def _ckpt_step(ckpt: Path) -> int:
-    return json.loads((ckpt / "trainer_state.json").read_text())["global_step"]
+def _check_held_out(rows, eval_rows, cfg: DucklingConfig) -> None:
+    """An evaluation set must be held out: none of its rows may be a training row (by row hash),
+    unless train.allow_eval_overlap says so."""
+    if cfg.train.allow_eval_overlap:
+        return
+    n = overlapping_rows(rows, eval_rows)
+    if n:
+        raise DucklingError(
+            f"{n:,} of the {len(eval_rows):,} rows of the evaluation dataset are also training rows (equal token ids): "
+            "its loss would not be held out. Build the evaluation set from other text (e.g. `duckling build --data "
+            "DIR --split validation --out valid_dataset`, where DIR holds train/ and validation/ subfolders), or pass "
+            "--allow-eval-overlap (train.allow_eval_overlap=true) to evaluate on it anyway.")
