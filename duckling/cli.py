@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("compact", help="upgrade an older recording (format 1, early format 2) to today's layout, in place, verified")
     s.add_argument("run", help="run folder (or its recording/ folder)")
 
+    s = sub.add_parser("verify", help="check a whole recording: its files against its manifest, every checksum, meta.json")
+    s.add_argument("run", help="run folder (or its recording/ folder)")
+
     s = sub.add_parser("quickstart", help="offline first run: the bundled sample, a short recorded run, its report")
     s.add_argument("--out", default="runs/quickstart", help="folder for the dataset, run and report (default runs/quickstart)")
     s.add_argument("--steps", type=_positive_int("--steps"), default=None,
@@ -314,12 +317,25 @@ def cli_compact(args) -> int:
         print(f"{r['run']}: {r['recovered']}")
     if r["upgraded_from"] is None:
         print(f"{r['run']}: the recording is already in today's layout ({r['steps']:,} steps, "
-              f"{r['snapshots']:,} snapshots); nothing to do.")
+              f"{r['snapshots']:,} snapshots){'' if r['recovered'] else '; nothing to do'}.")
         return 0
     print(f"upgraded {r['run']} from {r['upgraded_from']}: {r['steps']:,} steps, {r['snapshots']:,} snapshots, "
           f"{r['bytes_before'] / 1e9:.3f} GB -> {r['bytes_after'] / 1e9:.3f} GB "
           f"({r['compression_ratio']:.2f}x, verified) in {r['seconds']:.1f} s")
     return 0
+
+
+def cli_verify(args) -> int:
+    """``duckling verify RUN``: exit 0 with one line when the recording is whole, else 1 and every problem."""
+    from duckling.recording.repair import verify
+
+    problems, summary = verify(args.run)
+    if not problems:
+        print(summary)
+        return 0
+    print(f"{args.run}: the recording is not whole ({len(problems)} problem{'s' * (len(problems) > 1)}):", file=sys.stderr)
+    print("\n".join(f"- {p}" for p in problems), file=sys.stderr)
+    return 1
 
 
 def cli_quickstart(args) -> int:
@@ -339,11 +355,15 @@ def cli_sweep(args) -> int:
     cols = {c: h for c, h in (("name", "run"), ("status", "status"), ("on_disk", "on disk"), ("global_step", "step"),
                               ("loss", "loss"), ("eval_loss", "held-out loss")) if c in table.columns}
     print(text_table(table.to_dict("records"), cols))  # "-": no value yet (a run not trained)
-    failed = int((table["status"] == "failed").sum()) if "status" in table.columns else 0
-    if failed:
-        print(f"{failed} run(s) failed (errors in {Path(args.out) / MANIFEST}); run the same command "
-              "again to retry them.", file=sys.stderr)
-    return 1 if failed else 0
+    bad = table[table["status"] == "failed"] if "status" in table.columns else table.iloc[:0]
+    if len(bad):
+        where = Path(args.out).resolve() / MANIFEST
+        lines = [f"  {r['name']}: {((r.get('error') or 'unknown error').strip().splitlines() or ['?'])[-1][:200]}"
+                 for r in bad.to_dict("records")]
+        print(f"{len(bad)} run(s) failed:\n" + "\n".join(lines) +
+              (f"\nWhole errors: {where}." if where.is_file() else "") +
+              " Run the same command again to retry them.", file=sys.stderr)
+    return 1 if len(bad) else 0
 
 
 def cli_compare(args) -> int:
@@ -368,7 +388,7 @@ def cli_compare(args) -> int:
 
 
 HANDLERS = {"vocab": cli_vocab, "build": cli_build, "train": cli_train, "generate": cli_generate,
-            "report": cli_report, "compact": cli_compact, "quickstart": cli_quickstart, "sweep": cli_sweep, "compare": cli_compare}
+            "report": cli_report, "compact": cli_compact, "verify": cli_verify, "quickstart": cli_quickstart, "sweep": cli_sweep, "compare": cli_compare}
 
 
 def _paths_from_env() -> None:

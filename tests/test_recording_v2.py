@@ -163,13 +163,14 @@ def test_a_flipped_byte_is_detected_and_named(tmp_path, name, tail, steps):
         assert rec.rows("norm")[:4].shape == (4, V)
 
 
-def test_corrupt_block_header_names_the_chunk(tmp_path):
+def test_corrupt_block_header_names_the_steps_and_the_rest_stays_readable(tmp_path):
     write(tmp_path)
-    _flip(tmp_path / "recording" / "probe.00000.blk", 10**9 % 30 + 30)  # inside the JSON header
     data = (tmp_path / "recording" / "probe.00000.blk").read_bytes()
-    (tmp_path / "recording" / "probe.00000.blk").write_bytes(data[:20] + b"\x00" + data[21:])
-    with pytest.raises(DucklingError, match="corrupt"):
-        Recording(tmp_path)
+    (tmp_path / "recording" / "probe.00000.blk").write_bytes(data[:20] + b"\x00" + data[21:])  # inside the JSON header
+    rec = Recording(tmp_path)  # opens: the manifest knows the block's steps
+    with pytest.raises(DucklingError, match=r"corrupt.*steps 0\.\.9\b"):
+        rec.probe
+    assert rec.snapshot(14).shape == (V, D) and rec.rows("norm").shape == (15, V)
 
 
 STAGES = ["encode", "fsync", "replace", "unlink"]
@@ -391,7 +392,7 @@ def test_compact_upgrades_every_older_layout_in_place(tmp_path, name):
     streams = [("wte.u16", n[0]), ("wte.f32", n[0]), ("lm_head.u16", n[0]), ("lm_head.f32", n[0]),
                ("scalars", n[1]), ("probe", n[2])]
     assert {p.name for p in (tmp_path / "run" / "recording").iterdir()} == \
-        {"meta.json"} | {f"{s}.{c:05d}.blk" for s, k in streams for c in range(k)}
+        {"meta.json", "manifest.json"} | {f"{s}.{c:05d}.blk" for s, k in streams for c in range(k)}
     again = compact(tmp_path / "run")  # today's layout: nothing to do
     assert again["upgraded_from"] is None and again["recovered"] is None
 

@@ -28,7 +28,9 @@ from duckling.files import folder_lock, fsync_path, write_json
 from duckling.recording.layout import (BLOCK_STEPS, FIELDS, FORMAT, LAYOUT_KEYS, PROBE_COLUMNS, check_meta,
                                        layout_keys, make_streams, older_layout, read_meta, rec_dir,
                                        snapshot_parts)
+from duckling.recording.manifest import NAME as MANIFEST
 from duckling.recording.reader import Recording
+from duckling.recording.repair import finish_compaction, verify
 
 STAGE, OLD, VERIFIED = "recording.new", "recording.old", ".verified"
 LEGACY_GROUP_ROWS = 64  # the first format-2 layout: 64 rows per frame, dead rows alike, no segments
@@ -144,8 +146,47 @@ def _today(meta: dict) -> dict:
     out = {k: v for k, v in meta.items() if k not in ("precision", "chunk_steps", *LAYOUT_KEYS)}
     V, n_live = meta["shape"][0], meta["n_live"]
     out.update(format_version=FORMAT, n_dead=V - n_live, fields=list(FIELDS), probe_columns=list(PROBE_COLUMNS),
-               **layout_keys(block), status=meta.get("status", "complete"))
+               **layout_keys(block), manifest=MANIFEST, status=meta.get("status", "complete"))
     return out
+
+
+def _upgrade_error(e: OSError, root: Path) -> DucklingError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        cause = "the disk filled up while the new copy was written; free disk space"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        cause = f"the run folder is not writable ({e.strerror}); run it where the folder can be written, or on a writable copy"
+    else:
+        cause = f"{e.strerror or e}; fix the cause"
+    return DucklingError(f"upgrading {root} failed: {cause}, then run `duckling compact {root.parent}` again. The old "
+                         f"recording is untouched and the unfinished copy was removed.")
+
+
+def _finish(root: Path, meta: dict) -> str | None:
+    """Today's layout: finish an interrupted compaction (every raw chunk compacted, a manifest added to
+    a recording without one after every frame is checked), rename "precision", make the status true."""
+    changed = "precision" in (root / "meta.json").read_text()
+    if not (root / MANIFEST).exists():  # written before manifests (or the file was lost): every frame checked first
+        problems, _ = verify(root)
+        bad = [p for p in problems if f"{MANIFEST} is missing" not in p and "interrupted" not in p and "finishes" not in p]
+        if bad:
+            raise DucklingError(f"{root} cannot be given a manifest: {'; '.join(bad[:3])}. Restore the files from a "
+                                f"copy of the run first.")
+        changed = changed or meta.get("manifest") != MANIFEST
+        meta["manifest"] = MANIFEST
+    done = finish_compaction(root, tails=True, adopt=True)
+    (root / "writer.lock").unlink(missing_ok=True)  # the previous release's lock file
+    if meta.get("status") == "recording":  # compact holds the run's lock: nobody is writing it
+        meta["status"], meta["last_step"] = "interrupted", int(len(Recording(root).scalar_steps) - 1)
+        done.append("status 'recording' (no process writes it) set to 'interrupted'")
+        changed = True
+    if changed:
+        try:
+            write_json(root / "meta.json", meta)
+        except OSError as e:
+            raise _upgrade_error(e, root) from e
+    n = sum(x.startswith("compacted") for x in done)
+    return None if not done else (f"finished an interrupted compaction ({n} chunks)" if n else "") + \
+        ("; " if n and len(done) > n else "") + "; ".join(x for x in done if not x.startswith("compacted"))
 
 
 def _reader_of(root: Path, meta: dict) -> Recording:
@@ -173,14 +214,15 @@ def compact(run_dir) -> dict:
         recovered = _recover(root)
         meta = read_meta(root)
         kind = older_layout(meta)
-        if kind is None:  # today's layout: meta.json brought up to date, nothing else
+        if kind is None:  # today's layout: what an interruption left finished, meta.json brought up to date
             check_meta(root, meta)
-            (root / "writer.lock").unlink(missing_ok=True)  # the previous release's lock file
-            if "precision" in (root / "meta.json").read_text():
-                write_json(root / "meta.json", meta)
+            before = sum(p.stat().st_size for p in root.iterdir() if p.is_file())
+            finished = _finish(root, meta)
+            if finished:
+                recovered = "; ".join(x for x in (recovered, finished) if x)
             rec = Recording(root)
             return {"run": str(run), "upgraded_from": None, "steps": len(rec.scalar_steps),
-                    "snapshots": len(rec.steps), "bytes_before": rec.bytes_on_disk, "bytes_after": rec.bytes_on_disk,
+                    "snapshots": len(rec.steps), "bytes_before": before, "bytes_after": rec.bytes_on_disk,
                     "compression_ratio": round(rec.compression_ratio, 2),
                     "seconds": round(time.perf_counter() - t0, 1), "recovered": recovered}
         old = _reader_of(root, meta)
@@ -189,13 +231,17 @@ def compact(run_dir) -> dict:
             raise DucklingError(f"upgrading {root} needs up to {before / 1e9:.2f} GB free beside it (the old "
                                 f"files are kept until the new copy is verified); free disk space first.")
         stage, meta2 = run / STAGE, _today(meta)
-        stage.mkdir()
-        write_json(stage / "meta.json", meta2)
-        _write(old, stage, meta2)
-        _verify(old, Recording(stage))
-        fsync_path(stage)
-        (stage / VERIFIED).touch()
-        fsync_path(stage)
+        try:
+            stage.mkdir()
+            write_json(stage / "meta.json", meta2)
+            _write(old, stage, meta2)
+            _verify(old, Recording(stage))
+            fsync_path(stage)
+            (stage / VERIFIED).touch()
+            fsync_path(stage)
+        except OSError as e:  # a full disk, a read-only folder: the old recording is untouched, the copy goes
+            shutil.rmtree(stage, ignore_errors=True)
+            raise _upgrade_error(e, root) from e
         _swap(root, stage)  # the commit point
         _recover(root)  # the old files go
         new = Recording(root)

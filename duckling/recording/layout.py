@@ -9,6 +9,7 @@ import numpy as np
 
 from duckling.config import RECORD_DTYPES, VOCAB_SIZE, ModelConfig
 from duckling.errors import DucklingError
+from duckling.recording.manifest import NAME as MANIFEST, Manifest
 from duckling.recording.streams import Stream
 
 FORMAT = 2  # meta.json's format_version of today's layout (format 1 is read by v1.py)
@@ -83,7 +84,7 @@ def new_meta(matrices, shape, n_live: int, dtype: str, every: int, block_steps: 
     return {"format_version": FORMAT, "matrices": list(matrices), "shape": [int(x) for x in shape],
             "dtype": dtype, "every": int(every), "n_live": int(n_live), "n_dead": int(shape[0] - n_live),
             "fields": list(FIELDS), "probe_columns": list(PROBE_COLUMNS), **layout_keys(block_steps),
-            **(extra or {}), "status": "recording"}
+            **(extra or {}), "manifest": MANIFEST, "status": "recording"}
 
 
 def rec_dir(run_dir) -> Path:
@@ -165,9 +166,11 @@ def make_streams(root, meta: dict) -> tuple[dict, Stream, Stream]:
     B, n_m, G = meta["block_steps"], len(meta["matrices"]), meta["group_rows"]
     parts = snapshot_parts(meta["dtype"], V, meta["n_live"])
     widths = {ext: _row_widths(sl, meta["n_live"], d, G, meta["dead_group_rows"]) for ext, sl, _ in parts}
+    man = Manifest(root, expected=meta.get("manifest") == MANIFEST)  # one per recording, shared by its streams
     snaps = {(m, ext): Stream(root, f"{m}.{ext}", (sl.stop - sl.start) * d, dt, widths[ext], B,
-                              meta["segment_steps"])
+                              meta["segment_steps"], manifest=man)
              for m in meta["matrices"] for ext, sl, dt in parts}
-    scalars = Stream(root, "scalars", n_m * 4 * V + d + 1, np.float32, [V] * (4 * n_m) + [d + 1], B)
-    probe = Stream(root, "probe", 2, np.float32, [2], B)
+    scalars = Stream(root, "scalars", n_m * 4 * V + d + 1, np.float32, [V] * (4 * n_m) + [d + 1], B,
+                     manifest=man, positional=True)
+    probe = Stream(root, "probe", 2, np.float32, [2], B, manifest=man)
     return snaps, scalars, probe

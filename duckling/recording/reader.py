@@ -15,6 +15,8 @@ import numpy as np
 from duckling.errors import DucklingError
 from duckling.recording.layout import (FIELDS, FORMAT, LAYOUT_KEYS, check_meta, make_streams, older_layout, put_values, read_meta,
                                        rec_dir, snapshot_parts)
+from duckling.recording.chunks import incomplete
+from duckling.recording.manifest import NAME as MANIFEST
 from duckling.recording.v1 import V1Source
 
 
@@ -33,16 +35,42 @@ class Blocks:
         self.snaps, self.scalars, self.probe_stream = make_streams(root, meta)
         self.kept: dict = {}  # (matrix, position, ext) -> stored values of a preloaded snapshot
 
+    @property
+    def streams(self) -> list:
+        return [*self.snaps.values(), self.scalars, self.probe_stream]
+
+    def check(self) -> tuple[dict, list[str]]:
+        """({stream name: its record steps}, problems): every stream's files against the manifest
+        (chunks.py), read again once when a live writer committed a block meanwhile."""
+        for attempt in (0, 1):
+            self.scalars.manifest.load()
+            found, problems = {}, []
+            for st in self.streams:
+                _, found[st.name], mine = st.check()
+                problems += mine
+            if not problems:
+                break
+        return found, list(dict.fromkeys(problems))  # (a missing manifest is named by every stream)
+
     def reload(self) -> tuple[np.ndarray, np.ndarray]:
         """(scalar steps, snapshot steps) of complete steps; raises on an inconsistent structure."""
-        _, sc = self.scalars.scan()
+        found, problems = self.check()
+        if problems:
+            raise incomplete(self.root, problems)
+        sc = found["scalars"]
         if not np.array_equal(sc, np.arange(len(sc))):
             raise DucklingError(f"the per-step scalars in {self.root} are not steps 0..N in order "
                                 f"(found {sc[:5].tolist()}...): the recording is damaged or edited.")
         last = len(sc) - 1
+        said = self.meta.get("last_step")
+        if self.meta.get("status") != "recording" and type(said) is int and said > last:
+            raise DucklingError(f"{self.root}/meta.json says the recording ends at step {said} (status "
+                                f"{self.meta.get('status')!r}), but its per-step scalars stop at step {last}: steps "
+                                f"{last + 1}..{said} are missing (files deleted or renamed). Restore them from a copy "
+                                f"of the run; `duckling verify {self.root.parent}` lists every problem.")
         snap = None
         for (m, ext), s in self.snaps.items():
-            _, st = s.scan()
+            st = found[s.name]
             if not _strictly_increasing(st):
                 raise DucklingError(f"snapshot steps of {m}.{ext} in {self.root} are not strictly "
                                     f"increasing: the recording is damaged or edited.")
@@ -54,7 +82,7 @@ class Blocks:
                 raise DucklingError(f"the snapshot streams in {self.root} disagree on their steps: "
                                     f"the recording is damaged or edited.")
             snap = st if snap is None or len(st) < len(snap) else snap
-        _, pr = self.probe_stream.scan()
+        pr = found["probe"]
         if not _strictly_increasing(pr):
             raise DucklingError(f"probe steps in {self.root} are not increasing: the recording is damaged.")
         self.probe_steps = pr[pr <= last]
@@ -207,13 +235,14 @@ class Recording:
 
     @property
     def raw_bytes(self) -> int:
-        """Bytes the same steps take in format 1 (uncompressed), meta.json included."""
+        """Bytes the same steps take in format 1 (uncompressed), meta.json and manifest.json included."""
         (V, d), n_m = self.shape, len(self.matrices)
         per_snap = sum((sl.stop - sl.start) * d * np.dtype(dt).itemsize
                        for _, sl, dt in snapshot_parts(self.dtype, V, self.n_live))
         per_scalar = n_m * len(FIELDS) * V * 4 + d * 4 + 4 + 8
         return (len(self.steps) * (n_m * per_snap + 8) + len(self.scalar_steps) * per_scalar
-                + len(self.probe) * 12 + (self.root / "meta.json").stat().st_size)
+                + len(self.probe) * 12 + sum(p.stat().st_size for p in (self.root / "meta.json", self.root / MANIFEST)
+                                             if p.is_file()))
 
     @property
     def compression_ratio(self) -> float:
@@ -298,6 +327,14 @@ class Recording:
     def probe(self) -> np.ndarray:
         """(n_probes, 3) float32: [step, total dead softmax mass, max dead prob] on the probe batch."""
         return self._src.probe()
+
+    def verify(self) -> list[str]:
+        """Every problem of the whole recording (empty: it is whole): its files against manifest.json
+        (every byte hashed), every frame and raw record checksum, meta.json's status and last step
+        against the files (``duckling verify RUN``; ``duckling.recording.repair.verify``)."""
+        from duckling.recording.repair import verify
+
+        return verify(self.root)[0]
 
     @functools.cached_property
     def token_text(self) -> list[str] | None:

@@ -18,6 +18,8 @@ import numpy as np
 from duckling.recording.codec import (TRAILER, CorruptBlock, check_record, decode_blocks, decode_groups, decode_runs, encode_block,
                     pack_trailer, read_header)
 from duckling.errors import DucklingError
+from duckling.recording.chunks import covers, header_crc_of, incomplete, listing, resolve
+from duckling.recording.manifest import Manifest, digest
 
 CACHE_BYTES = 160 << 20  # decoded frames kept per stream (one 64-step bf16 block of W fits)
 
@@ -52,8 +54,12 @@ def _whole_plan(widths: tuple) -> tuple[bool, list]:
 
 class Stream:
     def __init__(self, root: Path, name: str, width: int, dtype, widths: list[int], block: int,
-                 segment: int | None = None):
+                 segment: int | None = None, manifest: Manifest | None = None, positional: bool = False):
         self.root, self.name, self.width, self.dtype = Path(root), name, int(width), np.dtype(dtype)
+        self.manifest = manifest  # the recording's manifest.json (shared by its streams), updated on commit
+        self.positional = positional  # record i is step i (the scalars): a bad block's steps are known
+        self.kinds: dict[int, str] = {}  # chunk -> "blk" | "raw" | "bad" (chunks.resolve, at scan)
+        self.bad: dict[int, str] = {}  # chunk -> why its block is unreadable
         self.widths, self.block, self.segment = list(widths), int(block), segment
         self._widths_key = tuple(self.widths)  # the whole-record plan's key (_whole_plan)
         self.bounds = np.cumsum([0] + self.widths)  # column group edges
@@ -81,12 +87,7 @@ class Stream:
                 head = f.read(1 << 16)
                 if len(head) >= 16 and head[:8] == b"DUCKBLK2":  # a long frame table: read it whole
                     head += f.read(max(0, int.from_bytes(head[8:12], "little") + 16 - len(head)))
-            try:
-                h, offsets = read_header(head, size)
-            except CorruptBlock as e:
-                raise DucklingError(f"{p} is corrupt ({e}); the steps of chunk {c} (records "
-                                    f"{c * self.block}..{(c + 1) * self.block - 1}) are unreadable; the "
-                                    f"other blocks stay readable.") from None
+            h, offsets = read_header(head, size)  # CorruptBlock: the caller names the steps
             if h["k"] != self.width or h["itemsize"] != self.dtype.itemsize or h["n"] > self.block:
                 raise DucklingError(f"{p} holds blocks of shape ({h['n']}, {h['k']}) x {h['itemsize']} "
                                     f"bytes; meta.json implies at most ({self.block}, {self.width}) x "
@@ -100,30 +101,17 @@ class Stream:
             self._headers[c] = (key, h, offsets)
         return self._headers[c][1], self._headers[c][2]
 
+    def check(self) -> tuple[list[tuple[str, int]], np.ndarray, list[str]]:
+        """([(kind, n records)] per chunk, every record's step, problems): chunks.resolve, which also
+        checks the files against the manifest; a torn last raw record is ignored."""
+        return resolve(self)
+
     def scan(self) -> tuple[list[tuple[str, int]], np.ndarray]:
-        """([(kind, n records)] per chunk, every record's step); a torn last raw record is ignored."""
-        chunks, steps, c = [], [], 0
-        while True:
-            if self.blk_path(c).exists():
-                h, _ = self._header(c)
-                chunks.append(("blk", h["n"]))
-                steps.append(np.asarray(h["steps"], np.int64))
-            else:
-                try:
-                    n = min(self.raw_path(c).stat().st_size // self.rec_bytes, self.block)
-                    trailers = self._raw_trailers(c, n)
-                except FileNotFoundError:  # gone: compacted by a live writer meanwhile, or the end
-                    if self.blk_path(c).exists():
-                        continue
-                    break
-                chunks.append(("raw", n))
-                steps.append(trailers["step"].astype(np.int64))
-            c += 1
-        for i, (kind, n) in enumerate(chunks[:-1]):
-            if n != self.block:
-                raise DucklingError(f"chunk {i} of {self.root / self.name} holds {n} records, not "
-                                    f"{self.block}, but is not the last chunk: the recording is damaged.")
-        return chunks, (np.concatenate(steps) if steps else np.zeros(0, np.int64))
+        """``check`` without problems, else a DucklingError naming them (the stream, the steps)."""
+        chunks, steps, problems = self.check()
+        if problems:
+            raise incomplete(self.root, problems)
+        return chunks, steps
 
     def _raw_trailers(self, c: int, n: int) -> np.ndarray:
         if n == 0:
@@ -153,8 +141,11 @@ class Stream:
         for c in chunks:
             sel = np.nonzero(chunk_of == c)[0]
             local = positions[sel] - c * self.block
+            kind = self.kinds.get(int(c))
             try:
-                if self.blk_path(int(c)).exists():  # into place when the block's rows of out are a slice
+                if kind == "bad":
+                    raise CorruptBlock(self.bad[int(c)])
+                if kind == "blk" or (kind is None and self.blk_path(int(c)).exists()):  # into place when the block's rows of out are a slice
                     dest = out[sel[0]:sel[-1] + 1] if sel[-1] - sel[0] + 1 == len(sel) else None
                     got = self._read_blk(int(c), local, cols, plan, dest)
                     if got is not dest:
@@ -191,8 +182,11 @@ class Stream:
         groups = [g for g, _, _ in plan[1]]
         todo = []
         for c, count in zip(chunks, counts):
-            if self.blk_path(int(c)).exists():
-                h, offsets = self._header(int(c))
+            if self.kinds.get(int(c), "blk") == "blk" and self.blk_path(int(c)).exists():
+                try:
+                    h, offsets = self._header(int(c))
+                except (CorruptBlock, OSError):
+                    return  # left to the per-block read, which names the steps
                 if count == h["n"] and any((int(c), g) not in self._cache for g in groups):
                     todo.append((int(c), h, offsets))
         size = sum(h["n"] for _, h, _ in todo) * sum(self.widths[g] for g in groups) * self.dtype.itemsize
@@ -308,30 +302,50 @@ class Stream:
         steps = np.ascontiguousarray(data[:, self.payload:]).view(TRAILER)[:, 0]["step"]
         return data[:, :self.payload].view(self.dtype), steps
 
-    def write_block(self, c: int, records: np.ndarray, steps) -> int:
-        """Encode block c, decode it back and compare with ``records`` bit for bit, then write it
-        atomically (tmp, fsync, rename); returns its size."""
+    def encode(self, c: int, records: np.ndarray, steps) -> bytes:
+        """Block c's bytes: encoded, decoded back and compared with ``records`` bit for bit (pure:
+        the recording's writer process may run it on a worker process)."""
         blob = encode_block(records, steps, self.widths, segment=self.segment)
         h, offsets = read_header(blob, len(blob))
         got = decode_groups(blob, h, offsets, range(len(self.widths)))  # on the codec threads
         u = records.view(np.uint16 if records.dtype.itemsize == 2 else np.uint32)
         if not all(np.array_equal(got[g], u[:, lo:hi]) for g, (lo, hi, *_) in enumerate(h["frames"])):
             raise CorruptBlock(f"{self.blk_path(c)}: the encoded block does not decode to its records")
+        return blob
+
+    def write_block(self, c: int, records: np.ndarray, steps, blob: bytes | None = None) -> int:
+        """Encode block c (``encode``, unless ``blob`` is what ``encode`` made of these records), then
+        write it atomically (tmp, fsync, rename); returns its size."""
+        blob = self.encode(c, records, steps) if blob is None else blob
         tmp = self.blk_path(c).with_suffix(".blk.tmp")
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.blk_path(c))
+        try:
+            with open(tmp, "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.blk_path(c))
+        except BaseException:  # a full disk, an interruption: no .tmp survives (the raw chunk stays)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise
         self._headers.pop(c, None)
+        self.kinds.pop(c, None)
+        if self.manifest is not None:  # committed: listed before the raw chunk goes (chunks.py's rule)
+            self.manifest.add(self.name, c, steps, len(blob), header_crc_of(blob), digest(blob))
         for key in [k for k in self._cache if k[0] == c]:
             self._cache_bytes -= self._cache.pop(key).nbytes
         return len(blob)
 
-    def compact(self, c: int, n: int) -> None:
-        """Raw chunk c (n records) -> block c, then the raw chunk is deleted."""
-        records, steps = self.raw_records(c, n)
-        self.write_block(c, records, steps)
+    def compact(self, c: int, n: int, encoded: tuple | None = None) -> None:
+        """Raw chunk c (n records) -> block c, then the raw chunk is deleted. ``encoded``: (blob, steps)
+        that ``encode`` made of the chunk's records elsewhere (a worker process): only committed here."""
+        if encoded is None:
+            records, steps = self.raw_records(c, n)
+            self.write_block(c, records, steps)
+        else:
+            self.write_block(c, None, encoded[1], blob=encoded[0])
         self.raw_path(c).unlink()
 
     def decode_all(self, c: int) -> tuple[np.ndarray, np.ndarray]:
@@ -341,15 +355,22 @@ class Stream:
         data = np.concatenate([got[g] for g in range(len(h["frames"]))], axis=1)
         return data.view(self.dtype), np.asarray(h["steps"], np.int64)
 
-    def tidy(self) -> None:
-        """Remove what a kill can leave behind: *.tmp and raw chunks whose block exists."""
+    def tidy(self) -> list[str]:
+        """Remove what a kill can leave behind: *.tmp, and of a block and a raw chunk of the same chunk
+        the one that is not the chunk (chunks.py: a stale raw chunk; with a manifest, a block whose
+        commit was cut before it was listed); returns the names removed."""
+        gone = []
         for p in self.root.glob(f"{self.name}.*.tmp"):
+            if p.is_file() or p.is_symlink():
+                p.unlink()
+                gone.append(p.name)
+        m = self.manifest
+        strict = m is not None and (m.present or m.expected)
+        for c in sorted(c for c, have in listing(self)[0].items() if have == {"blk", "raw"}):
+            p = self.raw_path(c) if not strict or m.entry(self.name, c) is not None else self.blk_path(c)
             p.unlink()
-        c = 0
-        while self.blk_path(c).exists() or self.raw_path(c).exists():
-            if self.blk_path(c).exists() and self.raw_path(c).exists():
-                self.raw_path(c).unlink()
-            c += 1
+            gone.append(p.name)
+        return gone
 
     def truncate(self, keep: int) -> None:
         """Keep the first ``keep`` records: later chunks deleted (last first), the boundary chunk
@@ -365,7 +386,12 @@ class Stream:
             elif kind == "raw":
                 os.truncate(self.raw_path(c), n_keep * self.rec_bytes)
             elif n_keep < self.block:  # partial block: back to raw so that appends can continue
-                data, steps = self.decode_all(c)
+                try:
+                    data, steps = self.decode_all(c)
+                except CorruptBlock as e:
+                    raise DucklingError(f"cannot cut stream {self.name} at its record {keep}: its block {c} "
+                                        f"({covers(self, c)}) is corrupt ({e}). Restore the file from a copy "
+                                        f"of the run, or resume from an earlier checkpoint.") from None
                 tmp = self.raw_path(c).with_suffix(".raw.tmp")
                 with open(tmp, "wb") as f:
                     for i in range(n_keep):
@@ -374,6 +400,9 @@ class Stream:
                         f.write(pack_trailer(int(steps[i]), payload))
                 os.replace(tmp, self.raw_path(c))
                 self.blk_path(c).unlink()
+        if self.manifest is not None:  # after the files: a cut truncation leaves raw chunks or listed gaps
+            self.manifest.drop(self.name, [c for c in range(len(chunks)) if c * self.block + self.block > keep])
         self._headers.clear()
+        self.kinds.clear()
         self._cache.clear()
         self._cache_bytes = 0
