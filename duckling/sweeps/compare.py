@@ -49,6 +49,30 @@ METRICS = {
                                                      f"first step AUROC >= 0.9: {k}{' (opposite)' if o else ''}")
        for k in ("norm", "cos_all_mean", "pc1") for o in ("", ".opposite")},
     "dead_output_mass": ("dead_output_mass", "probability mass on dead ids"),
+    # issue 23 (duckling/analysis/report.py's docstring lists them): the centred collapse
+    "dead_centred_pc1_share": ("dead_centred_pc1", "centred dead rows: variance share on PC1"),
+    "dead_centred_pc1_share_noise": ("dead_centred_pc1_noise", "PC1 share that isotropic noise gives"),
+    "dead_spread_over_init": ("dead_spread_over_init", "dead rows' spread around their mean / at step 0"),
+    "live_spread_over_init": ("live_spread_over_init", "live rows' spread around their mean / at step 0"),
+    "dead_pairwise_cosine_from_mean": ("dead_pairwise_cos_from_shift", "pairwise cosine the common shift alone gives"),
+    # the mean embedding (Stollenwerk & Stollenwerk 2025)
+    "mean_row_norm_all": ("mean_row_norm", "||mean embedding row||, last step"),
+    "mean_row_norm_all_init": ("mean_row_norm_init", "||mean embedding row||, step 0"),
+    **{f"mean_shift_{g}": (f"mean_shift_{g}", f"||mean row_N - mean row_0||, {g} rows") for g in ("all", "live", "dead")},
+    **{f"mean_shift_cos_neg_hidden_{g}": (f"mean_shift_cos_hidden_{g}", f"cos(mean-row shift, -mean hidden), {g} rows")
+       for g in ("all", "live", "dead")},
+    # the update rule as a consistency check: per-step measured / rule
+    **{f"update_rule_step_ratio_{q}": (f"update_step_ratio_{q}", f"per-step update measured / rule, {q} (a consistency check)")
+       for q in ("median", "p05", "p95")},
+    "dead_path_over_decay_only": ("dead_path_over_decay_only", "dead-row path / what decay alone moves"),
+    # by token frequency (list index 0 = dead, 1 = rarest live decile D1, 10 = commonest D10)
+    "loss_by_freq.1": ("loss_rarest_decile", "held-out loss on targets in the rarest live decile (nats)"),
+    "loss_by_freq.10": ("loss_commonest_decile", "held-out loss on targets in the commonest decile (nats)"),
+    "norm_by_freq.1": ("norm_rarest_decile", "mean row norm, rarest live decile"),
+    "norm_by_freq.10": ("norm_commonest_decile", "mean row norm, commonest decile"),
+    # chosen after seeing the labels: never the headline
+    **{f"detect_auroc_post_hoc_{k}": (f"post_hoc_auroc_{k}", f"POST HOC max(A, 1-A): {k}")
+       for k in ("norm", "cos_all_mean", "pc1")},
 }
 LABELS = {col: label for col, label in METRICS.values()}
 # what `duckling compare` prints in the terminal ({column: header}); the wide table is compare.csv / .md
@@ -61,9 +85,10 @@ SHORT_MEANING = {
     "AUROC norm": "AUROC of -||w|| for dead vs live rows (0.5 = chance)",
 }
 # the figures' panels and the differences table of compare.md (summary keys)
-FIG_METRICS = ("final_eval_loss", "dead_norm_over_null", "dead_mean_pairwise_cosine",
-               "drift_cosine_to_neg_mean_hidden", "update_rule_measured_over_predicted", "detect_auroc_norm",
-               "detect_auroc_cos_all_mean", "detect_auroc_pc1", "detect_label_using_auroc_cos_dead_mean_nopc1")
+FIG_METRICS = ("final_eval_loss", "dead_norm_over_null", "dead_mean_pairwise_cosine", "dead_centred_pc1_share",
+               "dead_spread_over_init", "mean_row_norm_all", "drift_cosine_to_neg_mean_hidden",
+               "update_rule_step_ratio_median", "detect_auroc_norm", "detect_auroc_cos_all_mean", "detect_auroc_pc1",
+               "detect_label_using_auroc_cos_dead_mean_nopc1")
 UNHEALTHY = ("broken", "missing")  # compare could not show a run that should be there: `duckling compare` exits 1
 
 
@@ -162,10 +187,14 @@ def _compute(todo: list, progress: bool) -> dict:
 
 
 def _get(summary: dict, key: str):
-    """summary[key], where a dotted key walks nested dicts ("a.b.c"); None when any part is missing."""
+    """summary[key], where a dotted key walks nested dicts and lists ("a.b.c", "a.3"); None when any part
+    is missing."""
     v = summary
     for part in key.split("."):
-        v = v.get(part) if isinstance(v, dict) else None
+        if isinstance(v, list) and part.isdigit():
+            v = v[int(part)] if int(part) < len(v) else None
+        else:
+            v = v.get(part) if isinstance(v, dict) else None
     return v
 
 

@@ -21,13 +21,19 @@ from duckling.sweeps.compare import FIG_METRICS, METRICS
 DPI = 100
 LOSS_SPAN = 0.5  # nats: the least y range of a loss panel
 # {column: rule}: ("fixed", lo, hi) | ("zero",) include 0 | ("span", least range) | ("cos",) [0, 1] or [-1, 1]
-AXES = {"train_loss": ("span", LOSS_SPAN), "eval_loss": ("span", LOSS_SPAN),
-        "dead_pairwise_cos": ("cos",), "dead_drift_cos": ("cos",),
+AXES = {"train_loss": ("span", LOSS_SPAN), "eval_loss": ("span", LOSS_SPAN), "loss_rarest_decile": ("span", LOSS_SPAN),
+        "loss_commonest_decile": ("span", LOSS_SPAN), "dead_centred_pc1": ("fixed", 0.0, 1.0),
+        **{c: ("cos",) for c in ("dead_pairwise_cos", "dead_drift_cos", "dead_pairwise_cos_from_shift",
+                                 "mean_shift_cos_hidden_all", "mean_shift_cos_hidden_live", "mean_shift_cos_hidden_dead")},
         **{c: ("fixed", 0.0, 1.0) for c, _ in METRICS.values() if "auroc" in c}}
 # {column: (y, line style, what it means)}: drawn in the panel, named in the figure's legend
 REFERENCE = {"dead_norm_over_null": (1.0, "--", "1 = decay alone (norm / null), the rule exactly (measured / rule)"),
              "update_measured_over_rule": (1.0, "--", "1 = decay alone (norm / null), the rule exactly (measured / rule)"),
+             "update_step_ratio_median": (1.0, "--", "1 = decay alone (norm / null), the rule exactly (measured / rule)"),
+             "dead_spread_over_init": (1.0, "-.", "1 = as spread as at step 0"),
              **{c: (0.5, ":", "0.5 = chance (AUROC)") for c, _ in METRICS.values() if "auroc" in c}}
+# {column: (column whose mean over the panel's runs is drawn, what it means)}: a reference each run measures
+REFERENCE_COL = {"dead_centred_pc1": ("dead_centred_pc1_noise", "isotropic noise (PC1 share)")}
 
 
 def y_limits(col: str, lo: float, hi: float) -> tuple[float, float]:
@@ -111,6 +117,10 @@ def plot_metric_vs(done, field: str, swept: list, metrics=FIG_METRICS, title: st
             y, ls, what = REFERENCE[col]
             ax.axhline(y, color="black", ls=ls, lw=0.8)
             refs[what] = ls
+        if col in REFERENCE_COL and REFERENCE_COL[col][0] in done and done[REFERENCE_COL[col][0]].notna().any():
+            ref_col, what = REFERENCE_COL[col]
+            ax.axhline(float(done[ref_col].mean()), color="gray", ls=(0, (1, 2)), lw=1.0)
+            refs[what] = (0, (1, 2))
         ax.set_ylim(*y_limits(col, lo, hi))
         ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax.set_xticks(range(len(xs)), [str(v) for v in xs], fontsize=8)
@@ -124,7 +134,8 @@ def plot_metric_vs(done, field: str, swept: list, metrics=FIG_METRICS, title: st
     handles = [Line2D([], [], color=f"C{gi % 10}", marker="o", ms=4, lw=1.2,
                       label=_group_label(others, k if isinstance(k, tuple) else (k,)))
                for gi, (k, _) in enumerate(groups)] if others else []
-    handles += [Line2D([], [], color="black", ls=ls, lw=0.8, label=what) for what, ls in refs.items()]
+    handles += [Line2D([], [], color="gray" if isinstance(ls, tuple) else "black", ls=ls, lw=0.8, label=what)
+                for what, ls in refs.items()]
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=8, frameon=False)
     return fig
