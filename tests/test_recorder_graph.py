@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 from duckling import Recording
 from duckling.config import N_LIVE, DataConfig, DucklingConfig, ModelConfig, RecordConfig, TrainConfig
-from duckling.training.recorder import WRecorder, _AsyncSink, update_math
+from duckling.training.recorder import WRecorder, _Sink, update_math
 from duckling.training.train import train
 
 T = 16
@@ -202,10 +202,9 @@ SYNCS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "
 
 
 def test_no_host_sync_on_the_training_thread(tmp_path, monkeypatch):
-    """CUDA's path (writer thread, compiled math and probe): the recorder's per-step work, probe
+    """CUDA's path (compiled math and probe, the writer process): the recorder's per-step work, probe
     included, never reads a tensor's value on the training thread and waits for the writer only
     before a checkpoint. (Eager, transformers' own input checks in the probe's forward would.)"""
-    monkeypatch.setattr(WRecorder, "default_async", True)
     monkeypatch.setattr(WRecorder, "fuse", True)
     monkeypatch.setattr(WRecorder, "compile_backend", "aot_eager")
     active = threading.local()
@@ -233,8 +232,8 @@ def test_no_host_sync_on_the_training_thread(tmp_path, monkeypatch):
                 active.on = False
         monkeypatch.setattr(WRecorder, name, wrapped)
     drains = []  # True: a wait for the writer inside the recorder's per-step work
-    orig_drain = _AsyncSink.drain
-    monkeypatch.setattr(_AsyncSink, "drain", lambda self: (drains.append(getattr(active, "on", False)),
+    orig_drain = _Sink.drain
+    monkeypatch.setattr(_Sink, "drain", lambda self: (drains.append(getattr(active, "on", False)),
                                                            orig_drain(self)))
     rec = Recording(run(tiny(max_steps=5, probe_every=1), tmp_path / "run").run_dir)
     assert hits == []

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import multiprocessing as mp
 import os
 import signal
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from duckling.errors import DucklingError
-from duckling.files import LOCK, folder_lock, held_lock_fd
+from duckling.files import LOCK, folder_lock, held_lock_fd, write_json
 from duckling.recording.layout import snapshot_parts
 
 POLL_S = 0.5  # how often a waiting side checks that the other one is alive
@@ -128,7 +129,7 @@ class WriterProcess:
                  defer: bool = False, setup=None):
         self.run_dir = Path(run_dir)
         self.error: str | None = None
-        self.proc = None
+        self.proc, self.info, self._closed = None, None, False
         self._stack = contextlib.ExitStack()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._stack.enter_context(folder_lock(self.run_dir))  # released after the child has exited
@@ -158,6 +159,8 @@ class WriterProcess:
         kind = msg[0]
         if kind == "free":
             self.free.append(msg[1])
+        elif kind == "closed":
+            self._closed = True
         elif kind == "error":
             self.error = self.error or msg[1]
         return msg
@@ -250,6 +253,12 @@ class WriterProcess:
             self._tx.close()  # the writer drains what it holds and exits
         if self.proc is not None and self.proc.pid is not None:
             self.proc.join()
+        if self.info is not None and not self._closed:  # it died before closing: say so (we hold the lock)
+            meta = self.run_dir / "recording" / "meta.json"
+            with contextlib.suppress(OSError, ValueError):
+                m = json.loads(meta.read_text())
+                if m.get("status") == "recording":
+                    write_json(meta, {**m, "status": "failed"})
         self._stack.close()
 
 
