@@ -171,10 +171,24 @@ def test_report_untied_writes_both_matrices(tmp_path):
     (tmp_path / "untied" / "final").mkdir()
     log = [{"step": 10, "loss": 8.0}, {"step": 20, "loss": 7.5}, {"step": 20, "eval_loss": 7.7}]
     (tmp_path / "untied" / "final" / "trainer_state.json").write_text(json.dumps({"log_history": log}))
+    # token counts as a run's token_mapping.json holds them (no training dataset on this machine)
+    tokens = [{"text": f"t{i}", "count": (N_LIVE - i) * 2 if i < N_LIVE else 0} for i in range(V)]
+    (tmp_path / "untied" / "token_mapping.json").write_text(json.dumps({"tokens": tokens}))
     S = report(rec.run_dir)
     out = tmp_path / "untied" / "report"
     assert json.loads((out / "summary.json").read_text()) == S
-    assert {p.name for p in out.glob("*.png")} == set(S["figures"]) and len(S["figures"]) == 18
+    assert {p.name for p in out.glob("*.png")} == set(S["figures"]) and len(S["figures"]) == 20
+    assert "frequency.png" in S["figures"] and "frequency_lm_head.png" in S["figures"]
+    assert S["freq_source"].startswith("token_mapping.json counts") and "no final model" in S["loss_by_freq_note"]
+    assert S["freq_buckets"]["n_tokens"] == [V - N_LIVE] + [5] * 8 + [4] * 2  # 48 live rows in 10 deciles
+    assert len(S["norm_by_freq"]) == len(S["norm_by_freq_lm_head"]) == 11
+    assert S["dead_path_over_decay_only"] == pytest.approx(1.0, rel=1e-3)  # the input matrix only decays
+    assert S["dead_path_over_decay_only_lm_head"] > 10
+    assert S["dead_spread_over_init"] == pytest.approx(np.prod(1 - lr[1:] * WD) ** 2, rel=0.01)  # decay scales it by f^2
+    assert S["mean_shift_cos_neg_hidden_dead_lm_head"] > 0.9 and S["mean_shift_dead_lm_head"] > S["mean_shift_live_lm_head"]
+    assert S["detect_auroc_post_hoc_norm"] == pytest.approx(max(S["detect_auroc_norm"], 1 - S["detect_auroc_norm"]))
+    for k in ("median", "p05", "p95"):
+        assert S[f"update_rule_step_ratio_{k}_lm_head"] > 0
     assert "loss.png" in S["figures"] and (S["final_train_loss"], S["final_eval_loss"]) == (7.5, 7.7)
     assert "norms_lm_head.png" in S["figures"] and "output_mass.png" in S["figures"]
     for k in ("dead_norm_over_null", "dead_mean_pairwise_cosine", "drift_cosine_to_neg_mean_hidden",
@@ -189,7 +203,7 @@ def test_report_untied_writes_both_matrices(tmp_path):
     from duckling.analysis.report import findings  # notebook 07's prose: built from the summary's own numbers
 
     text, out_text = findings(S), findings(S, "_lm_head")
-    assert "follow weight decay alone" in text and "grow instead of decaying" in out_text
+    assert "**Dead rows follow weight decay alone**" in text and "grow past the weight-decay null" in out_text
     assert f"{S['dead_norm_over_null_lm_head']:.3g}x" in out_text and "uses" not in text.split("Using")[0].lower()
     with pytest.raises(DucklingError):
         A.norms(write(tmp_path / "tied", W, lr), matrix="lm_head")
@@ -306,3 +320,172 @@ def test_update_rule_weight_decay_part_and_budget(tmp_path):
     np.testing.assert_allclose(u["ratio"][1:], 1.0, rtol=1e-4)
     np.testing.assert_allclose(u["decay"][1:], u["coherent"][1:], rtol=1e-12)
     np.testing.assert_allclose(lr_budget(rec)[-1], np.nansum(lr) * np.sqrt(D), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- issue 23 measures, answers known analytically
+class FakeRec:
+    """A recording in memory: snapshots W (T, V, d) at steps 0..T-1, per-row norms, hidden means."""
+
+    def __init__(self, W, n_dead, hidden=None, run_dir="."):
+        self.W = np.asarray(W, np.float32)
+        T, V, d = self.W.shape
+        self.steps = self.scalar_steps = np.arange(T)
+        self.dead_ids, self.live_ids = np.arange(V - n_dead, V), np.arange(V - n_dead)
+        self.meta = {"matrices": ["wte"], "shape": [V, d]}
+        self.hidden_mean = np.full((T, d), np.nan) if hidden is None else np.asarray(hidden, np.float64)
+        self.run_dir = run_dir
+
+    def snapshot(self, step, matrix="wte"):
+        return self.W[int(step)]
+
+    def rows(self, field, matrix="wte"):
+        assert field == "norm"
+        return np.linalg.norm(self.W, axis=2)
+
+
+def two_steps(X1_fn, V=400, d=8, n_dead=200, seed=0):
+    rng = np.random.default_rng(seed)
+    W0 = rng.normal(0, 0.02, (V, d))
+    W1 = W0.copy()
+    W1[V - n_dead:] = X1_fn(W0[V - n_dead:])
+    return np.stack([W0, W1])
+
+
+def test_common_displacement_raises_the_uncentred_cosine_only():
+    from duckling.analysis import measures as M
+
+    c = np.r_[0.3, np.zeros(7)]  # every dead row displaced by the same vector, 15x their spread
+    W = two_steps(lambda X: X + c)
+    rec = FakeRec(W, 200, hidden=np.stack([np.zeros(8), -c]))  # mean hidden state = -c
+    col = A.collapse(rec)
+    assert abs(col["dead_cos"][0]) < 0.05 and col["dead_cos"][1] > 0.95  # uncentred: "collapsed"
+    np.testing.assert_allclose(col["pc_var"][1], col["pc_var"][0], rtol=1e-4)  # centred: unchanged
+    np.testing.assert_allclose(col["dead_spread"][1] / col["dead_spread"][0], 1.0, rtol=1e-4)
+    np.testing.assert_allclose(col["live_spread"][1], col["live_spread"][0], rtol=1e-6)
+    assert abs(col["dead_cos_from_mean"][1] - col["dead_cos"][1]) < 0.01  # the shift alone explains the cosine
+    assert col["pc1_noise"] == pytest.approx((1 + (8 / 200) ** 0.5) ** 2 / 8)
+    ms = M.mean_shift(rec)
+    assert ms["shift_dead"][1] == pytest.approx(0.3, rel=1e-5) and ms["shift_live"][1] == pytest.approx(0, abs=1e-7)
+    assert ms["shift_all"][1] == pytest.approx(0.3 * 200 / 400, rel=1e-5)
+    assert ms["cos_hidden_dead"][1] == pytest.approx(1.0, abs=1e-6) and ms["cos_hidden_all"][1] == pytest.approx(1.0, abs=1e-6)
+    assert ms["shift_dead"][0] == 0 and ms["mean_norm_all"][0] == pytest.approx(np.linalg.norm(W[0].mean(0)), rel=1e-5)
+
+
+def test_contraction_and_one_line_show_in_the_centred_measures():
+    shrink = two_steps(lambda X: X.mean(0) + 0.1 * (X - X.mean(0)))  # every row 10x closer to the mean
+    col = A.collapse(FakeRec(shrink, 200))
+    np.testing.assert_allclose(col["dead_spread"][1] / col["dead_spread"][0], 0.01, rtol=1e-3)
+    np.testing.assert_allclose(col["pc_var"][1], col["pc_var"][0], rtol=1e-3)  # a scaling keeps the shape
+    u = np.r_[0.6, 0.8, np.zeros(6)]
+    line = two_steps(lambda X: X.mean(0) + np.outer((X - X.mean(0)) @ u, u))  # onto one line through the mean
+    assert A.collapse(FakeRec(line, 200))["pc_var"][1, 0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_cosine_predicted_by_the_mean_is_exact_for_rows_of_equal_norm():
+    m, r, n = np.r_[0.0, 0.0, 1.0], 0.7, 6  # x_i = m + e_i, e_i orthogonal to m, |e_i| = r, sum e_i = 0
+    E = r * np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0.6, 0.8, 0], [-0.6, -0.8, 0]])
+    X = m + E
+    W = np.stack([np.r_[np.eye(3), X], np.r_[np.eye(3), X]])
+    col = A.collapse(FakeRec(W, n))
+    assert col["dead_cos_from_mean"][0] == pytest.approx(A.mean_pairwise_cosine(X), abs=1e-6)
+    assert col["dead_cos_from_mean"][0] == pytest.approx((1 - r ** 2 / (n - 1)) / (1 + r ** 2), abs=1e-6)
+
+
+def test_step_ratio_distribution_and_post_hoc_reading():
+    from duckling.analysis import measures as M
+
+    q = M.step_ratio_stats(np.r_[np.nan, 0.0, np.linspace(0.8, 1.2, 101)])  # step 0 NaN and a 0 are skipped
+    assert q["n_steps"] == 101 and q["median"] == pytest.approx(1.0)
+    assert (q["p05"], q["p95"]) == (pytest.approx(0.82), pytest.approx(1.18))
+    assert M.step_ratio_stats([np.nan])["median"] is None
+    assert M.post_hoc(0.2, "norm") == (pytest.approx(0.8), A.OPPOSITE["norm"])
+    assert M.post_hoc(0.7, "norm") == (0.7, A.LABEL_FREE["norm"]) and M.post_hoc(None, "pc1") == (None, None)
+
+
+def test_frequency_deciles_and_norms_per_bucket():
+    from duckling.analysis import measures as M
+
+    V, n_dead = 120, 20
+    counts = np.r_[np.arange(100)[::-1] * 3, np.zeros(n_dead, int)]  # live id i occurs 3 (99 - i) times
+    b = M.frequency_buckets(counts, np.arange(100), np.arange(100, V))
+    assert b["labels"][0] == "dead" and b["n_tokens"] == [20] + [10] * 10
+    assert (b["bucket"][100:] == 0).all()
+    assert set(b["bucket"][90:100]) == {1} and set(b["bucket"][:10]) == {10}  # D1 = rarest
+    assert (b["count_min"][1], b["count_max"][1], b["count_max"][10]) == (0, 27, 297)
+    W = np.ones((2, V, 4))
+    W[1] *= (b["bucket"] + 1)[:, None]  # norm of a row at step 1 = 2 (bucket + 1)
+    nf = M.norm_by_frequency(FakeRec(W, n_dead), b)
+    np.testing.assert_allclose(nf["init"], 2.0)
+    np.testing.assert_allclose(nf["final"], 2.0 * np.arange(1, 12))
+
+
+def test_loss_by_frequency_skips_with_a_note_and_measures_log_v_for_zero_logits(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from duckling.analysis import measures as M
+
+    V, n_dead = 40, 8
+    b = M.frequency_buckets(np.r_[np.arange(32), np.zeros(n_dead, int)], np.arange(32), np.arange(32, V), n=4)
+    run = tmp_path / "run"
+    run.mkdir()
+    assert "no final model" in M.loss_by_frequency(run, b)["note"]
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=16, n_embd=8, n_layer=1, n_head=2))
+    with torch.no_grad():
+        model.transformer.wte.weight.zero_()  # tied: every logit is 0, every target's loss is log V
+    model.save_pretrained(run / "final")
+    assert "no held-out dataset" in M.loss_by_frequency(run, b)["note"]
+    assert "not on this machine" in M.loss_by_frequency(run, b, eval_dataset=tmp_path / "nowhere")["note"]
+    rows = np.random.default_rng(0).integers(0, 32, (6, 16))
+    monkeypatch.setattr(M, "dataset_tokens", lambda path, n_rows, h: rows[:n_rows])
+    res = M.loss_by_frequency(run, b, eval_dataset=tmp_path)  # a folder that exists; its rows are ``rows``
+    want = np.bincount(b["bucket"][rows[:, 1:].ravel()], minlength=5)
+    np.testing.assert_array_equal(res["n_targets"], want)
+    np.testing.assert_allclose(res["loss"][want > 0], np.log(V), rtol=1e-5)
+    assert np.isnan(res["loss"][0]) and res["overall"] == pytest.approx(np.log(V), rel=1e-5)
+
+
+# ---------------------------------------------------------------- findings agree with the numbers they state
+def _summary(**kw):
+    S = {"last_scalar_step": 500, "dead_norm_over_null": 1.0, "dead_norm_mean": 0.2, "live_norm_mean": 0.3,
+         "dead_path_over_decay_only": 1.0, "dead_mean_pairwise_cosine": 0.72, "dead_pairwise_cosine_from_mean": 0.715,
+         "dead_centred_pc1_share": 0.0123, "dead_centred_pc1_share_noise": 0.0122,
+         "dead_centred_pc1_share_init": 0.0121, "dead_spread_over_init": 0.99, "live_mean_pairwise_cosine": 0.38,
+         "update_rule_optimizer": "adamw", "update_rule_measured_over_predicted": 1.0,
+         "update_rule_measured_over_predicted_incoherent": 4.0, "update_rule_step_ratio_median": 1.0,
+         "update_rule_step_ratio_p05": 0.97, "update_rule_step_ratio_p95": 1.03}
+    return {**S, **kw}
+
+
+def test_findings_claim_decay_alone_only_when_norm_and_path_say_so():
+    from duckling.analysis.findings import findings
+
+    assert "**Dead rows follow weight decay alone**" in findings(_summary())
+    # notebook 07's case: norm within 5% of the null, but the rows moved far more than decay alone moves them
+    text = findings(_summary(dead_path_over_decay_only=2000.0))
+    assert "**Dead rows follow weight decay alone**" not in text and "do not follow weight decay alone" in text
+    assert "2e+03x the path decay alone gives" in text
+    text = findings(_summary(dead_norm_over_null=1.3, dead_path_over_decay_only=1.0))
+    assert "grow past the weight-decay null (1.3x)" in text and "follow weight decay alone" not in text
+    assert "no weight decay" in findings(_summary(dead_path_over_decay_only=None))
+
+
+def test_findings_collapse_verdict_follows_the_centred_numbers():
+    from duckling.analysis.findings import findings
+
+    text = findings(_summary())
+    assert "cosine is 0.720" in text and "alone gives 0.715" in text and "have not collapsed" in text
+    text = findings(_summary(dead_spread_over_init=0.3))
+    assert "did contract" in text and "have not collapsed" not in text and "0.300x its initial value" in text
+    text = findings(_summary(dead_centred_pc1_share=0.2))
+    assert "did contract" in text and "PC1 holds 20.00%" in text
+    assert "differs from the common shift's" in findings(_summary(dead_pairwise_cosine_from_mean=0.4))
+
+
+def test_findings_update_rule_is_a_consistency_check_with_its_per_step_spread():
+    from duckling.analysis.findings import findings
+
+    text = findings(_summary())
+    assert "consistency check" in text and "agrees within 10% on 90% of the steps" in text
+    text = findings(_summary(update_rule_step_ratio_p05=0.83, update_rule_step_ratio_p95=1.15))
+    assert "0.83-1.15" in text and "reaches beyond 1 +- 10%" in text and "agrees within" not in text

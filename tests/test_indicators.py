@@ -55,3 +55,20 @@ def test_first_separable_reports_direction_grid_and_resolution():
 def test_every_label_free_indicator_has_both_directions_stated(key):
     assert "=> dead" in A.LABEL_FREE[key] and "=> dead" in A.OPPOSITE[key]
     assert key not in A.LABEL_USING
+
+
+def test_blind_directions_are_one_table_with_a_source_each():
+    assert set(A.BLIND_DIRECTIONS) == set(A.LABEL_FREE) == set(A.OPPOSITE) == set(A.DIRECTION_SOURCE)
+    for key, (direction, opposite, source) in A.BLIND_DIRECTIONS.items():
+        assert (A.LABEL_FREE[key], A.OPPOSITE[key]) == (direction, opposite)
+        assert source.split(":")[0] in ("literature", "calibration", "prior, no labels (issue 13)"), key
+    assert "Magikarp" in A.DIRECTION_SOURCE["norm"]
+
+
+def test_post_hoc_best_never_replaces_the_fixed_direction():
+    from duckling.analysis import measures as M
+
+    W, dead = cloud(dead_scale=10.0)  # dead rows large: "small norm" fails in its fixed direction
+    a = A.auroc(A.indicators(W, dead)["norm"], dead)
+    assert a == 0.0  # reported as is
+    assert M.post_hoc(a, "norm") == (1.0, "large row norm => dead")  # the post-hoc reading, labelled apart

@@ -129,10 +129,13 @@ def plot_collapse(res, matrix: str = "wte") -> Figure:
         a.grid(alpha=0.3)
         a.tick_params(labelsize=8)
     x = res["steps"]
-    ax.plot(x, res["dead_cos"], color=DEAD, lw=1.4, label="dead: mean pairwise cosine (uncentred)")
+    # measured curves broad and underneath, references thin and dashed on top: both stay visible where they meet
+    ax.plot(x, res["dead_cos"], color=DEAD, lw=3, alpha=0.6, label="dead: mean pairwise cosine (uncentred)")
     if "dead_cos_from_mean" in res:
         ax.plot(x, res["dead_cos_from_mean"], color=NULL, ls="--", lw=1,
                 label="dead: what their common shift alone gives")
+        ax.text(0.99, 0.04, f"last step: measured {res['dead_cos'][-1]:.3f}, common shift alone "
+                f"{res['dead_cos_from_mean'][-1]:.3f}", transform=ax.transAxes, ha="right", fontsize=7)
     ax.plot(x, res["dead_cos_to_mean"], color=DEAD, ls=":", lw=1.2, label="dead: mean cosine to the mean dead row")
     ax.plot(x, res["live_cos"], color=LIVE, lw=1.2, label="live: mean pairwise cosine")
     lo = min(-0.1, float(np.nanmin([res["dead_cos"], res["live_cos"], res["dead_cos_to_mean"]])) - 0.05)
@@ -140,19 +143,22 @@ def plot_collapse(res, matrix: str = "wte") -> Figure:
     _label(ax, "cosine\n(1 = one direction)", loc="upper left", fontsize=7)
     n, d = res["n_dead"], res["d"]
     edge = res.get("pc1_noise", (1 + (d / n) ** 0.5) ** 2 / d)
-    ax2.plot(x, res["pc_var"][:, 0], color=DEAD, lw=1.4, label="dead rows' PC1 after centring")
+    ax2.plot(x, res["pc_var"][:, 0], color=DEAD, lw=3, alpha=0.6, label="dead rows' PC1 after centring")
+    ax2.text(0.01, 0.5, f"last step: {res['pc_var'][-1, 0]:.4f} (init {res['pc_var'][0, 0]:.4f}, noise {edge:.4f})",
+             transform=ax2.transAxes, fontsize=7)
     ax2.axhline(edge, color=NULL, ls="--", lw=1,
                 label=f"isotropic noise ({edge:.3f}): no preferred direction")
     ax2.axhline(1.0, color="grey", ls=":", lw=1, label="1 = every dead row on one line")
     ax2.set_ylim(0, 1.05)
     _label(ax2, "share of centred\nvariance on PC1", loc="center right", fontsize=7)
     if "dead_spread" in res:
-        ax3.plot(x, res["dead_spread"] / res["dead_spread"][0], color=DEAD, lw=1.4, label="dead rows")
+        ax3.plot(x, res["dead_spread"] / res["dead_spread"][0], color=DEAD, lw=3, alpha=0.6, label="dead rows")
         ax3.plot(x, res["live_spread"] / res["live_spread"][0], color=LIVE, lw=1.2, label="live rows")
         ax3.axhline(1.0, color=NULL, ls="--", lw=1, label="1 = spread as at init (no contraction)")
         hi = float(np.nanmax([res["dead_spread"] / res["dead_spread"][0], res["live_spread"] / res["live_spread"][0]]))
         ax3.set_ylim(0, max(1.25, 1.1 * hi))
-        ax3.text(0.01, 0.04, "0 = every dead row at one point", transform=ax3.transAxes, fontsize=7, color="grey")
+        ax3.text(0.01, 0.04, f"0 = every dead row at one point; last step: dead {res['dead_spread'][-1] / res['dead_spread'][0]:.3f}",
+                 transform=ax3.transAxes, fontsize=7, color="grey")
         _label(ax3, "spread around their mean\n/ spread at init", steps=True, loc="center right", fontsize=7)
     else:
         ax3.set_visible(False)
@@ -181,10 +187,10 @@ def plot_trajectories(res, matrix: str = "wte", n_named: int = 2) -> Figure:
                Line2D([], [], ls="", marker="o", mfc="none", mec=DEAD, label="dead rows: ○ init, ● final")]
     outline = [patheffects.Stroke(linewidth=5, foreground="white"), patheffects.Normal()]
     for path, color, ls, who in ((res["dead_mean"], DEAD, "-", "dead"), (res["live_mean"], LIVE, "--", "live")):
-        h, = ax.plot(*path.T, color=color, lw=2.5, ls=ls, zorder=5, path_effects=outline,
-                     marker="o", markevery=[len(path) - 1], ms=6, label=f"mean {who} row: path, ● final")
+        ax.plot(*path.T, color=color, lw=2.5, ls=ls, zorder=5, path_effects=outline)
         ax.plot(*path[0], "x", color=color, ms=8, mew=2, zorder=6)
-        handles.append(h)
+        ax.plot(*path[-1], "o", color=color, mec="white", ms=8, zorder=6)
+        handles.append(Line2D([], [], color=color, lw=2.5, ls=ls, marker="o", ms=6, label=f"mean {who} row: path, ● final"))
     dead_c, live_c = iter(("tab:orange", "tab:brown", "tab:pink", "tab:olive")), \
         iter(("tab:cyan", "tab:purple", "tab:green", "tab:gray"))
     is_dead = np.asarray(res["named_dead"])
@@ -213,7 +219,7 @@ def plot_detectability(res, matrix: str = "wte") -> Figure:
     (solid, with markers, drawn on top) as a user without labels reads them, label-using ones (broad,
     dashed, underneath) as upper bounds. The legend sits below the axes; the chance line and the two
     separation bands are in it."""
-    fig = Figure(figsize=(FIGSIZE[0], 6.2), layout="constrained")
+    fig = Figure(figsize=(FIGSIZE[0], 7), layout="constrained")
     ax = fig.subplots()
     ax.grid(alpha=0.3)
     ax.tick_params(labelsize=8)
@@ -236,7 +242,7 @@ def plot_detectability(res, matrix: str = "wte") -> Figure:
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel(STEP_LABEL, fontsize=8)
     ax.set_ylabel("AUROC in the stated direction\n(1 = separates, 0 = separates the other way)", fontsize=8)
-    fig.legend(fontsize=LEGEND_PT, loc="outside lower center", ncol=2)
+    fig.legend(fontsize=LEGEND_PT, loc="outside lower center", ncol=1)
     return fig
 
 
@@ -251,8 +257,8 @@ def plot_frequency(buckets, nf, loss, source: str, matrix: str = "wte", untied: 
     ax.plot(x, nf["init"], "o", mfc="none", color=NULL, label="at init")
     ax.plot(x[:1], nf["final"][:1], "o", color=DEAD, ms=7, label=f"dead, step {nf['step']}")
     ax.plot(x[1:], nf["final"][1:], "o-", color=LIVE, label=f"live deciles, step {nf['step']}")
-    ax.set_ylim(0, None)
-    _label(ax, "mean row norm", fontsize=7, loc="best")
+    ax.set_ylim(0, 1.15 * float(np.nanmax([nf["init"], nf["final"]])))
+    _label(ax, "mean row norm", fontsize=7, loc="lower right")
     if "note" in loss:
         ax2.text(0.5, 0.5, "held-out loss by frequency " + loss["note"], ha="center", va="center", wrap=True,
                  fontsize=8, transform=ax2.transAxes)
@@ -262,6 +268,8 @@ def plot_frequency(buckets, nf, loss, source: str, matrix: str = "wte", untied: 
         ax2.plot(x[ok], np.asarray(loss["loss"])[ok], "o-", color=LIVE,
                  label=f"held-out loss, final model ({loss['rows']} rows of {loss['dataset']})")
         ax2.axhline(loss["overall"], color=NULL, ls="--", lw=1, label=f"all targets: {loss['overall']:.3g}")
+        for xi, yi, ni in zip(x[ok], np.asarray(loss["loss"])[ok], np.asarray(loss["n_targets"])[ok]):
+            ax2.annotate(f"n={ni}", (xi, yi), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=6)
         ax2.text(0.01, 0.04, "dead tokens never occur as targets", transform=ax2.transAxes, fontsize=7, color="grey")
         _label(ax2, "cross-entropy of the\ntarget token (nats)", fontsize=7, loc="best")
     ax2.set_xticks(x, ticks, fontsize=7)

@@ -44,7 +44,6 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 if "numpy" not in sys.modules:  # only effective before numpy loads OpenBLAS, i.e. from the CLI
@@ -56,6 +55,7 @@ if "numpy" not in sys.modules:  # only effective before numpy loads OpenBLAS, i.
 import numpy as np  # noqa: E402
 
 from duckling.analysis import measures as M  # noqa: E402
+from duckling.analysis.findings import findings, fmt  # noqa: E402,F401  (re-exported: notebook 07, sweeps.study)
 from duckling.analysis import metrics as A  # noqa: E402
 from duckling.analysis import plots as P  # noqa: E402
 from duckling.analysis import update_rule as U  # noqa: E402
@@ -240,67 +240,3 @@ def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS, eval_datase
                 S[f"final_{'train_loss' if key == 'loss' else key}"] = _num(last[-1][key])
     write_json(out / "summary.json", S)
     return S
-
-
-def fmt(x, spec: str = ".3g") -> str:
-    """A number as both findings print it (this module's, of one run, and duckling.sweeps.study's, of a
-    study table): "n/a" when missing (None or NaN); a sequence (a study's mean per weight decay) as
-    its values joined by " / "."""
-    if isinstance(x, Iterable) and not isinstance(x, str):
-        return " / ".join(fmt(v, spec) for v in x)
-    return "n/a" if x is None or not math.isfinite(x) else format(x, spec)
-
-
-def findings(S: dict, sfx: str = "") -> str:
-    """Markdown bullets of what a run's ``summary.json`` says, built from its numbers only (notebook 07
-    prints them, so a copy of the notebook never shows findings its own run contradicts). ``sfx``:
-    "" for the tied / input matrix, "_lm_head" for an untied run's output matrix."""
-    g = lambda k: S.get(f"{k}{sfx}")  # noqa: E731
-    loss = ", ".join(f"{w} loss {fmt(S.get(k), '.3f')}" for k, w in (("final_train_loss", "final training"),
-                                                                      ("final_eval_loss", "held-out"))
-                     if S.get(k) is not None)
-    out = [f"*({S['last_scalar_step']} steps{'; ' + loss if loss else ''}; every number below is read from "
-           "this run's `summary.json`.)*"]
-    r, dn, ln = g("dead_norm_over_null"), g("dead_norm_mean"), g("live_norm_mean")
-    if r is not None:
-        verb = ("grow instead of decaying" if r > 1.05 else "shrink faster than weight decay alone" if r < 0.95
-                else "follow weight decay alone (within 5%)")
-        size = "" if dn is None or ln is None else \
-            f", and end {'larger' if dn > ln else 'smaller'} than the live rows ({fmt(dn)} vs {fmt(ln)})"
-        out.append(f"- **Dead rows {verb}**: their mean norm is {fmt(r)}x the weight-decay null{size}.")
-    b, p = g("dead_displacement_over_lr_budget"), g("dead_path_over_lr_budget")
-    if b is not None:
-        out.append(f"- **Displacement**: each dead row moved {fmt(g('dead_displacement_mean'))} from its "
-                   f"initialisation, {fmt(100 * b, '.0f')}% of sum(lr) x sqrt(d) (the distance of a row moving lr "
-                   f"per coordinate per step in a straight line); its path, summed step by step, is "
-                   f"{fmt(100 * p, '.0f') if p is not None else 'n/a'}% of it.")
-    u, ui = g("update_rule_measured_over_predicted"), g("update_rule_measured_over_predicted_incoherent")
-    if u is not None:
-        out.append(f"- **Update rule ({g('update_rule_optimizer')})**: summed over the run, the measured dead-row "
-                   f"updates are {fmt(u)}x what the rule predicts from the recorded gradients if each row's gradient "
-                   f"kept its direction, and {fmt(ui)}x if successive directions were uncorrelated.")
-    ch, pc = g("drift_cosine_to_neg_mean_hidden"), g("dead_mean_pairwise_cosine")
-    if ch is not None and pc is not None:
-        out.append(f"- **Direction**: the mean dead displacement has cosine {fmt(ch, '.2f')} with minus the mean "
-                   f"final hidden state; dead rows' mean pairwise cosine is {fmt(pc, '.2f')} (live rows "
-                   f"{fmt(g('live_mean_pairwise_cosine'), '.2f')}); PC1 holds {fmt(100 * (g('dead_pc1_variance_fraction') or 0), '.1f')}% "
-                   "of their centred variance.")
-    sep = g("detect_first_step_separable") or {}
-    for k, e in sep.items():
-        a = g(f"detect_auroc_{k}")
-        opp = e.get("opposite", {})
-        line = f"- Label-free **{e['direction']}**: AUROC {fmt(a, '.2f')} at the last step; AUROC >= 0.9 "
-        line += f"{e['resolution']}." if e["step"] is not None else f"not by step {e['after_step']}."
-        if opp.get("step") is not None:
-            line += f" Read the other way ({opp['direction']}) it separates {opp['resolution']}."
-        out.append(line)
-    using = g("detect_label_using_first_step_separable") or {}
-    if using:
-        out.append("- Using the dead labels (upper bounds, not detectors): " + "; ".join(
-            f"{k} AUROC {fmt(g(f'detect_label_using_auroc_{k}'), '.2f')}, >= 0.9 {e['resolution']}"
-            if e["step"] is not None else f"{k} AUROC {fmt(g(f'detect_label_using_auroc_{k}'), '.2f')}, never >= 0.9"
-            for k, e in using.items()) + f" ({S.get(f'detect_step_grid{sfx}', '')}).")
-    if S.get("dead_output_mass") is not None:
-        out.append(f"- The softmax mass on dead tokens (probe batch) is {fmt(S['dead_output_mass'])} at step "
-                   f"{S['dead_output_mass_step']}.")
-    return "\n".join(out)
