@@ -62,7 +62,8 @@ METRICS = {
     **{f"mean_shift_cos_neg_hidden_{g}": (f"mean_shift_cos_hidden_{g}", f"cos(mean-row shift, -mean hidden), {g} rows")
        for g in ("all", "live", "dead")},
     # the update rule as a consistency check: per-step measured / rule
-    **{f"update_rule_step_ratio_{q}": (f"update_step_ratio_{q}", f"per-step update measured / rule, {q} (a consistency check)")
+    **{f"update_rule_step_ratio_{q}": (f"update_step_ratio_{q}",
+                                       f"per-step update measured / rule, {q} (a consistency check)")
        for q in ("median", "p05", "p95")},
     "dead_path_over_decay_only": ("dead_path_over_decay_only", "dead-row path / what decay alone moves"),
     # by token frequency (list index 0 = dead, 1 = rarest live decile D1, 10 = commonest D10)

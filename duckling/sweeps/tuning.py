@@ -65,6 +65,61 @@ def table(lrs, wds, steps: int, schedule: str = "linear", warmup: int = 0) -> li
     return rows
 
 
+def study_plan(lrs: dict, kept, steps: int, schedule: str = "linear", warmup: int = 0) -> list[dict]:
+    """The study's weight decays: per optimizer at its learning rate, the decay that leaves each share in
+    ``kept`` of a dead row's norm by the end (1.0: no decay), rounded to 3 significant digits, with the
+    share that rounded value really leaves: [{optimizer, lr, kept_target, wd, kept}]."""
+    rows = []
+    for opt, lr in lrs.items():
+        for k in kept:
+            wd = 0.0 if k >= 1 else float(f"{wd_for(k, lr, steps, schedule, warmup):.3g}")
+            rows.append({"optimizer": opt, "lr": lr, "kept_target": k, "wd": wd,
+                         "kept": decay_left(lr, wd, steps, schedule, warmup)})
+    return rows
+
+
+def study_specs(plan: list[dict], seeds, common: dict, base: dict, reference: dict | None = None,
+                untied: bool = True) -> dict:
+    """{name: sweep spec dict}: one spec per optimizer (its lr in base, its weight decays x seeds), the
+    ``reference`` setting ({dotted name: value}, e.g. AdamW at the mission's lr) over the same seeds, and
+    the untied control (the first optimizer at its middle weight decay). ``common``: dataset,
+    eval_dataset, mapping, resources; ``base``: the overrides every run shares."""
+    specs = {}
+    for opt in dict.fromkeys(r["optimizer"] for r in plan):
+        rows = [r for r in plan if r["optimizer"] == opt]
+        specs[opt] = {**common, "base": {**base, "model.tie_word_embeddings": True, "train.optimizer": opt,
+                                         "train.learning_rate": rows[0]["lr"]},
+                      "grid": {"train.weight_decay": [r["wd"] for r in rows], "seeds": list(seeds)}}
+    if reference:
+        specs["reference"] = {**common, "base": {**base, "model.tie_word_embeddings": True, **reference},
+                              "grid": {"seeds": list(seeds)}}
+    if untied:
+        first = [r for r in plan if r["optimizer"] == plan[0]["optimizer"]]
+        mid = first[len(first) // 2]
+        specs["untied"] = {**common, "base": {**base, "model.tie_word_embeddings": False, "train.optimizer":
+                                              mid["optimizer"], "train.learning_rate": mid["lr"],
+                                              "train.weight_decay": mid["wd"]}, "grid": {"seeds": list(seeds)}}
+    return specs
+
+
+def spec_toml(spec: dict, comment: str = "") -> str:
+    """A spec dict as the TOML file ``duckling sweep`` reads (top-level paths, then [base], [grid], [resources])."""
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        return f'"{v}"' if isinstance(v, str) else repr(v)
+
+    lines = [f"# {line}" for line in comment.splitlines()]
+    lines += [f"{k} = {val(spec[k])}" for k in ("dataset", "eval_dataset", "mapping") if spec.get(k) is not None]
+    for table in ("base", "grid", "resources"):
+        if spec.get(table):
+            lines += ["", f"[{table}]"] + [f'"{k}" = {val(v)}' if "." in k else f"{k} = {val(v)}"
+                                           for k, v in spec[table].items()]
+    return "\n".join(lines) + "\n"
+
+
 def tuned_lr(table, field: str = "train.learning_rate", col: str = "eval_loss") -> dict:
     """The lr of a tuning sweep's ``compare`` table with the lowest mean ``col`` over its seeds:
     {lr, mean, lo, hi, bracketed (a lower and a higher lr were tried), rows: [{lr, n, mean, lo, hi,
@@ -98,6 +153,16 @@ def main(argv=None) -> int:
             s.add_argument("--wd", type=float, nargs="+", required=True, help="weight decays")
         else:
             s.add_argument("--kept", type=float, nargs="+", required=True, help="shares of the norm to keep")
+    s = sub.add_parser("specs", help="write the study's sweep specs (one per optimizer, reference, untied)")
+    s.add_argument("--lr", nargs="+", required=True, metavar="OPT=LR", help="tuned lr per optimizer, adamw=1e-3 ...")
+    s.add_argument("--kept", type=float, nargs="+", default=[1.0, 0.9, 0.5], help="shares decay alone leaves")
+    s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    s.add_argument("--steps", type=int, default=2000)
+    s.add_argument("--record-every", type=int, default=4)
+    s.add_argument("--reference-lr", type=float, default=1e-4, help="AdamW's reference row (0: none)")
+    s.add_argument("--reference-wd", type=float, default=0.01)
+    s.add_argument("--dir", default="sweeps", help="folder of the specs; data paths are relative to it")
+    s.add_argument("--prefix", default="study")
     s = sub.add_parser("best")
     s.add_argument("sweeps", nargs="+", help="tuning sweep folders (duckling compare is run on each)")
     a = p.parse_args(argv)
@@ -111,6 +176,8 @@ def main(argv=None) -> int:
             for r in b["rows"]:
                 print(f"  lr {r['lr']:<8g} {r['n']}/{r['runs']} runs  {stats.fmt_ci(r)}")
         return 0
+    if a.cmd == "specs":
+        return _write_specs(a, t)
     print(f"prod_t (1 - lr_t * wd) over {a.steps} steps, {a.schedule} schedule, {a.warmup} warm-up steps")
     print(f"{'lr':>9} {'wd':>9} {'sum lr_t*wd':>12} {'kept':>8} {'removed':>8}")
     wds = a.wd if a.cmd == "decay" else None
@@ -118,6 +185,34 @@ def main(argv=None) -> int:
         for wd in wds or [wd_for(k, lr, a.steps, a.schedule, a.warmup) for k in a.kept]:
             for r in table([lr], [wd], a.steps, a.schedule, a.warmup):
                 print(f"{r['lr']:>9.3g} {r['wd']:>9.4g} {r['sum_lr_wd']:>12.4g} {r['kept']:>8.4f} {r['removed']:>8.2%}")
+    return 0
+
+
+def _write_specs(a, t) -> int:
+    from pathlib import Path
+
+    lrs = {k: float(v) for k, v in (x.split("=", 1) for x in a.lr)}
+    plan = study_plan(lrs, a.kept, a.steps, t.lr_scheduler_type, t.warmup_steps)
+    common = {"dataset": "../tokenized_dataset", "eval_dataset": "../valid_dataset", "mapping": "../token_mapping.json",
+              "resources": {"cpus": 1}}
+    base = {"train.max_steps": a.steps, "train.save_steps": a.steps // 4, "train.eval_steps": a.steps // 4,
+            "record.every": a.record_every}
+    ref = {"train.optimizer": "adamw", "train.learning_rate": a.reference_lr, "train.weight_decay": a.reference_wd}
+    specs = study_specs(plan, a.seeds, common, base, ref if a.reference_lr else None)
+    kept = {(r["optimizer"], r["wd"]): r["kept"] for r in plan}
+    for name, spec in specs.items():
+        b = spec["base"]
+        wds = spec["grid"].get("train.weight_decay", [b.get("train.weight_decay")])
+        note = (f"The dead-token study (issue 23), {name}: {b['train.optimizer']} at lr {b['train.learning_rate']:g}, "
+                f"{len(spec['grid']['seeds'])} seeds.\nWeight decays {wds}: decay alone leaves "
+                + ", ".join(f"{kept.get((b['train.optimizer'], w), decay_left(b['train.learning_rate'], w, a.steps)):.3f}"
+                            for w in wds)
+                + f" of a dead row's norm over {a.steps} steps ({t.lr_scheduler_type} schedule), prod_t (1 - lr_t wd)."
+                f"\nWritten by python -m duckling.sweeps.tuning specs.\n"
+                f"  duckling sweep {a.dir}/{a.prefix}_{name}.toml --out {a.dir}/{a.prefix}/{name}")
+        path = Path(a.dir) / f"{a.prefix}_{name}.toml"
+        path.write_text(spec_toml(spec, note), encoding="utf-8")
+        print(f"wrote {path}: {len(wds) * len(spec['grid']['seeds'])} runs")
     return 0
 
 
