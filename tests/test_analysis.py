@@ -430,7 +430,8 @@ def test_loss_by_frequency_skips_with_a_note_and_measures_log_v_for_zero_logits(
     run = tmp_path / "run"
     run.mkdir()
     assert "no final model" in M.loss_by_frequency(run, b)["note"]
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=16, n_embd=8, n_layer=1, n_head=2))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=16, n_embd=8, n_layer=1, n_head=2,
+                                       bos_token_id=0, eos_token_id=0))
     with torch.no_grad():
         model.transformer.wte.weight.zero_()  # tied: every logit is 0, every target's loss is log V
     model.save_pretrained(run / "final")

@@ -189,7 +189,7 @@ def plot_trajectories(res, matrix: str = "wte", n_named: int = 2) -> Figure:
     for path, color, ls, who in ((res["dead_mean"], DEAD, "-", "dead"), (res["live_mean"], LIVE, "--", "live")):
         ax.plot(*path.T, color=color, lw=2.5, ls=ls, zorder=5, path_effects=outline)
         ax.plot(*path[0], "x", color=color, ms=8, mew=2, zorder=6)
-        ax.plot(*path[-1], "o", color=color, mec="white", ms=8, zorder=6)
+        ax.plot(*path[-1], "o", color=color, mec="black", ms=8, zorder=6)
         handles.append(Line2D([], [], color=color, lw=2.5, ls=ls, marker="o", ms=6, label=f"mean {who} row: path, ● final"))
     dead_c, live_c = iter(("tab:orange", "tab:brown", "tab:pink", "tab:olive")), \
         iter(("tab:cyan", "tab:purple", "tab:green", "tab:gray"))
@@ -332,8 +332,8 @@ def plot_loss(log_history: list[dict]) -> Figure:
 def plot_update_rule(res, matrix: str = "wte") -> Figure:
     """Question 2: measured mean dead-row update size against the update rule's prediction (top, log)
     and their ratio per step (bottom; 1 = the rule, fed the recorded norms, predicts the update)."""
-    fig, (ax, ax2) = _fig(2, 1, f"Update rule vs measured dead-row updates ({res['optimizer']})"
-                          f"{_suffix(matrix, res)}")
+    fig, (ax, ax2) = _fig(2, 1, f"Update-rule consistency check ({res['optimizer']}): measured dead-row updates vs "
+                          f"the rule fed the run's own recorded gradients{_suffix(matrix, res)}")
     x, ok = res["steps"], res["steps"] > 0
     ax.plot(x[ok], res["measured"][ok], color=DEAD, lw=1.4, label="measured ||Δw|| (mean over dead rows)")
     ax.plot(x[ok], res["coherent"][ok], color=NULL, ls="--", lw=1,

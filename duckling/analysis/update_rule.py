@@ -1,5 +1,7 @@
-"""Question 2 of the dead-token study: how much of the dead rows' movement does the optimizer's update
-rule predict from the recorded per-row gradients and second moments (theory vs measured, per step)?
+"""Question 2 of the dead-token study, a CONSISTENCY CHECK (not a prediction): does the optimizer's update
+rule, fed the per-row gradient norms and second moments this very run recorded, give the dead rows' measured
+per-step updates? It checks that the recorded fields and the rule agree; the report gives the per-step ratio's
+median and 5-95% over steps (``measures.step_ratio_stats``), since a ratio summed over the run hides them.
 
 The recording keeps, every step and for every row i, only norms: ||g_i|| (the clipped gradient the
 optimizer saw), the row mean of Adam's second moment v̄_i = mean_j v_ij (NaN without Adam state),
