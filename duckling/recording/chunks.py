@@ -83,7 +83,7 @@ def covers(stream, c: int, entry: dict | None = None) -> str:
     if e is not None:
         return f"steps {e['first']}..{e['last']}"
     lo, hi = c * stream.block, (c + 1) * stream.block - 1
-    return f"steps {lo}..{hi}" if stream.positional else f"records {lo}..{hi}"
+    return f"steps {lo}..{hi}" if stream.positional else f"its records {lo}..{hi}"
 
 
 def _strict(stream) -> bool:
@@ -118,9 +118,12 @@ def _resolve(stream):
                         f"blocks cannot be checked (`duckling compact {stream.root.parent}` lists the blocks on disk in "
                         f"a new one, after checking every frame; whether they all belong to this run stays unchecked)")
         listed, strict = {}, False
-    n = max([*found, *listed, -1]) + 1
+    # the chunks a stream holds: listed ones, raw ones (the tail), and without a manifest every block;
+    # a block the manifest does not list after them is named on its own, not as a gap before it
+    held = [*listed, *(c for c, have in found.items() if have & {"raw", "irregular"} or not strict)]
+    n = max(held, default=-1) + 1
     chunks, steps, kinds, bad = [], [], {}, {}
-    for c in range(n):
+    for c in [*range(n), *sorted(c for c in found if c >= n)]:
         have, e = found.get(c, set()), listed.get(c)
         path = stream.blk_path(c)
         if "irregular" in have:

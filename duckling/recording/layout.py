@@ -104,6 +104,10 @@ def read_meta(root: Path) -> dict:
         raise DucklingError(f"{root}/meta.json is not valid JSON ({e}); restore it from a copy.") from None
     if not isinstance(meta, dict):
         raise DucklingError(f"{root}/meta.json is not a recording description (a JSON object); restore it.")
+    if "format_version" in meta and type(meta["format_version"]) is not int:
+        raise DucklingError(f"{root}/meta.json is not a valid recording description (format_version "
+                            f"{meta['format_version']!r}: expected an integer). It was edited or damaged; restore it "
+                            f"from the run's original meta.json.")
     if "dtype" not in meta and "precision" in meta:
         meta["dtype"] = meta.pop("precision")
     return meta

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from duckling.errors import DucklingError
 from duckling.recording.layout import FIELDS, check_meta, put_values, snapshot_parts
 
 CHUNK_STEPS = 256  # snapshots per file when meta.json does not say
@@ -38,7 +39,11 @@ class V1Source:
         self.root, self.meta = root, meta
         self.V, self.d = meta["shape"]
         self.matrices = list(meta["matrices"])
-        self.chunk = int(meta.get("chunk_steps") or CHUNK_STEPS)
+        self.chunk = meta.get("chunk_steps", CHUNK_STEPS)
+        if type(self.chunk) is not int or self.chunk < 1:
+            raise DucklingError(f"{root}/meta.json is not a valid recording description (chunk_steps {self.chunk!r}: "
+                                f"expected a positive integer). It was edited or damaged; restore it from the run's "
+                                f"original meta.json.")
         self.parts = snapshot_parts(meta["dtype"], self.V, meta["n_live"])
 
     def _path(self, m: str, c: int, ext: str) -> Path:
@@ -60,10 +65,16 @@ class V1Source:
         for m in self.matrices:
             for ext, sl, dt in self.parts:
                 rb, c, total = self._part_bytes(sl, dt), 0, 0
-                while (p := self._path(m, c, ext)).exists():
-                    total += min(_count(p, rb), self.chunk)
+                while rb and (p := self._path(m, c, ext)).exists():
+                    size = p.stat().st_size
+                    if size > self.chunk * rb or (c and total != c * self.chunk):  # only the last chunk is partial
+                        raise DucklingError(
+                            f"{p} holds {size} bytes, which the recording's meta.json (shape, n_live, dtype, chunk_steps) "
+                            f"does not explain: chunks of at most {self.chunk} snapshots of {rb} bytes, all full but the "
+                            f"last. meta.json or the files were edited; restore the run's original meta.json.")
+                    total += size // rb
                     c += 1
-                n_snap = min(n_snap, total)
+                n_snap = min(n_snap, total) if rb else n_snap
         self.scalar_steps = np.fromfile(self.root / "scalar_steps.i64", np.int64, count=n_scalar)
         snaps = np.fromfile(self.root / "snap_steps.i64", np.int64, count=n_snap) if n_snap and n_scalar \
             else np.zeros(0, np.int64)
