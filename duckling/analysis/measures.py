@@ -181,7 +181,7 @@ def loss_by_frequency(run_dir, buckets: dict, eval_dataset=None, n_rows: int = L
                         "removed); the loss by frequency needs the trained model"}
     path, why = eval_dataset_path(run_dir, eval_dataset)
     if path is None:
-        return {"note": f"skipped: {why}; pass eval_dataset= to report() to measure it"}
+        return {"note": f"skipped: {why}; in Python, report(run_dir, eval_dataset=FOLDER) measures it"}
     if not Path(path).is_dir():
         return {"note": f"skipped: the held-out dataset {path} ({why}) is not on this machine"}
     try:

@@ -249,7 +249,8 @@ def plot_detectability(res, matrix: str = "wte") -> Figure:
 def plot_frequency(buckets, nf, loss, source: str, matrix: str = "wte", untied: bool = False) -> Figure:
     """Embedding norm (top) and held-out loss (bottom) by token-frequency bucket: dead tokens (frequency 0)
     then the live tokens' deciles, rarest first (after Kunstner et al. 2024, Pinto et al. 2024)."""
-    fig, (ax, ax2) = _fig(2, 1, f"By token frequency{_suffix(matrix, {'untied': untied})}")
+    fig, (ax, ax2) = _fig(2, 1, "Row norm and held-out loss by token frequency (after Kunstner et al. 2024, "
+                          f"Pinto et al. 2024){_suffix(matrix, {'untied': untied})}")
     k = len(buckets["labels"])
     x = np.arange(k)
     ticks = [f"{lab}\n{lo}" if lo == hi else f"{lab}\n{lo}-{hi}" for lab, lo, hi in
@@ -260,7 +261,9 @@ def plot_frequency(buckets, nf, loss, source: str, matrix: str = "wte", untied: 
     ax.set_ylim(0, 1.15 * float(np.nanmax([nf["init"], nf["final"]])))
     _label(ax, "mean row norm", fontsize=7, loc="lower right")
     if "note" in loss:
-        ax2.text(0.5, 0.5, "held-out loss by frequency " + loss["note"], ha="center", va="center", wrap=True,
+        import textwrap
+
+        ax2.text(0.5, 0.5, textwrap.fill("held-out loss by frequency " + loss["note"], 90), ha="center", va="center",
                  fontsize=8, transform=ax2.transAxes)
         ax2.set_yticks([])
     else:
