@@ -22,6 +22,7 @@ from duckling.errors import DucklingError
 from duckling.files import folder_lock, write_json
 from duckling.recording.layout import (BLOCK_STEPS, LAYOUT_KEYS, SHAPE, SUBDIR, check_meta, f32_to_bf16_bits, make_streams,
                                        new_meta, older_layout, read_meta, snapshot_parts)
+from duckling.recording.repair import finish_compaction
 from duckling.recording.streams import CorruptBlock, Stream, pack_trailer
 
 RESUME_KEYS = ("matrices", "shape", "dtype", "every", "n_live")  # must match to append to a recording
@@ -115,6 +116,7 @@ class RecordingWriter:
                 raise DucklingError(
                     f"cannot resume the recording in {root}: its {key} is {old[key]!r} but this run "
                     f"asks for {meta[key]!r}. Resume with the run's original recording settings.")
+        finish_compaction(root, upto=k)  # what a kill or a full disk left (repair.py: B's; one call)
         self.meta = old
         self._streams(root)
         for st in self._all_streams():
