@@ -103,12 +103,6 @@ def resolve(stream) -> tuple[list, np.ndarray, list[str]]:
     return _resolve(stream)
 
 
-def _header_crc(path) -> int:
-    with open(path, "rb") as f:
-        head = f.read(16)
-    return int.from_bytes(head[12:16], "little") if len(head) == 16 else -1
-
-
 def _resolve(stream):
     found, problems = listing(stream)
     strict = _strict(stream)
@@ -142,7 +136,7 @@ def _resolve(stream):
                 chunks.append(("bad", len(known)))
                 steps.append(np.asarray(known, np.int64))
                 continue
-            if e is not None and (os.stat(path).st_size != e["bytes"] or _header_crc(path) != e["header_crc32"]):
+            if e is not None and (os.stat(path).st_size != e["bytes"] or h["crc32"] != e["header_crc32"]):
                 problems.append(f"{path} is not the block manifest.json lists for chunk {c} of stream {stream.name} "
                                 f"({covers(stream, c, e)}): its size or header differs (copied from another run, or "
                                 f"replaced)")

@@ -88,6 +88,7 @@ class Stream:
                 if len(head) >= 16 and head[:8] == b"DUCKBLK2":  # a long frame table: read it whole
                     head += f.read(max(0, int.from_bytes(head[8:12], "little") + 16 - len(head)))
             h, offsets = read_header(head, size)  # CorruptBlock: the caller names the steps
+            h["crc32"] = header_crc_of(head)  # what the manifest lists (chunks.py compares)
             if h["k"] != self.width or h["itemsize"] != self.dtype.itemsize or h["n"] > self.block:
                 raise DucklingError(f"{p} holds blocks of shape ({h['n']}, {h['k']}) x {h['itemsize']} "
                                     f"bytes; meta.json implies at most ({self.block}, {self.width}) x "
