@@ -541,3 +541,31 @@ def test_entry_point_exit_code_and_no_traceback(args, names, tmp_path):
     for n in names:
         assert n in p.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- splits are real (issue 25)
+def test_duckling_data_plain_text_cannot_give_a_validation_split(capsys, tmp_path, fx, monkeypatch):
+    """$DUCKLING_DATA names the corpus: a plain text file there is the training text, so building
+    'validation' from it (the training rows again) is refused; --data FILE --split validation is the
+    file given for that split."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DUCKLING_DATA", str(fx["corpus"]))
+    refused(["build", "--split", "validation", "--out", tmp_path / "d", "--mapping", fx["map"], "--num-proc", "1"],
+            capsys, tmp_path, fx, "build", ["$DUCKLING_DATA", "corpus.txt", "'validation' split", "--data PATH"])
+
+
+def test_a_split_folder_gives_each_split_its_own_text(tmp_path, fx, monkeypatch):
+    from duckling.data.build import build_dataset, resolve_source
+    from duckling.data.rows import as_rows, overlapping_rows
+
+    monkeypatch.setenv("DUCKLING_DATA", str(fx["splits"]))
+    assert resolve_source(None, "valid").files == [fx["splits"] / "valid" / "part.txt"]  # valid = validation
+    assert resolve_source(None).files == [fx["splits"] / "train" / "part.txt"]
+    out = {}
+    for split in ("train", "validation"):
+        rec = build_dataset(None, fx["map"], tmp_path / split, seq_len=T, split=split, progress=False, num_proc=1)
+        assert rec["split"] == split and f"{'train' if split == 'train' else 'valid'}/part.txt" in rec["source"]
+        out[split] = as_rows(tmp_path / split)
+    assert overlapping_rows(out["train"], out["validation"]) == 0
+    # the same text built twice is caught row by row (what the leak in issue 25 was)
+    assert overlapping_rows(out["train"], as_rows(tmp_path / "train")) == len(out["train"])

@@ -432,3 +432,88 @@ def test_resume_finishes_a_compaction_a_kill_interrupted_and_writes_valid_json(t
     assert main(argv[:3] + ["--resume", "--dataset", str(ds)]) == 0
     assert _strict_json(run / "run_info.json").get("steps_per_s") is None
     json.loads((run / "run_info.json").read_text())
+
+
+# ---------------------------------------------------------------- (7) a real full disk (issue 25)
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 128 MB tmpfs: where the test runs as root and may mount (skipped elsewhere)."""
+    if os.geteuid() != 0:
+        pytest.skip("a real full disk needs root (mount -t tmpfs)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def _fill(disk: Path, leave: int) -> None:
+    """Fill ``disk`` as another program would, leaving about ``leave`` bytes free."""
+    with open(disk / "filler", "ab") as f:
+        for chunk in (1 << 20, 1 << 12):
+            try:
+                while True:
+                    f.write(b"\0" * chunk)
+                    f.flush()
+            except OSError:
+                pass
+    if leave:
+        os.truncate(disk / "filler", max(0, (disk / "filler").stat().st_size - leave))
+
+
+class FillAt(TrainerCallback):
+    def __init__(self, disk: Path, step: int, leave: int, after_save: bool = False):
+        self.disk, self.step, self.leave, self.after_save = disk, step, leave, after_save
+
+    def on_step_end(self, args, state, control, **kw):
+        if not self.after_save and state.global_step == self.step:
+            _fill(self.disk, self.leave)
+
+    def on_save(self, args, state, control, **kw):
+        if self.after_save and state.global_step == self.step:
+            _fill(self.disk, self.leave)
+
+
+def _one_paragraph(msg: str) -> None:
+    assert "\n" not in msg.strip() and "Traceback" not in msg, msg
+
+
+def test_a_real_full_disk_at_checkpoint_time_fails_the_run_cleanly(small_disk, tok):
+    """The disk fills (another program) before checkpoint-3 is written: safetensors / torch.save report it
+    in their own exception types; the run ends in one paragraph, status failed, no partial checkpoint, no
+    .tmp; once there is room the advice (resume) works."""
+    run = small_disk / "run"
+    cfg = tiny(**{"record.every": 1000})  # snapshots at 0 and 6 only: step 3's record fits, its checkpoint not
+    with pytest.raises(DucklingError) as e:
+        train(cfg, dataset=live_rows(), run_dir=run, tokenizer=tok, callbacks=[FillAt(small_disk, 2, 1 << 20)],
+              progress=False)
+    msg = str(e.value)
+    _one_paragraph(msg)
+    assert "disk is full" in msg and "free disk space" in msg and "start again in a new folder" in msg, msg
+    assert _strict_json(run / "run_info.json")["status"] == "failed"
+    assert _no_tmp(run) == [] and not (run / "checkpoint-3").exists()
+    assert Recording(run).scalar_steps.tolist()[:3] == [0, 1, 2]
+
+
+def test_a_real_full_disk_while_run_info_is_written_still_says_what_happened(small_disk, tok):
+    """Ctrl-C at step 4; right after checkpoint-4 is saved the disk is completely full, so the recording's
+    close and run_info.json's atomic rewrite (its .tmp) both fail: run_info.json is rewritten in place
+    (status failed, valid JSON), no run_info.json.tmp survives, and checkpoint-4 is still the resume point."""
+    run = small_disk / "run"
+    cfg = tiny(**{"record.every": 1000})  # (within the small disk's budget)
+    with pytest.raises(DucklingError) as e:
+        train(cfg, dataset=live_rows(), run_dir=run, tokenizer=tok,
+              callbacks=[CtrlC(4), FillAt(small_disk, 4, 0, after_save=True)], progress=False)
+    msg = str(e.value)
+    _one_paragraph(msg)
+    assert "disk is full" in msg and "checkpoint-4" in msg and "--resume" in msg, msg
+    info = _strict_json(run / "run_info.json")
+    assert info["status"] == "failed" and info["global_step"] == 4
+    assert _no_tmp(run) == []
+    (small_disk / "filler").unlink()  # room again: the advice works
+    res = train(cfg, dataset=live_rows(), run_dir=run, tokenizer=tok, resume=True, progress=False)
+    assert res.global_step == 6 and _strict_json(run / "run_info.json")["status"] == "complete"

@@ -19,7 +19,7 @@ import numpy as np
 
 from duckling.config import DucklingConfig
 from duckling.errors import DucklingError
-from duckling.files import checkpoints
+from duckling.files import checkpoints, write_json
 
 # the values a run resolved at its start that must not change on resume: (run_info key, what it is, the flag)
 SAME_COMPUTATION = (("device", "the device", "--device"), ("precision", "the training arithmetic", "--compute-dtype"),
@@ -47,47 +47,29 @@ def expected_steps(kind: str, k: int, every: int, probe_every: int, max_steps: i
     return np.append(snaps, k) if k >= max_steps and k % every else snaps
 
 
-def stream_steps(run_dir: Path) -> dict[str, tuple[str, np.ndarray]]:
-    """{stream name: (kind, every step it holds)} of a run's recording, read from the files (block
-    headers and raw trailers; nothing is written)."""
-    from duckling.recording.layout import check_meta, make_streams, older_layout, read_meta
-
-    root = Path(run_dir) / "recording"
-    if not (root / "meta.json").is_file():
-        raise DucklingError(f"Cannot resume {Path(run_dir).resolve()}: its recording is missing ({root} holds no "
-                            "meta.json) although the run records W. Restore the recording folder, or start the run "
-                            "again in a new folder.")
-    meta = read_meta(root)
-    if older_layout(meta):
-        raise DucklingError(f"Cannot resume {Path(run_dir).resolve()}: its recording is {older_layout(meta)}, "
-                            f"written by an earlier duckling. Upgrade it in place with `duckling compact {run_dir}` "
-                            "(lossless, verified), then resume.")
-    check_meta(root, meta)
-    snaps, scalars, probe = make_streams(root, meta)
-    out = {st.name: ("snapshot", st.scan()[1]) for st in snaps.values()}
-    out[scalars.name] = ("scalars", scalars.scan()[1])
-    out[probe.name] = ("probe", probe.scan()[1])
-    return out
-
-
 def check_recording_reaches(run_dir: Path, cfg: DucklingConfig, ckpt: Path, k: int) -> None:
-    """Refuse a resume at step k unless every stream of the recording holds every step it should up
-    to k; name the missing steps and the newest checkpoint the recording covers."""
+    """Refuse a resume at step k unless every stream of the recording reaches the last step it should
+    hold up to k (``duckling.recording.repair.stream_ends``, which also refuses a missing, foreign or
+    misplaced chunk); name the missing steps and the newest checkpoint the recording covers."""
+    from duckling.recording.repair import stream_ends
+
     if not cfg.record.enabled:
         return
     where = Path(run_dir).resolve()
+    if not (Path(run_dir) / "recording" / "meta.json").is_file():
+        raise DucklingError(f"Cannot resume {where}: its recording is missing (no recording/meta.json) although the "
+                            "run records W. Restore the recording folder, or start the run again in a new folder.")
     try:
-        streams = stream_steps(run_dir)
+        ends = stream_ends(run_dir)
     except DucklingError as e:
-        if str(e).startswith("Cannot resume"):
-            raise
-        raise DucklingError(f"Cannot resume {where}: its recording cannot be read ({e})") from e
+        raise DucklingError(f"Cannot resume {where} from {ckpt.name}: its recording cannot be checked ({e})") from e
     gaps, first_missing = [], None
-    for name, (kind, have) in streams.items():
+    for name, end in ends.items():
+        kind = "scalars" if name == "scalars" else "probe" if name == "probe" else "snapshot"
         want = expected_steps(kind, k, cfg.record.every, cfg.record.probe_every, cfg.train.max_steps)
-        missing = np.setdiff1d(want, have)
+        missing = want[want > (-1 if end is None else end)]
         if len(missing):
-            gaps.append(f"{name} lacks steps {_ranges(missing)}")
+            gaps.append(f"{name} ends at {'no step' if end is None else f'step {end}'}, lacks steps {_ranges(missing)}")
             first_missing = int(missing[0]) if first_missing is None else min(first_missing, int(missing[0]))
     if not gaps:
         return
@@ -145,24 +127,21 @@ def check_same_run(run_dir: Path, old_info: dict, info: dict) -> None:
             f"train on other rows. Pass the run's own {what} ({flag}), or start a new run on this one.")
 
 
-def finish_recording(run_dir: Path, k: int) -> bool:
-    """Finish the recording of a finished run whose close was interrupted (raw chunks left, a
-    ``.tmp`` block, meta status not complete): opened for appending at step k (its last) and closed, which
-    compacts every chunk and marks it complete. Returns whether there was anything to finish."""
+def finish_recording(run_dir: Path, k: int) -> list[str]:
+    """Finish the recording of a finished run (step k = max_steps) whose close a kill or a full disk
+    interrupted: raw chunks left, a ``.tmp`` block, meta status not ``complete``. Every chunk is
+    compacted (``duckling.recording.repair.finish_compaction``), then meta.json says complete. The
+    caller holds the run's lock. Returns what was done (empty: nothing to finish)."""
     from duckling.recording.layout import read_meta
-    from duckling.recording.writer import RecordingWriter
+    from duckling.recording.repair import finish_compaction
 
     root = Path(run_dir) / "recording"
-    if not (root / "meta.json").is_file():
-        return False
     meta = read_meta(root)
-    if meta.get("status") == "complete" and not any(root.glob("*.raw")) and not any(root.glob("*.tmp")):
-        return False
-    w = RecordingWriter(run_dir, shape=tuple(meta["shape"]), n_live=meta["n_live"], dtype=meta["dtype"],
-                        every=meta["every"], matrices=tuple(meta["matrices"]), resume_step=k,
-                        block_steps=meta["block_steps"], defer=True)
-    w.close("complete")
-    return True
+    done = finish_compaction(root, upto=k, tails=True)
+    if done or meta.get("status") != "complete" or meta.get("last_step") != k:
+        write_json(root / "meta.json", {**read_meta(root), "status": "complete", "last_step": k})
+        done.append("marked the recording complete")
+    return done
 
 
 def checkpoint_step(ckpt: Path) -> int:
