@@ -1,18 +1,22 @@
-"""Does format-2 background compaction keep up beside a Python-bound training thread? (the GPU case)
+"""Does the recording keep up beside a Python-bound training thread? (the GPU case)
 
-    python -P benchmarks/compaction_gil.py [--seconds 10]
+    python -P benchmarks/compaction_gil.py [--seconds 10] [--defer] [--procs N]
 
 On CUDA the training thread is bound by Python (kernel launches, the Trainer loop) and holds the GIL
-most of the time, while the recording's writer appends raw steps and a background thread compacts
-every 64 steps into a block. This script stands in for that without a GPU: the main thread runs a
-pure-Python loop while a RecordingWriter (format 2, background compaction, a real-size 8192 x 128 bf16
-W changing a little every step) appends steps as fast as it can. It prints
-  writer_steps_per_s_alone:       the writer's throughput with nothing else running
+most of the time. The recording therefore runs in a writer process (duckling/recording/process.py):
+the training process only copies each step into a slot of a shared ring and sends one message; the
+writer process appends the raw records and compacts every 64 steps into a block (background
+compaction: in the writer process, or encoded on ``--procs`` worker processes). This script stands in
+for that without a GPU: the main thread runs a pure-Python loop while a second thread hands steps of
+a real-size 8192 x 128 bf16 W (changing a little every step) to the writer process as fast as the
+writer takes them. It prints
+  writer_steps_per_s_alone:         the recording's throughput with nothing else running
   writer_steps_per_s_beside_python: the same while the main thread holds the GIL
-  python_loop_slowdown:           main-loop speed with the writer / without it
-``--defer`` leaves compaction to close (as on CPU), so that only the raw appends compete.
-A writer that cannot keep up beside Python makes the recorder's queue fill and the training thread
-wait: on an H200 every-step recording ran at 70.5 steps/s against 139.9 without it.
+  python_loop_slowdown:             main-loop speed with the recording / without it
+``--defer`` leaves compaction to close, so that only the raw appends run during the loop.
+(With the writer as a thread of the training process, the GIL cost it 147 -> 0 steps/s with
+background compaction, 245 -> 23 with raw appends only; on an H200 every-step recording ran at
+70.5 steps/s against 139.9 without it.)
 """
 from __future__ import annotations
 
@@ -40,28 +44,40 @@ def python_step() -> int:  # ~0.5 ms of pure-Python work: a stand-in for one lau
     return x
 
 
-def run(seconds: float, with_python: bool, with_writer: bool, defer: bool = False) -> tuple[float, float]:
-    from duckling.recording.reader import FIELDS
-    from duckling.recording.writer import RecordingWriter, f32_to_bf16_bits
+def run(seconds: float, with_python: bool, with_writer: bool, defer: bool = False,
+        procs: int = 0) -> tuple[float, float]:
+    """(writer steps/s, Python loop steps/s). The writer side runs as the recorder runs it: a thread
+    of this process fills a free slot of the writer process's shared ring (copying the step, as the
+    recorder's device-to-host copy does) and sends one message; the writer process appends and
+    compacts (``procs`` worker processes encode, 0: the writer process itself)."""
+    from duckling.recording.layout import FIELDS, f32_to_bf16_bits
+    from duckling.recording.process import WriterProcess, step_fields
 
     work = tempfile.mkdtemp(prefix="duckling-gil-")
-    count, stop = [0], threading.Event()
+    count, stop, ready = [0], threading.Event(), threading.Event()
 
     def writer():
-        w = RecordingWriter(os.path.join(work, "rec"), shape=(V, D), n_live=6144, dtype="bf16", every=1, defer=defer)
+        wp = WriterProcess(os.path.join(work, "rec"), dict(shape=(V, D), n_live=6144, dtype="bf16", every=1),
+                           step_fields(("wte",), (V, D), "bf16", 6144, probe=False), 8, procs=procs, defer=defer)
         rng = np.random.default_rng(0)
         bits = f32_to_bf16_bits(rng.standard_normal((V, D)).astype(np.float32) * 0.02)
-        rows = rng.standard_normal((len(FIELDS), V)).astype(np.float32)
-        hm = np.zeros(D, np.float32)
+        scalars = np.concatenate([rng.standard_normal(len(FIELDS) * V), np.zeros(D)]).astype(np.float32)
+        views = [wp.ring.arrays(i) for i in range(wp.ring.n)]
+        ready.set()
         while not stop.is_set():
             bits[rng.integers(0, V, 200)] += 1  # a few hundred values move by one bf16 unit per step
-            w.append_step(count[0], {"wte": rows}, hm, 1e-4, {"wte": {"u16": bits}})
+            slot = wp.acquire()
+            views[slot]["scalars"][:] = scalars
+            views[slot]["snap/wte/u16"][:] = bits
+            wp.hand(slot, count[0], 1e-4, True, False)
             count[0] += 1
-        w.close()
+        del views
+        wp.close("complete")
 
     th = threading.Thread(target=writer, daemon=True) if with_writer else None
     if th:
         th.start()
+        ready.wait(300)
     time.sleep(1.0)  # past the first block
     c0, t0, n = count[0], time.perf_counter(), 0
     while time.perf_counter() - t0 < seconds:
@@ -83,10 +99,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--defer", action="store_true",
-                    help="no compaction during the run (raw appends only, as on CPU): the writer thread alone")
+                    help="no compaction during the run (raw appends only): compaction at close")
+    ap.add_argument("--procs", type=int, default=0,
+                    help="encoding worker processes of the writer process (record.writer_procs; default 0)")
     a = ap.parse_args()
-    alone, _ = run(a.seconds, with_python=False, with_writer=True, defer=a.defer)
-    beside, loop_with = run(a.seconds, with_python=True, with_writer=True, defer=a.defer)
+    alone, _ = run(a.seconds, with_python=False, with_writer=True, defer=a.defer, procs=a.procs)
+    beside, loop_with = run(a.seconds, with_python=True, with_writer=True, defer=a.defer, procs=a.procs)
     _, loop_alone = run(a.seconds, with_python=True, with_writer=False)
     print(f"writer_steps_per_s_alone: {alone:.1f}")
     print(f"writer_steps_per_s_beside_python: {beside:.1f}")

@@ -10,8 +10,10 @@ Two worker processes train the default configuration (CPU: no compile) on the sa
 without a recording, one with every-step bf16 recording in format 2. They take turns, one block of
 ``--block`` steps each (64 = one compaction per block), the first of each round alternating, so
 machine noise hits both alike (like benchmarks/train_speed.py). At the end of each recorded block
-the worker waits until the writer's background compaction is idle before it stops the clock, so a
-block's time includes all the compaction it started (none of it leaks into the other worker's turn).
+the worker waits until the writer process has written every step of it (and, compacting as blocks
+fill, made their blocks) before it stops the clock, so a block's time includes all the recording
+work it started (none of it leaks into the other worker's turn). ``--compaction`` picks when the
+writer process compacts (default: the recorder's choice for the device).
 The first round is warm-up and is dropped. Then it prints
   snapshot_compression_ratio:  raw bf16 bytes of the W snapshots / their v2 bytes on disk
   recording_compression_ratio: format-1 bytes of the whole recording / format-2 bytes on disk
@@ -47,22 +49,22 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _worker(kind: str, conn, cfg_dict: dict, block: int, dataset: str, run_dir: str | None) -> None:
+def _worker(kind: str, conn, cfg_dict: dict, block: int, dataset: str, run_dir: str | None,
+            defer: bool | None) -> None:
     from transformers import TrainerCallback
 
-    import duckling.training.recorder as recorder_mod
     from duckling.config import DucklingConfig
+    from duckling.training.recorder import WRecorder
     from duckling.training.train import train
-    from duckling.recording.writer import RecordingWriter
 
-    writers = []
+    recorders, begin = [], WRecorder.on_train_begin
 
-    class Registered(RecordingWriter):  # so that the gate can wait for the writer's compaction
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            writers.append(self)
+    def registered(self, *a, **k):  # so that the gate can wait for the writer process
+        recorders.append(self)
+        return begin(self, *a, **k)
 
-    recorder_mod.RecordingWriter = Registered
+    WRecorder.on_train_begin = registered
+    WRecorder.defer = defer
 
     class Gate(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
@@ -71,8 +73,8 @@ def _worker(kind: str, conn, cfg_dict: dict, block: int, dataset: str, run_dir: 
 
         def on_step_end(self, args, state, control, **kw):
             if state.global_step % block == 0:
-                for w in writers:
-                    w.wait_compaction()
+                for r in recorders:  # every step of the block written (and compacted, as blocks fill)
+                    r.sink.drain()
                 conn.send(time.perf_counter() - self.t0)
                 conn.recv()
                 self.t0 = time.perf_counter()
@@ -82,14 +84,14 @@ def _worker(kind: str, conn, cfg_dict: dict, block: int, dataset: str, run_dir: 
     conn.close()
 
 
-def interleaved(cfg, dataset: Path, run_dir: Path, block: int, n: int) -> dict:
+def interleaved(cfg, dataset: Path, run_dir: Path, block: int, n: int, defer: bool | None = None) -> dict:
     """Train plain and recorded in alternating blocks; block times in seconds per kind."""
     ctx = mp.get_context("spawn")
     kinds = {"plain": None, "recorded": str(run_dir)}
     workers = {}
     for k, rd in kinds.items():
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(k, child, cfg.to_dict(), block, str(dataset), rd), daemon=True)
+        proc = ctx.Process(target=_worker, args=(k, child, cfg.to_dict(), block, str(dataset), rd, defer))
         proc.start()
         workers[k] = (proc, parent)
     times = {k: [] for k in kinds}
@@ -153,8 +155,8 @@ def overhead(t: dict, block: int, n: int, close_s: float) -> dict:
     plain_sps, rec_sps = block * len(t["plain"]) / t["plain"].sum(), block * len(t["recorded"]) / t["recorded"].sum()
     return {
         "compressed_recording_overhead_ratio": round(rec_sps / plain_sps, 3),
-        # CPU: blocks are compressed when the run closes (writer defer=True), outside the timed blocks;
-        # spread over the run's steps, that close-time compaction gives the end-to-end figure
+        # compaction at close (the writer process's defer) happens outside the timed blocks; spread
+        # over the run's steps, it gives the end-to-end figure (as blocks fill, it is inside them)
         "close_compaction_s": close_s,
         "end_to_end_overhead_ratio": round((1 / plain_sps) / (1 / rec_sps + close_s / n), 3),
         "overhead_ratio_per_round_median": round(float(statistics.median(per_round)), 3),
@@ -172,6 +174,9 @@ def main() -> None:
                     help="text for the dataset (default: the shared TinyStories slice, else 'sample')")
     ap.add_argument("--dir", default=None, help="work folder (default: a temporary one, removed)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (the recording)")
+    ap.add_argument("--compaction", choices=("auto", "background", "close"), default="auto",
+                    help="when the writer process compacts: as blocks fill, at close, or auto (the recorder's "
+                         "choice for the device: at close on CPU and MPS)")
     ap.add_argument("--reuse", action="store_true",
                     help="measure the size and read figures of the run a --keep left in --dir, without training "
                          "again (the overhead figures are then not measured)")
@@ -193,7 +198,8 @@ def main() -> None:
     for p in ((work / "v1",) if a.reuse else (work / "run", work / "v1")):
         shutil.rmtree(p, ignore_errors=True)
     t_train = time.perf_counter()
-    t = None if a.reuse else interleaved(cfg, work / "ds", work / "run", a.block, n)
+    defer = {"auto": None, "background": False, "close": True}[a.compaction]
+    t = None if a.reuse else interleaved(cfg, work / "ds", work / "run", a.block, n, defer)
     t_train = time.perf_counter() - t_train
     rec = Recording(work / "run")
     size = stats(work / "run")  # W's ratio overall and per block: benchmarks/recording_stats.py
@@ -219,7 +225,7 @@ def main() -> None:
     rounds = [(traj_time(v1), traj_time(rec)) for _ in range(11)]  # interleaved: noise hits both alike
     t1, t2 = (float(np.median(x)) for x in zip(*rounds))
     figures = {
-        "steps": len(rec.scalar_steps) - 1, "snapshot_compression_ratio": size["snapshot_compression_ratio"],
+        "steps": len(rec.scalar_steps) - 1, "compaction": a.compaction, "snapshot_compression_ratio": size["snapshot_compression_ratio"],
         "recording_compression_ratio": round(v1.bytes_on_disk / rec.bytes_on_disk, 2)}
     if t is not None:
         figures.update(overhead(t, a.block, n, rec.meta.get("close_compaction_s") or 0))

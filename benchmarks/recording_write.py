@@ -3,9 +3,10 @@
     python benchmarks/recording_write.py [--steps 40] [--precision bf16] [--device cpu]
 
 Prints the ms per step of (1) RecordingWriter.append_step alone (full 8192x128 W + scalars, format 2:
-raw records, a block compacted every 64 steps on the writer's background thread, close() included),
+raw records, a block compacted every 64 steps as it fills, close() included, in this process),
 (2) a plain training step of the Duckling (batch 2 x 512, AdamW, forward/backward/step),
-(3) the same step with the WRecorder hooks writing synchronously and (4) with its writer thread;
+(3) the same step with the WRecorder hooks handing each step to the writer process, which compacts at
+close (the CPU default) and (4) as blocks fill (duckling/recording/process.py);
 short blocks of each alternate so that load from other processes hits all of them. The ratio
 steps/s(recording) / steps/s(plain) is the number to watch (target >= 0.95).
 Run it as ``python -P benchmarks/recording_write.py`` (benchmarks/tokenize.py shadows the stdlib).
@@ -38,7 +39,7 @@ from duckling.recording.writer import RecordingWriter
 def bench_writer(tmp: str, precision: str, n: int) -> float:
     cfg = DucklingConfig()
     V, d = cfg.model.vocab_size, cfg.model.n_embd
-    w = RecordingWriter(f"{tmp}/writer", shape=(V, d), dtype=precision)  # compaction on its thread as blocks fill
+    w = RecordingWriter(f"{tmp}/writer", shape=(V, d), dtype=precision)  # compaction as blocks fill
     W = torch.randn(V, d) * 0.02
     rows = np.zeros((len(FIELDS), V), np.float32)
     t0 = time.perf_counter()
@@ -67,8 +68,9 @@ def main() -> None:
                            lr_scheduler_type="linear", warmup_steps=0)
     control = SimpleNamespace(should_save=False, should_training_stop=False)
     variants = {"plain": None}
-    for name, thread in (("sync write", False), ("writer thread", True)):
-        rec = WRecorder(f"{tmp}/{name}", RecordConfig(dtype=a.precision), async_write=thread)
+    for name, defer in (("compact at close", True), ("compact as filled", False)):
+        WRecorder.defer = defer  # read by on_train_begin
+        rec = WRecorder(f"{tmp}/{name}", RecordConfig(dtype=a.precision))
         state = SimpleNamespace(global_step=0, max_steps=2000)
         rec.on_train_begin(args, state, control, model=model, optimizer=opt)
         variants[name] = (rec, state)
@@ -79,7 +81,7 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
         t0 = time.perf_counter()
         if v:
-            v[0].on_pre_optimizer_step(args, v[1], control)
+            v[0].on_optimizer_step(args, v[1], control)
         t1 = time.perf_counter()
         opt.step()
         opt.zero_grad()
@@ -103,14 +105,12 @@ def main() -> None:
         for name, v in variants.items():
             if v:
                 v[0].sink.drain()  # a variant's queued writes and compaction are paid inside its own blocks
-                v[0].writer.wait_compaction()
             sync()
             t0 = time.perf_counter()
             for _ in range(block):
                 step(v, name)
             if v:
                 v[0].sink.drain()
-                v[0].writer.wait_compaction()
             sync()
             times[name] += time.perf_counter() - t0
     n = a.steps // block * block

@@ -78,10 +78,10 @@ def _gate_callback(conn, block: int, device: str):
     return Gate()
 
 
-def _data(seq_len: int) -> np.ndarray:
+def _data(seq_len: int, n_rows: int = N_ROWS) -> np.ndarray:
     from duckling.config import N_LIVE
 
-    return np.random.default_rng(0).integers(0, N_LIVE, size=(N_ROWS, seq_len), dtype=np.uint16)  # (N, T)
+    return np.random.default_rng(0).integers(0, N_LIVE, size=(n_rows, seq_len), dtype=np.uint16)  # (N, T)
 
 
 def _worker(kind: str, conn, cfg_dict: dict, block: int, n_steps: int, threads: int | None) -> None:
@@ -98,7 +98,9 @@ def _worker(kind: str, conn, cfg_dict: dict, block: int, n_steps: int, threads: 
         cfg.train, max_steps=n_steps, logging_steps=10**9, save_steps=10**9,
         compile=flip.get(kind, cfg.train.compile)))
     device = pick_device(cfg.train.device)
-    data = _data(cfg.model.n_positions)
+    # rows for every step of the run: no configuration restarts its data loop inside the timed blocks
+    # (on CUDA, 250-step blocks x 9 rounds x batch 2 went past 4,096 rows, into a second epoch)
+    data = _data(cfg.model.n_positions, max(N_ROWS, n_steps * cfg.train.batch_size))
     gate = _gate_callback(conn, block, device)
     if kind in ("duckling", "compiled", "eager"):
         train(cfg, dataset=data, callbacks=[gate], progress=False)
@@ -207,7 +209,8 @@ def main(argv=None) -> int:
     workers = {}
     for k in kinds:
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(k, child, cfg.to_dict(), block, n_steps, a.threads), daemon=True)
+        proc = ctx.Process(target=_worker, args=(k, child, cfg.to_dict(), block, n_steps, a.threads))  # not daemonic:
+        # the recording worker starts its writer process
         proc.start()
         workers[k] = (proc, parent)
     times = {k: [] for k in kinds}  # seconds per block
@@ -220,6 +223,8 @@ def main(argv=None) -> int:
     for proc, conn in workers.values():
         conn.send("go")
         proc.join(timeout=120)
+        if proc.is_alive():  # not daemonic: do not wait for it at exit
+            proc.terminate()
     t = {k: np.array(v[1:]) for k, v in times.items()}  # drop the warm-up round
 
     def ratio(num: str, den: str) -> dict:

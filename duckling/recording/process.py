@@ -26,8 +26,10 @@ import json
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
+import types
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import reduction, shared_memory, util
 from pathlib import Path
@@ -102,6 +104,18 @@ class Ring:
             self.owner = False
 
 
+@contextlib.contextmanager
+def _without_main():
+    """Spawn without the caller's ``__main__``: the writer process imports duckling only, so a script
+    that trains at top level (no ``if __name__ == "__main__":`` guard) is not run again in it."""
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 class _LockFd:
     """A descriptor that travels to the spawned child as a duplicate (as a Connection does)."""
 
@@ -144,7 +158,8 @@ class WriterProcess:
                 target=_main, name="duckling-writer",
                 args=(str(self.run_dir), writer_kwargs, self.ring.spec(), child_rx, child_tx,
                       _LockFd(held_lock_fd(self.run_dir)), os.getpid(), int(procs), bool(defer), setup))
-            self.proc.start()
+            with _without_main():
+                self.proc.start()
             child_rx.close()  # the child's ends: its pipe ends when it exits, ours when we do
             child_tx.close()
             # at interpreter exit, before multiprocessing joins its children: the writer sees the end
