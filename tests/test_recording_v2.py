@@ -31,8 +31,6 @@ V, D, N_LIVE, B = 64, 8, 48, 4
 
 def die(w: RecordingWriter) -> None:
     """What a kill of the writer's process leaves: its files as they are, its lock gone with it."""
-    w.wait_compaction()
-    w._compactor.stop()
     for fd in w._fds.values():
         os.close(fd)
     w._fds = {}
@@ -193,13 +191,13 @@ def test_a_kill_during_compaction_loses_nothing(tmp_path, monkeypatch, stage):
     ref_rec = Recording(ref)
     for s in range(8):
         snap = {"wte": ref_rec.snapshot(s)} if s % 2 == 0 else None
-        if s == 7:
-            w.wait_compaction()  # steps 0..6's snapshot block is done; the kill hits step 7's
+        if s == 7:  # steps 0..6's snapshot block is done; the kill hits the scalars block that step 7 fills
             monkeypatch.setattr(target, boom)
         rows = {"wte": np.stack([ref_rec.rows(f)[s] for f in FIELDS])}
-        w.append_step(s, rows, ref_rec.hidden_mean[s], float(ref_rec.lr[s]), snap)
-    w.wait_compaction()  # the kill hit the compaction thread (step 7 was committed before)
-    assert isinstance(w._compactor.error, Kill)
+        try:
+            w.append_step(s, rows, ref_rec.hidden_mean[s], float(ref_rec.lr[s]), snap)
+        except Kill:
+            assert s == 7  # the compaction after step 7 was committed
     monkeypatch.undo()
     die(w)
     cut = Recording(tmp_path / "cut")  # the kill came after step 7 was committed: nothing is lost
@@ -213,69 +211,42 @@ def test_a_kill_during_compaction_loses_nothing(tmp_path, monkeypatch, stage):
 
 @pytest.mark.parametrize("defer", [False, True])
 def test_one_compaction_path_as_blocks_fill_or_at_close(tmp_path, monkeypatch, defer):
-    """Blocks are made in one place (Stream.compact on the compaction thread): as they fill, or, with
-    defer (CPU/MPS), all at close; the files are the same either way."""
+    """Blocks are made in one place (Stream.compact, in the writer's own thread and process): as they
+    fill, or, with defer, all at close; the files are the same either way."""
     import threading
     import duckling.recording.streams as S
     where, real = [], S.Stream.compact
-    monkeypatch.setattr(S.Stream, "compact", lambda self, c, n: where.append((threading.current_thread().name, c, n))
-                        or real(self, c, n))
+    monkeypatch.setattr(S.Stream, "compact", lambda self, c, n, encoded=None: where.append(
+        (threading.current_thread().name, c, n)) or real(self, c, n, encoded))
     w = RecordingWriter(tmp_path / "run", shape=(V, D), n_live=N_LIVE, every=1, block_steps=B, defer=defer)
     for s in range(2 * B + 1):
         w.append_step(s, {"wte": np.full((4, V), s, np.float32)}, snapshot={"wte": np.full((V, D), s, np.float32)})
-    w.wait_compaction()
     assert len(where) == (0 if defer else 4)  # 2 full chunks of 2 streams (snapshots, scalars)
     w.close()
-    assert {name for name, _, _ in where} == {"duckling-compact"} and len(where) == 6  # + the 2 tails
+    assert {name for name, _, _ in where} == {threading.current_thread().name} and len(where) == 6  # + the 2 tails
     rec = Recording(tmp_path / "run")
     assert not list(rec.root.glob("*.raw")) and rec.steps.tolist() == list(range(2 * B + 1))
 
 
-def test_background_compaction_runs_off_the_writers_thread_and_close_finishes_it(tmp_path, monkeypatch):
-    """append_step returns while a block is being compacted; a reader meanwhile sees every step (raw
-    chunk, or block once it is durable); close() waits for it; a failure there surfaces on the next call."""
-    import threading
+def test_a_failed_compaction_is_raised_and_keeps_every_step(tmp_path, monkeypatch):
+    """A full disk while a block is written: the writer's next call says so, every step stays (raw,
+    checksummed), no .tmp is left, and the recording reads."""
     import duckling.recording.streams as S
-    gate, seen = threading.Event(), []
-    real = S.encode_block
-
-    def slow(*a, **k):
-        seen.append(threading.current_thread().name)
-        assert gate.wait(10)
-        return real(*a, **k)
-
-    monkeypatch.setattr(S, "encode_block", slow)
-    w = RecordingWriter(tmp_path / "bg", shape=(V, D), n_live=N_LIVE, every=1, block_steps=B)
-    W = np.zeros((V, D), np.float32)
-    for s in range(B + 2):  # chunk 0 fills at step B-1: its compaction waits on the gate
-        w.append_step(s, {"wte": np.full((4, V), s, np.float32)}, snapshot={"wte": W + s})
-    for _ in range(1000):  # the thread picks the job up on its own schedule
-        if seen:
-            break
-        threading.Event().wait(0.01)
-    assert seen and set(seen) == {"duckling-compact"}  # not the caller's thread
-    rec = Recording(tmp_path / "bg")  # mid-compaction: nothing is missing
-    assert rec.steps.tolist() == list(range(B + 2)) and rec.snapshot(1)[0, 0] == 1
-    assert (tmp_path / "bg" / "recording" / "wte.u16.00000.raw").exists()
-    gate.set()
-    w.close()
-    rec = Recording(tmp_path / "bg")
-    assert not list(rec.root.glob("*.raw")) and rec.steps.tolist() == list(range(B + 2))
-    assert rec.rows("norm")[B + 1, 0] == B + 1 and rec.snapshot(B)[3, 3] == B
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(S, "encode_block", full)
-    w = RecordingWriter(tmp_path / "bg", shape=(V, D), n_live=N_LIVE, every=1, block_steps=B, resume_step=B + 1)
-    for s in range(B + 2, 2 * B):
-        w.append_step(s, {"wte": np.full((4, V), s, np.float32)}, snapshot={"wte": W + s})
-    w.wait_compaction()
-    with pytest.raises(DucklingError, match="compacting .* failed.*steps 0..%d are kept" % (2 * B - 1)):
-        w.append_step(2 * B, {"wte": np.zeros((4, V), np.float32)}, snapshot={"wte": W})
-    w.close()
+    w = RecordingWriter(tmp_path / "bg", shape=(V, D), n_live=N_LIVE, every=1, block_steps=B)
+    monkeypatch.setattr(S.os, "fsync", full)
+    W = np.zeros((V, D), np.float32)
+    with pytest.raises(DucklingError, match="compacting .* failed.*steps 0..%d are kept" % (B - 1)):
+        for s in range(B):
+            w.append_step(s, {"wte": np.full((4, V), s, np.float32)}, snapshot={"wte": W + s})
+    w.close("failed")
     monkeypatch.undo()
-    assert Recording(tmp_path / "bg").steps.tolist() == list(range(2 * B))  # all there, raw and checksummed
+    assert not list((tmp_path / "bg" / "recording").glob("*.tmp"))
+    rec = Recording(tmp_path / "bg")
+    assert rec.steps.tolist() == list(range(B)) and rec.snapshot(B - 1)[3, 3] == B - 1  # all there, raw
 
 
 def _files(root) -> dict:

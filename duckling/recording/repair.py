@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from duckling.errors import DucklingError
-from duckling.files import holder, write_json
+from duckling.files import holder
 from duckling.recording.chunks import covers, header_crc_of, incomplete, listing
 from duckling.recording.codec import CorruptBlock, read_header
 from duckling.recording.layout import check_meta, make_streams, older_layout, read_meta, rec_dir
