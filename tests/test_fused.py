@@ -1,11 +1,13 @@
 """Fused groups (issue 21): K runs trained as one model under one Trainer step, each still its own run.
 
 Tiny Duckling (1 layer, d = 32, 32 tokens), float32 on CPU, 6 steps, random live ids. The tolerance
-for K > 1: the fused forward sums in other kernels (batched matmuls, its own attention and loss) than
-GPT2LMHeadModel, so gradients differ from the separate run's in float rounding (~1e-7 relative);
-Adam's g / sqrt(v) passes that on to tiny-gradient elements, so the weights are compared by their
-*change*: ||dW_fused - dW_separate|| <= 1e-3 ||dW_separate|| per tensor (measured: <= 2e-5 for
-AdamW, ~1e-7 for SGD, see benchmarks/fused.py), losses to 1e-4 relative.
+for K > 1: each run gets its separate run's masks, batches, update rule and clipping, but the fused
+forward sums in other kernels (batched matmuls, its own attention and loss) than GPT2LMHeadModel, so
+its gradients differ in float rounding. The weights are compared by their change from the
+initialisation: ||dW_fused - dW_separate|| <= 1e-5 ||dW_separate|| per tensor (measured <= 3e-7). One
+slice is left out: the key bias (c_attn.bias[d:2d]), whose true gradient is exactly zero (softmax
+ignores a constant added to every key), so Adam's g / sqrt(v) turns rounding noise into steps of
+about lr there, in the separate run as much as in the fused one.
 """
 from __future__ import annotations
 
@@ -47,10 +49,13 @@ def assert_close_run(fused_model, separate_model, cfg_, what=""):
     """Per tensor, the fused run's change from the initialisation matches the separate run's."""
     w0 = build_model(cfg_.model, seed=cfg_.train.seed).state_dict()
     f, s = fused_model.state_dict(), separate_model.state_dict()
+    d = cfg_.model.n_embd
     for name in s:
         ds, df = s[name] - w0[name], f[name] - w0[name]
+        if name.endswith("attn.c_attn.bias"):  # the key bias: zero gradient, noise-driven (module doc)
+            ds, df = torch.cat([ds[:d], ds[2 * d:]]), torch.cat([df[:d], df[2 * d:]])
         assert ds.norm() > 0, f"{what}{name} did not train"
-        assert (df - ds).norm() <= 1e-3 * ds.norm(), f"{what}{name}: {(df - ds).norm():.3g} vs {ds.norm():.3g}"
+        assert (df - ds).norm() <= 1e-5 * ds.norm(), f"{what}{name}: {(df - ds).norm():.3g} vs {ds.norm():.3g}"
 
 
 def losses(result, key="loss"):
