@@ -117,6 +117,9 @@ def fx(tmp_path_factory, tok):
         f[name] = root / name
         shutil.copytree(f["run"], f[name])
         damage(f[name] / "checkpoint-6")
+    f["badfinal"] = root / "badfinal"
+    shutil.copytree(f["run"], f["badfinal"])
+    (f["badfinal"] / "final" / "model.safetensors").write_bytes(b"\0" * 100)
     # a recording whose W stream lost its block: a resume would leave a permanent gap
     f["now"] = root / "now"
     shutil.copytree(f["run"], f["now"])
@@ -318,6 +321,7 @@ CASES = [
     ("gen-foreign-folder", ["generate", "--run", "{foreign}", "hi"], ["foreign", "not a duckling run folder"], False),
     ("gen-run-without-model", ["generate", "--run", "{nofinal}", "hi"], ["nofinal", "no trained model"], False),
     ("gen-bad-config-json", ["generate", "--run", "{badcfg}", "hi"], ["badcfg", "config.json"], False),
+    ("gen-damaged-final-model", ["generate", "--run", "{badfinal}", "hi"], ["badfinal/final", "truncated or damaged"], False),
     ("gen-no-prompt", ["generate", "--run", "{run}"], ["prompt"], True),
     # --- report
     ("report-missing", ["report", "{tmp}/norun"], ["norun", "recording"], False),
@@ -569,3 +573,22 @@ def test_a_split_folder_gives_each_split_its_own_text(tmp_path, fx, monkeypatch)
     assert overlapping_rows(out["train"], out["validation"]) == 0
     # the same text built twice is caught row by row (what the leak in issue 25 was)
     assert overlapping_rows(out["train"], as_rows(tmp_path / "train")) == len(out["train"])
+
+
+def test_report_into_a_run_that_another_process_holds_is_refused(capsys, tmp_path, fx, monkeypatch):
+    """`duckling report RUN` writes RUN/report/ under the run's lock: a live holder (here a real second
+    process, as a training would be) refuses it, naming the holder; nothing is written."""
+    run = tmp_path / "run"
+    shutil.copytree(fx["run"], run, ignore=shutil.ignore_patterns("checkpoint-*", "final"))
+    code = ("import sys, time; from duckling.files import folder_lock\n"
+            "with folder_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(120)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.chdir(tmp_path)
+        refused(["report", run], capsys, tmp_path, fx, "report", ["being written by process", str(holder.pid)])
+        assert not (run / "report").exists()
+    finally:
+        holder.kill()
+        holder.wait()

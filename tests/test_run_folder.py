@@ -513,6 +513,7 @@ def test_a_real_full_disk_while_run_info_is_written_still_says_what_happened(sma
     assert "disk is full" in msg and "checkpoint-4" in msg and "--resume" in msg, msg
     info = _strict_json(run / "run_info.json")
     assert info["status"] == "failed" and info["global_step"] == 4
+    assert _strict_json(run / "recording" / "meta.json")["status"] in ("failed", "interrupted")
     assert _no_tmp(run) == []
     (small_disk / "filler").unlink()  # room again: the advice works
     res = train(cfg, dataset=live_rows(), run_dir=run, tokenizer=tok, resume=True, progress=False)

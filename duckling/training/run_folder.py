@@ -160,10 +160,15 @@ def run_lock(run_dir: Path, create: bool):
 
 
 def update_run_info(run_dir: Path, **kw) -> None:
-    """Update run_info.json atomically (files.write_json: no NaN, no .tmp left). On a full disk, where
-    even its small temporary copy cannot be written, it is rewritten in place instead: the status must
-    tell the truth (``failed``), and a file of a page or so is overwritten without taking new space."""
-    path = run_dir / "run_info.json"
+    """Update run_info.json (``update_status_file``)."""
+    update_status_file(run_dir / "run_info.json", **kw)
+
+
+def update_status_file(path: Path, **kw) -> None:
+    """Update a small JSON file (run_info.json, recording/meta.json) atomically (files.write_json: no
+    NaN, no .tmp left). On a full disk, where even its temporary copy cannot be written, it is rewritten
+    in place instead when the new text fits in the blocks the file already has: a status must tell the
+    truth (``failed``), and overwriting allocated blocks takes no new space."""
     info = {**json.loads(path.read_text()), **kw}
     try:
         write_json(path, info)
@@ -242,8 +247,14 @@ def load_run(run_dir, checkpoint: str | None = None):
     if src is None or not src.is_dir():
         raise DucklingError(f"{str(run_dir)!r} holds no trained model yet (no final/ and no checkpoint). "
                             "Train it further or pick another run.")
-    with quiet_hf():
-        model = GPT2LMHeadModel.from_pretrained(str(src)).eval()
+    try:
+        with quiet_hf():
+            model = GPT2LMHeadModel.from_pretrained(str(src)).eval()
+    except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError, OSError, a bad config.json...
+        raise DucklingError(f"The model in {src.resolve()} cannot be loaded ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'no detail'}): its files are "
+                            "truncated or damaged. Load another checkpoint of the run (load_run(run, checkpoint=NAME)), "
+                            "or resume the run to write final/ again.") from e
     tok = None
     if (run_dir / "token_mapping.json").is_file():
         tok = CompactTokenizer.from_file(run_dir / "token_mapping.json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import shutil
 import signal
 import sys
@@ -16,7 +17,7 @@ from duckling.errors import DucklingError
 from duckling.files import LOCK, fsync_path
 from duckling.recording.budget import check_run_disk
 from duckling.training.model import count_parameters
-from duckling.training.run_folder import last_checkpoint, update_run_info
+from duckling.training.run_folder import last_checkpoint, update_run_info, update_status_file
 
 
 def check_disk(run_dir: Path, cfg: DucklingConfig, model, start: int, record: bool, shape, n_live: int) -> None:
@@ -165,11 +166,13 @@ def after_failure(run_dir: Path, step: int, err: BaseException, fresh: bool) -> 
         empty_run_dir(run_dir)
         return True
     _cleanup_partial(run_dir)
-    try:
-        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+    status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+    with contextlib.suppress(OSError, ValueError):
         update_run_info(run_dir, status=status, global_step=step)
-    except OSError:
-        pass
+    meta = run_dir / "recording" / "meta.json"
+    with contextlib.suppress(OSError, ValueError):  # the writer could not write its own final status
+        if meta.is_file() and json.loads(meta.read_text()).get("status") == "recording":
+            update_status_file(meta, status=status)
     return False
 
 
