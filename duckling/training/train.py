@@ -26,6 +26,7 @@ import torch
 
 from duckling.config import DucklingConfig, N_LIVE
 from duckling.errors import DucklingError, RunInterrupted
+from duckling.files import write_json
 from duckling.data.rows import as_rows, check_rows, collate, overlapping_rows, rows_fingerprint
 from duckling.data.vocab import CompactTokenizer
 from duckling.training.model import build_model
@@ -273,7 +274,8 @@ def _finish(job: _Job, trainer, timer, stop: StopOnSignal) -> TrainResult:
         try:
             with quiet_hf():
                 trainer.save_model(str(run_dir / "final"))
-            trainer.state.save_to_json(str(run_dir / "final" / "trainer_state.json"))
+            # (TrainerState.save_to_json would write a NaN loss as NaN, which is not JSON)
+            write_json(run_dir / "final" / "trainer_state.json", dataclasses.asdict(trainer.state))
             # a finished run resumed trains nothing: its speed is the one measured when it trained
             speed = {} if job.done or not math.isfinite(timer.steps_per_s) else {"steps_per_s": timer.steps_per_s}
             update_run_info(run_dir, status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), global_step=step,
