@@ -18,6 +18,7 @@ import numpy as np
 from duckling.recording.codec import (TRAILER, CorruptBlock, check_record, decode_blocks, decode_groups, decode_runs, encode_block,
                     pack_trailer, read_header)
 from duckling.errors import DucklingError
+from duckling.files import write_atomic
 from duckling.recording.chunks import covers, header_crc_of, incomplete, listing, resolve
 from duckling.recording.manifest import Manifest, digest
 
@@ -318,19 +319,7 @@ class Stream:
         """Encode block c (``encode``, unless ``blob`` is what ``encode`` made of these records), then
         write it atomically (tmp, fsync, rename); returns its size."""
         blob = self.encode(c, records, steps) if blob is None else blob
-        tmp = self.blk_path(c).with_suffix(".blk.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.blk_path(c))
-        except BaseException:  # a full disk, an interruption: no .tmp survives (the raw chunk stays)
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-            raise
+        write_atomic(self.blk_path(c), blob)  # S.<c>.blk.tmp, fsync, rename; no .tmp survives a failure
         self._headers.pop(c, None)
         self.kinds.pop(c, None)
         if self.manifest is not None:  # committed: listed before the raw chunk goes (chunks.py's rule)
