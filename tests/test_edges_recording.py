@@ -378,6 +378,20 @@ def test_a_malformed_meta_json_is_a_clear_error_everywhere(run, capsys, key, val
     assert code == 1 and "meta.json" in out
 
 
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_meta_json_that_is_not_a_file_is_refused_without_hanging(run, kind):
+    meta = run / "recording" / "meta.json"
+    meta.unlink()
+    os.mkfifo(meta) if kind == "fifo" else meta.mkdir()
+    got = {}
+    t = threading.Thread(target=lambda: got.update(problems=verify(run)[0]), daemon=True)
+    t.start()
+    t.join(20)
+    assert not t.is_alive() and "not a regular file" in got["problems"][0]
+    with pytest.raises(DucklingError, match="meta.json is not a regular file"):
+        Recording(run)
+
+
 # --- what a resume checks ------------------------------------------------------------------------------
 def test_stream_ends_gives_the_last_step_of_every_stream(run, tmp_path):
     assert stream_ends(run) == {"wte.u16": 14, "scalars": 14, "probe": 12}

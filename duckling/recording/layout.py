@@ -3,6 +3,8 @@ before they are trusted; the recording dtype's parts and bf16 bits. numpy only."
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -98,9 +100,11 @@ def read_meta(root: Path) -> dict:
     if not (root / "meta.json").exists():
         raise DucklingError(f"no recording at {root} (meta.json missing). Pass a run folder that was "
                             f"trained with recording enabled.")
+    if not stat.S_ISREG(os.stat(root / "meta.json").st_mode):  # (a FIFO would block the read)
+        raise DucklingError(f"{root}/meta.json is not a regular file; restore the run's original meta.json.")
     try:
         meta = json.loads((root / "meta.json").read_text())
-    except ValueError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise DucklingError(f"{root}/meta.json is not valid JSON ({e}); restore it from a copy.") from None
     if not isinstance(meta, dict):
         raise DucklingError(f"{root}/meta.json is not a recording description (a JSON object); restore it.")

@@ -382,13 +382,11 @@ class Stream:
                     raise DucklingError(f"cannot cut stream {self.name} at its record {keep}: its block {c} "
                                         f"({covers(self, c)}) is corrupt ({e}). Restore the file from a copy "
                                         f"of the run, or resume from an earlier checkpoint.") from None
-                tmp = self.raw_path(c).with_suffix(".raw.tmp")
-                with open(tmp, "wb") as f:
-                    for i in range(n_keep):
-                        payload = memoryview(np.ascontiguousarray(data[i])).cast("B")
-                        f.write(payload)
-                        f.write(pack_trailer(int(steps[i]), payload))
-                os.replace(tmp, self.raw_path(c))
+                parts = []
+                for i in range(n_keep):
+                    payload = memoryview(np.ascontiguousarray(data[i])).cast("B")
+                    parts += [payload, pack_trailer(int(steps[i]), payload)]
+                write_atomic(self.raw_path(c), b"".join(parts))  # durable before the block goes; no .tmp left
                 self.blk_path(c).unlink()
         if self.manifest is not None:  # after the files: a cut truncation leaves raw chunks or listed gaps
             self.manifest.drop(self.name, [c for c in range(len(chunks)) if c * self.block + self.block > keep])
