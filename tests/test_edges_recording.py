@@ -292,6 +292,18 @@ def test_the_writers_next_open_finishes_a_killed_compaction(killed, ref, tmp_pat
     assert verify(tmp_path / "run")[0] == []
 
 
+def test_a_corrupt_raw_record_stops_compact_with_the_true_cause(killed, tmp_path):
+    shutil.copytree(killed, tmp_path / "run")
+    raw = tmp_path / "run" / "recording" / "scalars.00001.raw"
+    data = bytearray(raw.read_bytes())
+    data[100] ^= 0x01
+    raw.write_bytes(bytes(data))
+    with pytest.raises(DucklingError, match=r"scalars .*steps 4\.\.7.*corrupt raw record") as e:
+        compact(tmp_path / "run")
+    assert "disk" not in str(e.value) and raw.exists()  # a checksum failure: never "free disk space"
+    assert not list((tmp_path / "run" / "recording").glob("*.tmp"))
+
+
 # --- a full disk, a read-only folder (a real tmpfs: root only) -------------------------------------------
 @contextlib.contextmanager
 def tmpfs(where: Path, size: str):

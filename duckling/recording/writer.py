@@ -29,6 +29,16 @@ RESUME_KEYS = ("matrices", "shape", "dtype", "every", "n_live")  # must match to
 _OPEN: set[Path] = set()  # recordings this process is writing (the run folder's lock is re-entrant here)
 
 
+def _advice(e: BaseException) -> str:
+    """The fix for a failed write or compaction, by its cause (never "free disk space" for a checksum)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "Free disk space (or record with a larger stride) and resume from the last checkpoint with --resume."
+    if isinstance(e, CorruptBlock):
+        return ("A raw record failed its checksum (corrupted on disk or in memory): restore the file from a copy of "
+                "the run, or resume from a checkpoint before those steps with --resume.")
+    return "Fix that cause (a read-only or failing disk), then resume from the last checkpoint with --resume."
+
+
 class RecordingWriter:
     """Append-only writer of ``RUN_DIR/recording``. Not thread-safe: one writer thread at a time.
 
@@ -152,8 +162,7 @@ class RecordingWriter:
             raise DucklingError(
                 f"{'the disk is full' if full else 'writing the recording failed'} while recording step "
                 f"{self.last_step + 1} ({e.strerror}); steps 0..{self.last_step} are kept and readable "
-                f"in {self.root}. Free disk space (or record with a larger stride) and resume "
-                f"from the last checkpoint with --resume.") from e
+                f"in {self.root}. {_advice(e)}") from e
 
     def _record(self, stream, step: int, arr: np.ndarray) -> None:
         """Append one raw record (payload + checksummed trailer) to the stream's open chunk."""
@@ -257,8 +266,7 @@ class RecordingWriter:
         raise DucklingError(
             f"compacting {st.raw_path(c)} failed ({getattr(e, 'strerror', None) or e}); steps "
             f"0..{self.last_step} are kept and readable in {self.root} (the raw records stay "
-            f"until their block is written and verified). Free disk space and resume from the "
-            f"last checkpoint with --resume.") from e
+            f"until their block is written and verified). {_advice(e)}") from e
 
     def close(self, status: str = "complete", compact: bool = True) -> None:
         """Compact what is left (unless the recording failed, or ``compact=False``: the raw chunks
