@@ -304,6 +304,23 @@ def test_a_corrupt_raw_record_stops_compact_with_the_true_cause(killed, tmp_path
     assert not list((tmp_path / "run" / "recording").glob("*.tmp"))
 
 
+def test_a_first_commit_cut_before_its_manifest_reads_and_resumes(tmp_path, ref):
+    """A kill between the first block's rename and the manifest's first write: the block is not
+    listed (no manifest yet), its raw chunk is still there and is the truth."""
+    w = write(tmp_path / "run", close=False, steps=3)  # raw chunks only
+    root = tmp_path / "run" / "recording"
+    w.close("interrupted", compact=False)
+    src = Recording(ref)._src.scalars
+    shutil.copy(src.blk_path(0), root / "scalars.00000.blk")  # the block a compaction would have made
+    assert not (root / "manifest.json").exists() and (root / "scalars.00000.raw").exists()
+    assert Recording(tmp_path / "run").scalar_steps.tolist() == [0, 1, 2]
+    assert stream_ends(tmp_path / "run")["scalars"] == 2
+    write_rest = RecordingWriter(tmp_path / "run", shape=(V, D), n_live=N_LIVE, dtype="bf16", every=2, block_steps=B,
+                                 resume_step=2)
+    write_rest.close()
+    assert verify(tmp_path / "run")[0] == [] and not (root / "scalars.00000.raw").exists()
+
+
 # --- a full disk, a read-only folder (a real tmpfs: root only) -------------------------------------------
 @contextlib.contextmanager
 def tmpfs(where: Path, size: str):

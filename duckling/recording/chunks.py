@@ -107,7 +107,8 @@ def _resolve(stream):
     found, problems = listing(stream)
     strict = _strict(stream)
     listed = stream.manifest.chunks(stream.name) if strict else {}
-    if strict and not stream.manifest.present and any("blk" in k for k in found.values()):
+    # (a block beside its raw chunk is a first commit cut before the manifest was written: not a loss)
+    if strict and not stream.manifest.present and any("blk" in k and "raw" not in k for k in found.values()):
         problems.append(f"{stream.manifest.path} is missing, although meta.json says this recording keeps one, so its "
                         f"blocks cannot be checked (`duckling compact {stream.root.parent}` lists the blocks on disk in "
                         f"a new one, after checking every frame; whether they all belong to this run stays unchecked)")
