@@ -12,7 +12,9 @@ about lr there, in the separate run as much as in the fused one.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ import torch
 from transformers import TrainerCallback
 
 from duckling.config import N_LIVE, DucklingConfig, ModelConfig, RecordConfig, TrainConfig
-from duckling.errors import DucklingError
+from duckling.errors import DucklingError, RunInterrupted
 from duckling.training.fused import check_group, group_key, train_group
 from duckling.training.model import build_model
 from duckling.training.train import train
@@ -121,10 +123,12 @@ def test_sgd_and_coupled_adam_fuse(optimizer, tok, tmp_path):
         np.testing.assert_allclose(losses(f), losses(s), rtol=1e-4)
 
 
-class Interrupt(TrainerCallback):
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == 5:
-            raise KeyboardInterrupt("injected")
+class CtrlC(TrainerCallback):
+    """Ctrl-C during step 4: the group finishes the step and checkpoints every run there."""
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_fused_group_resumes_bit_exact_and_its_runs_resume_alone(group, tok, tmp_path):
@@ -132,14 +136,17 @@ def test_fused_group_resumes_bit_exact_and_its_runs_resume_alone(group, tok, tmp
 
     fused, _ = group
     dirs = [tmp_path / f"r{k}" for k in range(3)]
-    with pytest.raises(KeyboardInterrupt):
-        train_group(ADAMW, dirs, dataset=ROWS, eval_dataset=EVAL, tokenizer=tok, progress=False, callbacks=[Interrupt()])
+    with pytest.raises(RunInterrupted, match="checkpoint-4"):
+        train_group(ADAMW, dirs, dataset=ROWS, eval_dataset=EVAL, tokenizer=tok, progress=False, callbacks=[CtrlC()])
     assert [json.loads((d / "run_info.json").read_text())["status"] for d in dirs] == ["interrupted"] * 3
+    assert all((d / "checkpoint-4" / "trainer_state.json").is_file() for d in dirs)
     shutil.copytree(dirs[2], tmp_path / "alone", ignore=shutil.ignore_patterns(".lock"))
     resumed = train_group(ADAMW, dirs, dataset=ROWS, eval_dataset=EVAL, tokenizer=tok, progress=False, resume=True)
     for f, r in zip(fused, resumed):
         assert all(torch.equal(a, b) for a, b in zip(weights(f.model).values(), weights(r.model).values()))
-        assert losses(f).tolist() == losses(r).tolist()
+        # (the loss logged at step 6 averages steps 5-6 after a resume at 4, as in any resumed run)
+        assert losses(f)[0] == losses(r)[0] and f.losses()[0].tolist() == r.losses()[0].tolist() == [3, 6]
+        assert losses(f, "eval_loss").tolist() == losses(r, "eval_loss").tolist()
         a, b = Recording(f.run_dir), Recording(r.run_dir)
         assert a.steps.tolist() == b.steps.tolist()
         assert np.array_equal(a.rows("grad_norm"), b.rows("grad_norm"), equal_nan=True)

@@ -132,6 +132,8 @@ def train_group(configs, run_dirs, dataset=None, *, eval_dataset=None, resume: b
     for d, c, m in zip(run_dirs, configs, models):
         check_disk(d, c, m, start, c.record.enabled, tuple(m.get_input_embeddings().weight.shape), n_live)
     names = [d.name for d in run_dirs]
+    where = str(Path(dataset).resolve() if isinstance(dataset, (str, Path)) else
+                Path(cfg.data.dataset_dir).resolve() if dataset is None else type(dataset).__name__)
     fp = getattr(rows_mod, "rows_fingerprint", None)  # the data a resume checks (when this duckling records it)
     fingerprints = {} if fp is None else {"dataset_fingerprint": fp(rows),
                                           "eval_dataset_fingerprint": None if eval_rows is None else fp(eval_rows)}
@@ -144,15 +146,14 @@ def train_group(configs, run_dirs, dataset=None, *, eval_dataset=None, resume: b
                 info = {"device": device, "device_name": _device_name(device), "precision": precision,
                         "compile": "off", "optimizer": c.train.optimizer, "threads": torch.get_num_threads(),
                         "n_train_rows": len(rows), "seq_len": rows.seq_len,
-                        "dataset": str(Path(dataset).resolve() if isinstance(dataset, (str, Path)) else
-                                       Path(c.data.dataset_dir).resolve() if dataset is None else type(dataset).__name__),
-                        "fused": {"runs": names, "index": k}, **fingerprints}
+                        "dataset": where, "fused": {"runs": names, "index": k}, **fingerprints}
                 write_run_files(d, c, tok, None if ckpts[k] is None else ckpts[k], found[k][1], info)
             return _fit_group(configs, run_dirs, models, ckpts, rows, eval_rows, device, precision, n_live,
                               progress, callbacks, resume)
     except OSError as e:
         raise DucklingError(f"Cannot write the fused group's run folders ({', '.join(map(str, run_dirs))}): "
-                            f"{e.strerror or e}. Check the paths, permissions and free disk; nothing was trained.") from e
+                            f"{e.strerror or e}. Check the paths, permissions and free disk space; nothing was "
+                            "trained.") from e
 
 
 def _recorder_callback(slot):
@@ -233,8 +234,9 @@ def _fit_group(configs, run_dirs, models, ckpts, rows, eval_rows, device, precis
         if failed is not None:
             if not isinstance(failed, (DucklingError, OSError)):
                 raise failed
+            every = ", ".join(map(str, run_dirs))
             raise DucklingError(failure_advice(run_dirs[0], step, failed, removed[0]) +
-                                f" (The same holds for every run of the fused group: {', '.join(map(str, run_dirs))}.)") from failed
+                                f" (The same holds for every run of the fused group: {every}.)") from failed
     return _finish_group(trainer, slots, timer, stop, device, precision)
 
 

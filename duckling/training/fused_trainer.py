@@ -52,7 +52,8 @@ class GroupOptimizer(torch.optim.Optimizer):
         self.optimizers = list(optimizers)
         self.defaults = dict(self.optimizers[0].defaults)
         self.param_groups = [g for o in self.optimizers for g in o.param_groups]
-        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = collections.OrderedDict(), collections.OrderedDict()
+        self._optimizer_step_pre_hooks = collections.OrderedDict()
+        self._optimizer_step_post_hooks = collections.OrderedDict()
 
     @property
     def state(self):
@@ -281,7 +282,8 @@ def fused_trainer_class():
         def _run_epoch(self, *a, **kw):
             """The Trainer's epoch, with its resume skip applied to each run's own loader."""
             original = hf_trainer.skip_first_batches
-            hf_trainer.skip_first_batches = lambda dl, n: dl.skipping(n) if isinstance(dl, FusedLoader) else original(dl, n)
+            hf_trainer.skip_first_batches = lambda dl, n: (dl.skipping(n) if isinstance(dl, FusedLoader)
+                                                           else original(dl, n))
             try:
                 return super()._run_epoch(*a, **kw)
             finally:
