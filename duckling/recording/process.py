@@ -9,8 +9,8 @@ writer process"). numpy only: the recorder (``duckling.training.recorder``) fill
   non-blocking copy lands in the slot itself), then sends one small message (slot, step, lr,
   snapshot, probe); the writer appends the step and sends the slot back. Training waits only when
   every slot is in flight; no step is ever dropped.
-- The writer process compacts blocks itself, or encodes them on ``procs`` worker processes while it
-  goes on appending; it alone commits blocks (rename, manifest).
+- The writer process encodes blocks on a thread of its own, or on ``procs`` worker processes, while
+  it goes on appending (or all at close, ``defer``); it alone commits blocks (rename, manifest).
 - It dies with its parent: when the training process is gone (the pipe ends, or its parent pid
   changes) it writes every step it was handed, closes the recording without compacting (raw chunks
   are valid recorded data; a resume continues them) and exits. It shares its parent's run lock (a
@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 import types
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing import reduction, shared_memory, util
 from pathlib import Path
 
@@ -297,7 +297,10 @@ def _check_lock(run_dir: str, fd: int) -> None:
 
 
 def _watch_parent(ppid: int) -> None:
-    """Worker processes: exit when the writer process is gone (no orphans)."""
+    """Worker processes: ignore Ctrl-C (the training process handles it) and exit when the writer
+    process is gone (no orphans)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     def watch():
         while os.getppid() == ppid:
             time.sleep(POLL_S)
@@ -341,6 +344,8 @@ def _main(run_dir, writer_kwargs, ring_spec, rx, tx, lock_fd, ppid, procs, defer
         if procs > 0:
             encoder = ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn"),
                                           initializer=_watch_parent, initargs=(os.getpid(),))
+        elif not defer:  # blocks encoded on a thread of this process: appends go on meanwhile (no
+            encoder = ThreadPoolExecutor(1, thread_name_prefix="duckling-encode")  # Python-bound thread here)
         writer = RecordingWriter(run_dir, **writer_kwargs, defer=defer, encoder=encoder, locked=True)
     except BaseException as e:  # noqa: BLE001 - said to the training process
         send("error", _message(e))
