@@ -114,7 +114,7 @@ def token_counts(rec, dataset=None) -> tuple[np.ndarray | None, str]:
         if all("count" in t for t in tokens):
             return (np.array([int(t["count"]) for t in tokens], np.int64),
                     "token_mapping.json counts (the corpus the vocabulary was built from; the training "
-                    f"dataset {path or '(not named in run_info.json)'} is not on this machine)")
+                    f"dataset {Path(path).name if path else '(not named in run_info.json)'} is not on this machine)")
     return None, ("no token counts: the training dataset named in run_info.json is not on this machine and "
                   "the run folder has no token_mapping.json with counts")
 
@@ -183,7 +183,7 @@ def loss_by_frequency(run_dir, buckets: dict, eval_dataset=None, n_rows: int = L
     if path is None:
         return {"note": f"skipped: {why}; in Python, report(run_dir, eval_dataset=FOLDER) measures it"}
     if not Path(path).is_dir():
-        return {"note": f"skipped: the held-out dataset {path} ({why}) is not on this machine"}
+        return {"note": f"skipped: the held-out dataset {Path(path).name} ({why}) is not on this machine"}
     try:
         rows = dataset_tokens(path, n_rows, _run_info(run_dir).get("mapping_hash"))
     except DucklingError as e:
