@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 
 from duckling.config import N_LIVE, DucklingConfig, ModelConfig, RecordConfig, TrainConfig
 from duckling.errors import DucklingError, RunInterrupted
-from duckling.training.fused import check_group, group_key, train_group
+from duckling.training.fused import check_group, group_key, plan_groups, train_group
 from duckling.training.model import build_model
 from duckling.training.train import train
 
@@ -165,3 +165,11 @@ def test_only_compatible_runs_fuse():
             check_group([ADAMW[0], ADAMW[1].override(other)])
     with pytest.raises(DucklingError, match="distinct"):
         train_group(ADAMW[:2], ["/tmp/x", "/tmp/x"])
+    # the sweep's grouping: compatible runs in the same phase, up to K per group, grid order kept
+    grid = [ADAMW[0], ADAMW[1].override({"train.optimizer": "sgd"}), ADAMW[1], ADAMW[2], ADAMW[0].override({})]
+    assert plan_groups(grid, fuse=2) == [[0, 2], [1], [3, 4]]
+    assert plan_groups(grid, fuse="auto", device="cuda") == [[0, 2, 3, 4], [1]]
+    assert plan_groups(grid, fuse="auto", device="cpu") == plan_groups(grid, fuse="off") == [[i] for i in range(5)]
+    assert plan_groups(grid, fuse=8, phases=[None, None, 3, None, None]) == [[0, 3, 4], [1], [2]]
+    with pytest.raises(DucklingError, match="resources.fuse"):
+        plan_groups(grid, fuse="yes")

@@ -68,6 +68,32 @@ def check_group(configs) -> None:
                 "one schedule). Train it in another group, or with resources.fuse = 'off'.")
 
 
+AUTO_K = 32  # "auto" on CUDA: ~130 MB of activations per run at batch 2 x 512 tokens (logits and their grads)
+
+
+def plan_groups(configs, fuse="off", device: str = "cpu", phases=None) -> list[list[int]]:
+    """The sweep's fused groups: lists of indices into ``configs``, in grid order.
+
+    fuse: "off" (or 1) = one run per group; an integer K = groups of up to K compatible runs; "auto" =
+    off on CPU and MPS (a CPU step is compute-bound: benchmarks/fused.py), up to AUTO_K on CUDA.
+    phases: per run, where it stands (e.g. None = fresh, else its last checkpoint step): only runs in
+    the same phase fuse, since a group starts and resumes as one."""
+    if fuse == "auto":
+        k = AUTO_K if device == "cuda" else 1
+    elif fuse == "off":
+        k = 1
+    elif isinstance(fuse, int) and not isinstance(fuse, bool) and fuse >= 1:
+        k = fuse
+    else:
+        raise DucklingError(f"resources.fuse = {fuse!r} is not valid: use \"auto\", \"off\" or a group size >= 1.")
+    phases = [None] * len(configs) if phases is None else list(phases)
+    classes: dict[tuple, list[int]] = {}
+    for i, c in enumerate(configs):
+        classes.setdefault((group_key(c), phases[i]), []).append(i)
+    groups = [members[j:j + k] for members in classes.values() for j in range(0, len(members), k)]
+    return sorted(groups, key=lambda g: g[0])
+
+
 def _group_checkpoints(run_dirs, resume: bool):
     """Per run, the checkpoint a fused resume starts from: the newest step every run has complete."""
     if not resume:
@@ -265,4 +291,4 @@ def _finish_group(trainer, slots, timer, stop, device, precision) -> list[TrainR
     return out
 
 
-__all__ = ["train_group", "group_key", "check_group", "PER_RUN"]
+__all__ = ["train_group", "plan_groups", "group_key", "check_group", "PER_RUN", "AUTO_K"]
