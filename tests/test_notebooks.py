@@ -264,25 +264,26 @@ def test_07_experiment_template(repo_root, tmp_path, tiny):
 
 @pytest.mark.slow
 def test_08_dead_token_study(repo_root, tmp_path, tiny):
-    """Two tied optimizers x one weight decay x one seed plus the untied control, through the sweep engine;
-    the table, both figures and the findings come from duckling.sweeps.study."""
+    """Two tied optimizers at given lrs x one decay level x one seed, the AdamW 1e-4 reference and the untied
+    control, through the sweep engine; the table, figures, differences and findings from duckling.sweeps."""
     res, sweep_dir = tmp_path / "08.json", tmp_path / "sweep08"
     out = run_notebook(repo_root, tmp_path, "08_dead_token_study", DATASET_DIR=tiny["DATASET_DIR"],
                        VALID_DATA=tiny["VALID_DATA"], VALID_DATASET_DIR=str(tmp_path / "valid"),
-                       OPTIMIZERS=["adamw", "coupled_adam"], WEIGHT_DECAYS=[0.01], SEEDS=[0], CPUS=1,
-                       SWEEP_DIR=str(sweep_dir), RESULTS=str(res),
+                       OPTIMIZERS=["adamw", "coupled_adam"], LEARNING_RATES={"adamw": 1e-3, "coupled_adam": 1e-3},
+                       KEPT=[0.9], SEEDS=[0], CPUS=1, SWEEP_DIR=str(sweep_dir), RESULTS=str(res),
                        OVERRIDES={**TINY, "train.max_steps": 6, "train.logging_steps": 2, "record.every": 2,
                                   "train.save_steps": 100, "train.eval_steps": 100})
     r = json.loads(res.read_text())
-    rows = {(row["optimizer"], row["embeddings"]): row for row in r["table"]}
-    assert set(rows) == {("adamw", "tied"), ("coupled_adam", "tied"), ("adamw", "untied, input (wte)"),
-                         ("adamw", "untied, output (lm_head)")}
-    assert float(rows[("adamw", "untied, input (wte)")]["Q1 norm / null"]) == pytest.approx(1.0, abs=1e-3)
-    assert len(r["findings"]) == 4 and all("(Q4)" in f for f in r["findings"])
-    for name in ("tied", "untied"):
-        assert [e["status"] for e in json.loads((sweep_dir / name / "sweep.json").read_text())["runs"]] == \
-            ["complete"] * (2 if name == "tied" else 1)
-    assert n_images(out) == 2 and n_tables(out) == 2
+    assert [round(p["kept"], 2) for p in r["plan"]] == [0.9, 0.9]  # the decay leaves 90% over the 6 steps
+    rows = {(row["optimizer"], row["learning rate"], row["embeddings"]): row for row in r["table"]}
+    assert set(rows) == {("adamw", 1e-3, "tied"), ("coupled_adam", 1e-3, "tied"), ("adamw", 1e-4, "tied"),
+                         ("adamw", 1e-3, "untied, input (wte)"), ("adamw", 1e-3, "untied, output (lm_head)")}
+    assert float(rows[("adamw", 1e-3, "untied, input (wte)")]["Q1 norm / null"]) == pytest.approx(1.0, abs=1e-3)
+    assert len(r["findings"]) == 5 and all("(Q4)" in f for f in r["findings"])
+    assert {d["method"] for d in r["differences"]} == {"paired t"} and len(r["differences"]) > 0
+    for name in ("adamw", "coupled_adam", "reference", "untied"):
+        assert [e["status"] for e in json.loads((sweep_dir / name / "sweep.json").read_text())["runs"]] == ["complete"]
+    assert n_images(out) == 3 and n_tables(out) == 5
 
 
 def test_committed_notebooks_follow_the_rules(repo_root):

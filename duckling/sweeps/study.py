@@ -2,7 +2,7 @@
 
     from duckling.sweeps.study import load, study_table, plot_norms_vs_null, plot_update_rule
     t = load("sweeps/study")                       # one row per complete run (duckling.sweeps.compare) + its folder
-    study_table(t)                                  # mean ± std over seeds per optimizer x weight decay
+    study_table(t)                                  # mean [95% t interval] over seeds per optimizer x lr x weight decay
     plot_norms_vs_null(t); plot_update_rule(t)      # Q1 and Q2 figures
 
 Questions: 1. do dead rows grow or decay against the weight-decay null; 2. how much of their movement
@@ -21,9 +21,12 @@ from duckling.analysis import metrics as A
 from duckling.analysis import update_rule as U
 from duckling.analysis.report import fmt
 from duckling.recording.reader import Recording
+from duckling.sweeps import stats
 from duckling.sweeps.compare import compare
+from duckling.sweeps.compare_plots import band
+from duckling.sweeps.compare_tables import ci_text
 
-WD_COLORS = {0.0: "tab:gray", 0.01: "tab:orange", 0.1: "tab:purple"}
+WD_COLORS = ("tab:gray", "tab:orange", "tab:purple", "tab:brown", "tab:olive")  # by rank within an optimizer
 OPT_COLORS = {"adamw": "tab:red", "coupled_adam": "tab:blue", "sgd": "tab:green"}
 COLUMNS = {  # compare column: study table header
     "eval_loss": "held-out loss", "dead_norm_over_null": "Q1 norm / null", "update_measured_over_rule": "Q2 measured / rule",
@@ -52,6 +55,7 @@ def load(sweep_dir, progress: bool = False):
     t["dir"] = [sweep_dir / n for n in t["name"]]
     cfgs = [json.loads((d / "config.json").read_text()) for d in t["dir"]]
     t["train.optimizer"] = [c["train"]["optimizer"] for c in cfgs]
+    t["train.learning_rate"] = [float(c["train"]["learning_rate"]) for c in cfgs]
     t["train.weight_decay"] = [float(c["train"]["weight_decay"]) for c in cfgs]
     tied = [c["model"]["tie_word_embeddings"] for c in cfgs]
     t["embeddings"] = ["tied" if x else "untied, input (wte)" for x in tied]
@@ -69,58 +73,82 @@ def load(sweep_dir, progress: bool = False):
 
 
 def study_table(t):
-    """Mean ± std over seeds of every question's number per optimizer x weight decay x embeddings;
-    first separable steps as each seed's value ("never": not within the run)."""
+    """Mean over seeds with its 95% Student-t interval, "mean [lo, hi]" (one seed: the value), of every
+    question's number per optimizer x learning rate x weight decay x embeddings; first separable steps
+    as each seed's value ("never": not within the run)."""
     import pandas as pd
 
     rows = []
-    for (opt, wd, emb), g in t.groupby(["train.optimizer", "train.weight_decay", "embeddings"], sort=False):
-        r = {"optimizer": opt, "weight decay": wd, "embeddings": emb, "seeds": len(g)}
+    keys = ["train.optimizer", "train.learning_rate", "train.weight_decay", "embeddings"]
+    for (opt, lr, wd, emb), g in t.groupby(keys, sort=False):
+        r = {"optimizer": opt, "learning rate": lr, "weight decay": wd, "embeddings": emb, "seeds": len(g)}
         for col, head in COLUMNS.items():
             v = pd.to_numeric(g[col], errors="coerce").astype(float) if col in g else pd.Series([np.nan])
             if col.startswith("sep_step"):
                 r[head] = " / ".join("never" if np.isnan(x) else f"{x:.0f}" for x in v)
             else:
-                r[head] = "" if v.isna().all() else f"{v.mean():.3g} ± {v.std():.2g}" if len(v) > 1 else f"{v.mean():.3g}"
+                ci = stats.mean_ci(v)
+                r[head] = ci_text(ci["mean"], ci["lo"], ci["hi"], 4)
         rows.append(r)
     return pd.DataFrame(rows)
 
 
 def _band(ax, x, ys, color, ls, label):
-    ys = np.asarray(ys)
-    ax.plot(x, ys.mean(0), color=color, ls=ls, lw=1.4, label=label)
-    ax.fill_between(x, ys.min(0), ys.max(0), color=color, alpha=0.15, lw=0)
+    """Mean over seeds and its pointwise 95% t interval (compare_plots.band)."""
+    mean, lo, hi = band(ys)
+    ax.plot(x, mean, color=color, ls=ls, lw=1.4, label=label)
+    ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
+
+
+def _colors(t) -> dict:
+    """{(optimizer, lr): colour}: the optimizer's own colour for its first lr, distinct others after it."""
+    extra, seen, out = iter(["tab:purple", "tab:brown", "tab:olive", "tab:pink", "tab:cyan", "black"]), set(), {}
+    for opt, lr in _configs(t):
+        out[(opt, lr)] = OPT_COLORS.get(opt, "black") if opt not in seen else next(extra, "black")
+        seen.add(opt)
+    return out
+
+
+def _configs(t) -> list:
+    """[(optimizer, learning rate)] in the table's order: one column of the figures each."""
+    return list(dict.fromkeys(zip(t["train.optimizer"], t["train.learning_rate"])))
 
 
 def plot_norms_vs_null(t):
-    """Q1: per optimizer, the mean dead-row norm (solid) with what decay alone would leave (dashed), and
-    their ratio, per weight decay (line: mean over seeds; band: min-max)."""
+    """Q1: per optimizer and learning rate, the mean dead-row norm (solid) with what decay alone would leave
+    (dashed), and their ratio, per weight decay (line: mean over seeds; band: its 95% t interval)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     t = t[t["embeddings"] == "tied"]
-    opts = list(dict.fromkeys(t["train.optimizer"]))
+    opts = _configs(t)
     fig = Figure(figsize=(3.4 * len(opts) + 0.4, 6.4), layout="constrained")
     axes = fig.subplots(2, len(opts), sharex=True, sharey="row", squeeze=False)
     fig.suptitle("Q1: do dead rows grow or decay? Top: mean dead-row norm (solid) and what weight decay alone "
                  "would leave (dashed).\nBottom: their ratio (1 = decay alone). Line: mean over seeds; band: "
-                 "min-max over seeds", fontsize=10)
-    for j, opt in enumerate(opts):
+                 "its 95% Student-t interval", fontsize=10)
+    for j, (opt, lr) in enumerate(opts):
         top, bottom = axes[0, j], axes[1, j]
-        for wd, g in t[t["train.optimizer"] == opt].groupby("train.weight_decay"):
+        sel = t[(t["train.optimizer"] == opt) & (t["train.learning_rate"] == lr)]
+        for k, (wd, g) in enumerate(sel.groupby("train.weight_decay")):
             curves = [A.norms(Recording(d)) for d in g["dir"]]
             n = min(len(c["ratio"]) for c in curves)
-            x, color = curves[0]["steps"][:n], WD_COLORS.get(wd, "black")
+            x, color = curves[0]["steps"][:n], WD_COLORS[k % len(WD_COLORS)]
             _band(top, x, [c["dead"]["mean"][:n] for c in curves], color, "-", f"weight decay {wd:g}")
             top.plot(x, np.mean([c["null_mean"][:n] for c in curves], 0), color=color, ls="--", lw=1)
             _band(bottom, x, [c["ratio"][:n] for c in curves], color, "-", f"weight decay {wd:g}")
         bottom.axhline(1, color="black", lw=0.7)
-        top.set_title(opt, fontsize=10)
+        top.set_title(f"{opt}, lr {lr:g}", fontsize=10)
         bottom.set_xlabel("optimizer step", fontsize=9)
         for ax in (top, bottom):
             ax.set_yscale("log")
+            for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                axis(FuncFormatter(lambda v, _: f"{v:.3g}"))  # 0.215, not 2.15 x 10^-1
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=8)
         top.legend(fontsize=8)
+    lo, hi = axes[1, 0].get_ylim()  # shared row: a ratio within 10% of 1 is drawn as what it is, not as a slope
+    axes[1, 0].set_ylim(min(lo, 0.9), max(hi, 1.1))
     axes[0, 0].set_ylabel("mean dead-row norm ||w||", fontsize=9)
     axes[1, 0].set_ylabel("dead-row norm / decay-only null", fontsize=9)
     return fig
@@ -128,27 +156,31 @@ def plot_norms_vs_null(t):
 
 def plot_update_rule(t, weight_decay: float | None = None):
     """Q2: measured mean dead-row update per step against each optimizer's rule (gradient keeping its
-    direction), and their ratio, at one weight decay (default: the middle one swept)."""
+    direction), and their ratio, at one weight decay per optimizer and learning rate (default: the
+    middle one it ran)."""
     from matplotlib.figure import Figure
 
     t = t[t["embeddings"] == "tied"]
-    wds = sorted(set(t["train.weight_decay"]))
-    wd = weight_decay if weight_decay is not None else wds[len(wds) // 2]
     fig = Figure(figsize=(10, 4.2), layout="constrained")
     axes = fig.subplots(1, 2)
-    fig.suptitle(f"Q2: how much of the dead rows' movement does the update rule predict? (weight decay {wd:g}; "
-                 "line: mean over seeds, band: min-max)", fontsize=10)
-    for opt in dict.fromkeys(t["train.optimizer"]):
-        g = t[(t["train.optimizer"] == opt) & (t["train.weight_decay"] == wd)]
+    fig.suptitle("Q2: how much of the dead rows' movement does the update rule predict? (a consistency check: "
+                 "the rule is fed the recorded gradients)\nline: mean over seeds, band: its 95% Student-t interval",
+                 fontsize=10)
+    for j, (opt, lr) in enumerate(_configs(t)):
+        sel = t[(t["train.optimizer"] == opt) & (t["train.learning_rate"] == lr)]
+        wds = sorted(set(sel["train.weight_decay"]))
+        wd = weight_decay if weight_decay is not None else wds[len(wds) // 2]
+        g = sel[sel["train.weight_decay"] == wd]
         res = [U.update_prediction(Recording(d)) for d in g["dir"]]
         if not res:
             continue
         x = res[0]["steps"]
-        ok, color = x > 0, OPT_COLORS.get(opt, "black")
-        _band(axes[0], x[ok], [r["measured"][ok] for r in res], color, "-", f"{opt}: measured")
+        ok, name = x > 0, f"{opt} lr {lr:g} wd {wd:g}"
+        color = _colors(t)[(opt, lr)]
+        _band(axes[0], x[ok], [r["measured"][ok] for r in res], color, "-", f"{name}: measured")
         axes[0].plot(x[ok], np.mean([r["coherent"][ok] for r in res], 0), color=color, ls="--", lw=1,
-                     label=f"{opt}: rule (gradient keeps its direction)")
-        _band(axes[1], x[ok], [r["ratio"][ok] for r in res], color, "-", opt)
+                     label=f"{name}: rule (gradient keeps its direction)")
+        _band(axes[1], x[ok], [r["ratio"][ok] for r in res], color, "-", name)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("mean dead-row update ||w_N - w_N-1||", fontsize=9)
     axes[1].axhline(1, color="black", lw=0.7)
@@ -170,21 +202,25 @@ def findings(t) -> list[str]:
     """One markdown bullet per optimizer (and per untied matrix) with the means over seeds that answer
     the four questions, per weight decay: written from the table, so they always agree with it."""
     lines = []
-    for (opt, emb), g in t.groupby(["train.optimizer", "embeddings"], sort=False):
+    for (opt, lr, emb), g in t.groupby(["train.optimizer", "train.learning_rate", "embeddings"], sort=False):
         by = g.groupby("train.weight_decay", sort=True)
         wds = " / ".join(f"{wd:g}" for wd in by.groups)
 
         def col(c):
             return fmt(by[c].mean())  # one value per weight decay, as report.findings prints a run's
 
-        auc = {k: by[k].mean() for k in INDICATORS}
-        best = max(INDICATORS, key=lambda k: float(np.nanmax(np.maximum(auc[k], 1 - auc[k]))))
-        a = float(auc[best].iloc[int(np.nanargmax(np.maximum(auc[best], 1 - auc[best])))])
-        name, right, wrong = INDICATORS[best]
+        auc = {k: by[k].mean() for k in INDICATORS}  # each in its direction fixed before the study
+        best = max(INDICATORS, key=lambda k: float(np.nanmax(auc[k])))
+        a = float(np.nanmax(auc[best]))
+        name, right, _ = INDICATORS[best]
+        low = min(INDICATORS, key=lambda k: float(np.nanmin(auc[k])))
+        b = float(np.nanmin(auc[low]))
+        post_hoc = (f"; post hoc (direction chosen after the labels): {INDICATORS[low][0]}, {INDICATORS[low][2]} "
+                    f"{1 - b:.3f}" if b < 0.4 else "")
         lines.append(
-            f"- **{opt}, {emb}** (weight decay {wds}): dead-row norm / decay-only null "
+            f"- **{opt} at lr {lr:g}, {emb}** (weight decay {wds}; means over seeds): dead-row norm / decay-only null "
             f"{col('dead_norm_over_null')} (Q1); measured / predicted update {col('update_measured_over_rule')} "
             f"(Q2); pairwise cosine {col('dead_pairwise_cos')}, drift cosine to -mean hidden state "
-            f"{col('dead_drift_cos')} (Q3); best label-free indicator: {name}, "
-            f"{right if a >= 0.5 else wrong} (AUROC {max(a, 1 - a):.3f}) (Q4).")
+            f"{col('dead_drift_cos')} (Q3); best label-free indicator in its fixed direction: {name}, {right} "
+            f"(AUROC {a:.3f}; 0.5 = chance){post_hoc} (Q4).")
     return lines
