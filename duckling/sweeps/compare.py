@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 from duckling.sweeps import stats
-from duckling.storage import as_local
 from duckling.sweeps.engine import read_manifest
 from duckling.sweeps.progress import text_table
 
@@ -218,7 +217,7 @@ def compare(out, *, write: bool = True, refresh_reports: bool = False, progress:
     compare.csv, compare.md, compare_differences.csv, compare_<field>.png, compare_norms.png)."""
     import pandas as pd
 
-    out = as_local(out)  # a folder or a file:// URI (duckling.storage)
+    out = Path(out)
     manifest = read_manifest(out)
     swept = list(manifest.get("swept", []))
     plans = {e["name"]: _plan(out, e, refresh_reports) for e in manifest["runs"]}
@@ -254,6 +253,13 @@ def compare(out, *, write: bool = True, refresh_reports: bool = False, progress:
 
         table.attrs["files"] = write_tables(out, table, swept) + write_figures(out, table, swept)
     return table
+
+
+def markdown(df) -> str:
+    """A GitHub markdown table of a DataFrame (``compare_tables.markdown``; docs/results/study/figures.py)."""
+    from duckling.sweeps.compare_tables import markdown as table_md
+
+    return table_md(df)
 
 
 def unhealthy(table) -> list[dict]:
