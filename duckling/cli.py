@@ -129,11 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="train every grid point x seed of a TOML spec on Ray (local by default)")
     s.add_argument("spec", help="sweep spec (TOML; see sweeps/)")
-    s.add_argument("--out", default=None, help="sweep folder: one run folder per grid point x seed, plus sweep.json "
-                   "(this machine, or a disk every node of the cluster mounts)")
-    s.add_argument("--storage", default=None, metavar="URI", help="instead of --out on a cluster whose nodes have "
-                   "their own disks: a folder every node mounts or an fsspec URI (file:///..., s3://bucket/prefix); "
-                   "runs train in node-local scratch ($DUCKLING_SCRATCH) and are uploaded there, verified")
+    s.add_argument("--out", required=True, help="sweep folder: one run folder per grid point x seed, plus the manifest")
     s.add_argument("--address", default=None, help="Ray cluster address ('auto', host:port); default $RAY_ADDRESS, "
                    "else a local Ray on this machine")
     s.add_argument("--max-retries", type=int, default=1, help="restarts of a crashed run within this call (default 1)")
