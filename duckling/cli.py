@@ -129,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="train every grid point x seed of a TOML spec on Ray (local by default)")
     s.add_argument("spec", help="sweep spec (TOML; see sweeps/)")
-    s.add_argument("--out", required=True, help="sweep folder: one run folder per grid point x seed, plus the manifest")
+    s.add_argument("--out", default=None, help="sweep folder: one run folder per grid point x seed, plus sweep.json "
+                   "(this machine, or a disk every node of the cluster mounts)")
+    s.add_argument("--storage", default=None, metavar="URI", help="instead of --out on a cluster whose nodes have "
+                   "their own disks: a folder every node mounts or an fsspec URI (file:///..., s3://bucket/prefix); "
+                   "runs train in node-local scratch ($DUCKLING_SCRATCH) and are uploaded there, verified")
     s.add_argument("--address", default=None, help="Ray cluster address ('auto', host:port); default $RAY_ADDRESS, "
                    "else a local Ray on this machine")
     s.add_argument("--max-retries", type=int, default=1, help="restarts of a crashed run within this call (default 1)")
@@ -297,6 +301,9 @@ def cli_report(args) -> int:
     from duckling.analysis.report import report
     from duckling.files import folder_lock
 
+    from duckling.storage import as_local
+
+    args.run, args.out = str(as_local(args.run)), args.out and str(as_local(args.out))  # file:// URIs too
     mp = args.max_points
     if mp < 0:
         raise DucklingError(f"--max-points must be >= 0 (0 = every recorded step), not {mp}.")
@@ -351,18 +358,22 @@ def cli_sweep(args) -> int:
 
     if args.max_retries < 0:
         raise DucklingError(f"--max-retries must be >= 0, not {args.max_retries}.")
-    table = sweep(args.spec, args.out, address=args.address, max_retries=args.max_retries, dry_run=args.dry_run,
-                  progress=not args.no_progress)
+    if (args.out is None) == (args.storage is None):
+        raise DucklingError("Give the sweep one place: --out DIR (this machine, or a disk every node of the cluster "
+                            "mounts) or --storage URI (a cluster whose nodes have their own disks).")
+    table = sweep(args.spec, args.out, storage=args.storage, address=args.address, max_retries=args.max_retries,
+                  dry_run=args.dry_run, progress=not args.no_progress)
     cols = {c: h for c, h in (("name", "run"), ("status", "status"), ("on_disk", "on disk"), ("global_step", "step"),
                               ("loss", "loss"), ("eval_loss", "held-out loss")) if c in table.columns}
     print(text_table(table.to_dict("records"), cols))  # "-": no value yet (a run not trained)
     bad = table[table["status"] == "failed"] if "status" in table.columns else table.iloc[:0]
     if len(bad):
-        where = Path(args.out).resolve() / MANIFEST
+        where = Path(args.out).resolve() / MANIFEST if args.out else None
         lines = [f"  {r['name']}: {((r.get('error') or 'unknown error').strip().splitlines() or ['?'])[-1][:200]}"
                  for r in bad.to_dict("records")]
         print(f"{len(bad)} run(s) failed:\n" + "\n".join(lines) +
-              (f"\nWhole errors: {where}." if where.is_file() else "") +
+              (f"\nWhole errors: {where}." if where is not None and where.is_file() else
+               f"\nWhole errors: {args.storage}/{MANIFEST}." if args.storage else "") +
               " Run the same command again to retry them.", file=sys.stderr)
     return 1 if len(bad) else 0
 
@@ -373,6 +384,9 @@ def cli_compare(args) -> int:
     sweep has not finished (pending, failed, ...) are listed but are the sweep's business: exit 0."""
     from duckling.sweeps.compare import compare, short_table, unhealthy
 
+    from duckling.storage import as_local
+
+    args.out = str(as_local(args.out))  # a folder or a file:// URI
     table = compare(args.out, refresh_reports=args.refresh_reports)
     print(short_table(table))
     files = table.attrs.get("files", [])

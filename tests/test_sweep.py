@@ -238,7 +238,7 @@ def test_dry_run_table_shows_no_none_and_the_board_says_pending(data, tmp_path, 
     (tmp_path / "sw" / "started").mkdir(parents=True)
     (tmp_path / "sw" / "started" / "config.json").write_text("{}")  # a run that began (no checkpoint yet)
     refs = {object(): Run("never"), object(): Run("started")}
-    entries = {"never": {"status": "queued", "attempts": 1}, "started": {"status": "queued", "attempts": 1}}
+    entries = {"never": {"status": "queued", "attempts": 0}, "started": {"status": "running", "attempts": 1}}
     fake_ray = types.SimpleNamespace(cancel=lambda ref: None, wait=lambda *a, **k: ([], []))
     board = Board()
     old = sys.modules.get("ray")
@@ -250,4 +250,78 @@ def test_dry_run_table_shows_no_none_and_the_board_says_pending(data, tmp_path, 
     assert entries == {"never": {"status": "pending", "attempts": 0},
                        "started": {"status": "interrupted", "attempts": 1}}
     assert board.events == [("never", "pending"), ("started", "interrupted")]
-    assert engine._resume_command("my sweeps/wd.toml", tmp_path) == f"duckling sweep 'my sweeps/wd.toml' --out {tmp_path}"
+    from duckling.sweeps.place import Place
+
+    assert engine._resume_command("my sweeps/wd.toml", Place(out=tmp_path)) == \
+        f"duckling sweep 'my sweeps/wd.toml' --out {tmp_path}"
+
+
+def test_huge_grid_refused_at_once_with_its_size(data, tmp_path):
+    """A 9.6M-run grid is refused from the product of its list lengths, before anything is expanded."""
+    import time
+
+    from duckling.sweeps.spec import MAX_RUNS
+
+    grid = {"train.learning_rate": [1e-5 * (i + 1) for i in range(400)], "train.weight_decay": [i / 1e3 for i in range(400)],
+            "seeds": list(range(60))}
+    t0 = time.process_time()
+    with pytest.raises(DucklingError) as err:
+        load_spec(spec(data, grid=grid))
+    assert time.process_time() - t0 < 2  # CPU time of this process: the check never expands the grid
+    msg = str(err.value)
+    assert "9,600,000 runs" in msg and "400 train.learning_rate x 400 train.weight_decay x 60 seeds" in msg
+    assert f"at most {MAX_RUNS:,}" in msg
+    ok = {"train.weight_decay": [0.0, 0.1], "seeds": list(range(MAX_RUNS // 2 + 1))}  # just over the limit
+    with pytest.raises(DucklingError, match=f"{MAX_RUNS + 2:,} runs"):
+        load_spec(spec(data, grid=ok))
+
+
+def test_out_that_is_a_file_and_a_dead_drivers_statuses(data, tmp_path):
+    from duckling.sweeps import engine
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (afile, afile / "sub"):
+        with pytest.raises(DucklingError, match="is a file, not a folder"):
+            engine.sweep(spec(data), out, progress=False, dry_run=True)
+    # a driver that died (kill -9) left "queued" / "running": with its lock gone, they are read from disk
+    from duckling.files import folder_lock, holder
+    from duckling.sweeps.place import Place
+
+    out = tmp_path / "sw"
+    grid = {"train.weight_decay": [0.0, 0.1, 0.2]}
+    place = Place(out=out)
+    manifest = engine._open_folder(load_spec(spec(data, grid=grid)), place, dry_run=False)
+    for e, st in zip(manifest["runs"], ("queued", "running", "complete")):
+        e["status"] = st
+    place.write_manifest(manifest)
+    (out / manifest["runs"][1]["name"]).mkdir()
+    (out / manifest["runs"][1]["name"] / "config.json").write_text("{}")
+    plan = engine.sweep(spec(data, grid=grid), out, progress=False, dry_run=True)
+    assert plan["status"].tolist() == ["pending", "interrupted", "pending"]  # complete: not on disk
+    with folder_lock(out):  # while a driver holds the folder, a second one is refused
+        assert holder(out) is None  # (this process holds it: re-entrant, so ask as another driver would)
+        import subprocess
+        import sys
+
+        code = ("import sys; from duckling.sweeps.engine import driver_lock; from duckling.sweeps.place import Place\n"
+                f"with driver_lock(Place(out={str(out)!r})): pass")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert "being run by another sweep driver" in r.stderr, r.stderr
+
+
+def test_resources_no_node_can_hold_are_refused_naming_the_largest_node():
+    import types
+
+    from duckling.sweeps.cluster import check_resources
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": True, "Resources": {"CPU": 8.0}},
+             {"Alive": False, "Resources": {"CPU": 128.0, "GPU": 8.0}}]
+    fake = types.SimpleNamespace(nodes=lambda: nodes)
+    check_resources(fake, 8, 0)
+    with pytest.raises(DucklingError) as err:
+        check_resources(fake, 64, 0)
+    assert "64 CPUs" in str(err.value) and "largest of its 2 nodes has 8 CPUs and no GPU" in str(err.value)
+    assert "cpus to at most 8" in str(err.value) and "Nothing was submitted" in str(err.value)
+    with pytest.raises(DucklingError, match="Set \\[resources\\] gpus = 0 \\(train on CPU\\)"):
+        check_resources(fake, 1, 1)

@@ -13,6 +13,7 @@ import json
 import numpy as np
 
 from duckling.errors import DucklingError
+from duckling.storage import as_local
 from duckling.recording.layout import (FIELDS, FORMAT, LAYOUT_KEYS, check_meta, make_streams, older_layout, put_values, read_meta,
                                        rec_dir, snapshot_parts)
 from duckling.recording.chunks import incomplete
@@ -185,7 +186,7 @@ class Recording:
     """
 
     def __init__(self, run_dir, *, _meta: dict | None = None):
-        self.root = rec_dir(run_dir)
+        self.root = rec_dir(as_local(run_dir))  # a folder or a file:// URI (duckling.storage)
         self.run_dir = self.root.parent
         self.meta = _meta if _meta is not None else read_meta(self.root)  # _meta: compact, an older layout
         version = self.meta.get("format_version")

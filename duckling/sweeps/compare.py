@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from duckling.sweeps import stats
+from duckling.storage import as_local
 from duckling.sweeps.engine import read_manifest
 from duckling.sweeps.progress import text_table
 
@@ -217,7 +218,7 @@ def compare(out, *, write: bool = True, refresh_reports: bool = False, progress:
     compare.csv, compare.md, compare_differences.csv, compare_<field>.png, compare_norms.png)."""
     import pandas as pd
 
-    out = Path(out)
+    out = as_local(out)  # a folder or a file:// URI (duckling.storage)
     manifest = read_manifest(out)
     swept = list(manifest.get("swept", []))
     plans = {e["name"]: _plan(out, e, refresh_reports) for e in manifest["runs"]}

@@ -119,9 +119,21 @@ class Steps:
 
     def __init__(self):
         self.steps = {}
+        self.started = {}  # name -> [{"host", "node_id"} of each attempt]
+
+    def start(self, name, where):
+        self.started.setdefault(name, []).append(where)
+        self.steps.pop(name, None)  # a new attempt reports its own first step
+
+    def starts(self):
+        return {k: list(v) for k, v in self.started.items()}
 
     def update(self, name, step):
         self.steps[name] = step
 
     def get(self):
         return dict(self.steps)
+
+    def ping(self):
+        """A run's watch asks this while its driver lives (the actor dies with the driver)."""
+        return True

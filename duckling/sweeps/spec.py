@@ -19,6 +19,8 @@ refused with the config's own message, for the whole sweep, before any run start
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -42,6 +44,12 @@ from duckling.recording import budget
 TOP_KEYS = ("dataset", "eval_dataset", "mapping", "base", "grid", "resources")
 RESOURCE_KEYS = ("cpus", "gpus")
 DEFAULT_GPUS = 0.25  # per run when the cluster has GPUs and the spec says nothing: 4 runs per GPU
+# The most runs one spec may expand to. Counted as the product of the list lengths before anything is
+# expanded, so a 9.6M-run grid is refused at once. Why 10,000: every run is a whole recorded training
+# run with its own folder; expanding and validating 10,000 configs takes seconds (about 1.5 ms each on
+# a busy 2-core machine), sweep.json then holds ~3 MB and is rewritten at each run's end, and the
+# study, the largest sweep here, has 54 runs. A bigger grid is a mistake or several sweeps.
+MAX_RUNS = 10_000
 
 
 @dataclass
@@ -225,6 +233,12 @@ def load_spec(spec_or_path) -> Spec:
     if gpus is not None and gpus > 1 and gpus != int(gpus):
         raise DucklingError(f"[resources] gpus = {gpus} is not valid: use a fraction (<= 1) to share a GPU, or "
                             "a whole number of GPUs.")
+    n_runs = math.prod(len(v) for v in grid.values()) * len(seeds)
+    if n_runs > MAX_RUNS:
+        sizes = " x ".join(f"{len(v):,} {k}" for k, v in [*grid.items(), ("seeds", seeds)])
+        raise DucklingError(f"The sweep spec's grid has {n_runs:,} runs ({sizes}); a sweep holds at most "
+                            f"{MAX_RUNS:,}. Sweep fewer values (or seeds), or split the grid into several specs, "
+                            "each with its own --out.")
     spec = Spec(dataset=_input(raw.get("dataset"), root, "dataset", required=True),
                 eval_dataset=_input(raw.get("eval_dataset"), root, "eval_dataset", required=False),
                 mapping=_mapping(raw.get("mapping"), root), base=base, grid=grid, seeds=list(seeds),
@@ -257,21 +271,34 @@ def _expand(spec: Spec) -> list[Run]:
 def run_bytes(cfg: DucklingConfig) -> int:
     """Disk a whole run needs (duckling.recording.budget.run_bytes), with the parameter count taken from
     the model (built on the meta device; torch is imported here, not when `duckling compare` loads)."""
+    return budget.run_bytes(cfg, _n_params(json.dumps(dataclasses.asdict(cfg.model), sort_keys=True, default=str)))
+
+
+@functools.lru_cache(maxsize=256)
+def _n_params(model_json: str) -> int:
+    """Parameter count of one model config (runs of a grid share a few: each is built once)."""
+    from duckling.config import ModelConfig
     from duckling.training.model import n_params
 
-    return budget.run_bytes(cfg, n_params(cfg.model))
+    return n_params(ModelConfig(**json.loads(model_json)))
 
 
-def check_disk(spec: Spec, out: Path, todo: list[Run]) -> int:
-    """Refuse, before any run starts, runs over their record.budget_gb or a sweep over the free disk."""
+def check_disk(spec: Spec, out: Path | None, todo: list[Run]) -> int:
+    """Refuse, before any run starts, runs over their record.budget_gb or a sweep over the free disk of
+    ``out`` (None: runs train in node-local scratch, whose disk each run checks itself)."""
+    import tempfile
+
+    where = out if out is not None else Path(tempfile.gettempdir())  # a node's scratch is checked again by train()
     for run in todo:
         if run.cfg.record.enabled:
             try:
-                budget.check_budget(out, run.cfg.record, run.cfg.train.max_steps,
+                budget.check_budget(where, run.cfg.record, run.cfg.train.max_steps,
                                     shape=(run.cfg.model.vocab_size, run.cfg.model.n_embd),
                                     n_matrices=budget.n_matrices(run.cfg))
             except DucklingError as e:
                 raise DucklingError(f"Run {run.name}: {e}") from None
+    if out is None:  # runs train in each node's scratch (--storage): only the per-run budgets apply
+        return 0
     need = sum(run_bytes(r.cfg) for r in todo)
     probe = out if out.exists() else next(p for p in out.parents if p.exists())
     free = shutil.disk_usage(probe).free
