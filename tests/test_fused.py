@@ -64,6 +64,26 @@ def losses(result, key="loss"):
     return result.losses(key)[1]
 
 
+def test_fused_forward_draws_each_runs_own_dropout_masks():
+    """The fused forward (train mode, dropout 0.1) = each member's own forward with the global generator
+    in its generator's state: the same masks (same draws, same generator state after), losses to
+    float rounding, hidden states per run."""
+    from duckling.training.fused_model import FusedGPT2
+
+    models = [build_model(ADAMW[0].model, seed=s) for s in (5, 6, 7)]
+    gens = [torch.Generator().manual_seed(100 + k) for k in range(3)]
+    fused = FusedGPT2(models, gens).train()
+    ids = torch.from_numpy(ROWS[:6].astype(np.int64)).view(3, 2, T)
+    losses_, hidden = fused(ids)
+    assert hidden.shape == (3, 2, T, 32)
+    for k, m in enumerate(models):
+        torch.manual_seed(100 + k)
+        out = m(input_ids=ids[k], labels=ids[k])
+        assert torch.equal(torch.get_rng_state(), gens[k].get_state())  # drew exactly what the model drew
+        assert abs(out.loss.item() - losses_[k].item()) < 1e-5 * out.loss.item()
+    assert losses_[0] != losses_[1]
+
+
 @pytest.fixture(scope="module")
 def group(tmp_path_factory, tok):
     """A fused AdamW group of 3 (with evaluation) and each of its runs trained alone."""

@@ -13,8 +13,9 @@ with a run's generator in the state the global one has in that run, the masks ar
 
 Why batched matmuls and not ``torch.func.stack_module_state`` + ``functional_call`` + ``vmap``: vmap
 draws dropout for all runs from one stream (``randomness="different"``), so no run could get its own
-masks, let alone the ones its separate run draws; and it traces transformers' Python forward on
-every call (benchmarks/fused.py measures both: the hand-batched step is faster on this CPU).
+masks, let alone the ones its separate run draws; and with torch 2.13 / transformers 5.24 vmap cannot
+run GPT-2's forward at all (transformers calls ``.item()`` in it). benchmarks/fused.py tries it and
+times the batched step against K separate steps.
 """
 from __future__ import annotations
 
