@@ -39,6 +39,7 @@ from duckling.training.run_folder import (check_run_dir, last_checkpoint, quiet_
 from duckling.training.safety import StopOnSignal, after_failure, check_disk, failure_advice, sync_recording
 from duckling.training.trainer import (_trainer_classes, pick_compile, pick_device, pick_precision, training_arguments,
                                        tied_head_not_missing, tune_cpu_allocator)
+from duckling.training import train as train_module
 from duckling.training.train import TrainResult, _device_name, _tokenizer, train
 from duckling.data import rows as rows_mod
 
@@ -146,6 +147,9 @@ def train_group(configs, run_dirs, dataset=None, *, eval_dataset=None, resume: b
     eval_rows = None if eval_dataset is None else as_rows(eval_dataset, tok)
     if eval_rows is not None:
         check_rows(eval_rows, cfg, n_live, what="evaluation dataset")
+        held_out = getattr(train_module, "_check_held_out", None)  # train()'s own rule, where this duckling has it
+        if held_out is not None:
+            held_out(rows, eval_rows, cfg)
     if device == "cpu":
         tune_cpu_allocator()
     found = [check_run_dir(d, c, tok, resume) for d, c in zip(run_dirs, configs)]
