@@ -5,6 +5,7 @@ Every run is a 1-layer, 64-token Duckling trained in fp32 (bit-exact resumes) fo
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import re
@@ -20,12 +21,12 @@ import torch
 from transformers import TrainerCallback
 
 from corpus import make_stories, write_corpus
-import duckling.recording.writer as writer_mod
 from duckling.cli import main
 from duckling.config import N_LIVE, DucklingConfig
 from duckling.errors import DucklingError, RunInterrupted
 from duckling.recording.reader import Recording
 from duckling.training.run_folder import LOCK
+from duckling.training.recorder import WRecorder
 from duckling.training.train import train
 
 T = 64
@@ -165,46 +166,46 @@ def test_second_writer_is_refused_and_named(dataset, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- (3) a full disk, injected
-class _FailingOs:
-    """``os`` for duckling.recording.writer whose ``write`` fails with ENOSPC once ``armed``."""
+def full_disk_after(step: int) -> None:
+    """(WRecorder.writer_setup: run in the writer process) ``os.write`` of duckling.recording.writer
+    fails with ENOSPC for every step after ``step``."""
+    import duckling.recording.writer as W
 
-    def __init__(self):
-        self.armed = False
+    real = W.RecordingWriter.append_step
 
-    def __getattr__(self, name):
-        return getattr(os, name)
+    class FailingOs:
+        armed = False
 
-    def write(self, fd, data):
-        if self.armed:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return os.write(fd, data)
+        def __getattr__(self, name):
+            return getattr(os, name)
 
+        def write(self, fd, data):
+            if self.armed:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return os.write(fd, data)
 
-class ArmAt(TrainerCallback):
-    def __init__(self, fake: _FailingOs, k: int):
-        self.fake, self.k = fake, k
+    fake = W.os = FailingOs()
 
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == self.k:  # step k is recorded; step k + 1's append fails
-            self.fake.armed = True
+    def append_step(self, s, *a, **k):
+        fake.armed = s > step
+        return real(self, s, *a, **k)
+    W.RecordingWriter.append_step = append_step
 
 
 @pytest.mark.parametrize("fail_after,save_steps", [(4, 3), (2, 100)], ids=["with-checkpoint", "no-checkpoint"])
 def test_full_disk_leaves_failed_status_no_tmp_and_fitting_advice(fail_after, save_steps, tok, tmp_path,
                                                                   monkeypatch):
-    fake = _FailingOs()
-    monkeypatch.setattr(writer_mod, "os", fake)
+    monkeypatch.setattr(WRecorder, "writer_setup", functools.partial(full_disk_after, fail_after))
     run = tmp_path / "run"
     cfg = tiny(**{"train.save_steps": save_steps})
     with pytest.raises(DucklingError) as e:
-        train(cfg, dataset=live_rows(), run_dir=run, tokenizer=tok, callbacks=[ArmAt(fake, fail_after)],
-              progress=False)
+        train(cfg, dataset=live_rows(), run_dir=run, tokenizer=tok, progress=False)
     msg = str(e.value)
     assert "disk is full" in msg and str(run.resolve()) in msg
     assert json.loads((run / "run_info.json").read_text())["status"] == "failed"
     assert json.loads((run / "recording" / "meta.json").read_text())["status"] == "failed"
     assert _no_tmp(run) == []
-    fake.armed = False
+    monkeypatch.setattr(WRecorder, "writer_setup", None)
     rec = Recording(run)
     assert rec.scalar_steps.tolist() == list(range(fail_after + 1))  # every completed step is kept
     if save_steps < fail_after:
@@ -218,14 +219,12 @@ def test_full_disk_leaves_failed_status_no_tmp_and_fitting_advice(fail_after, sa
 
 
 def test_full_disk_before_the_first_step_leaves_no_folder(tok, tmp_path, monkeypatch):
-    fake = _FailingOs()
-    fake.armed = True  # step 0's snapshot cannot be written
-    monkeypatch.setattr(writer_mod, "os", fake)
+    monkeypatch.setattr(WRecorder, "writer_setup", functools.partial(full_disk_after, -1))  # step 0 cannot be written
     run = tmp_path / "run"
     with pytest.raises(DucklingError, match="disk is full") as e:
         train(tiny(), dataset=live_rows(), run_dir=run, tokenizer=tok, progress=False)
     assert not run.exists() and "same command" in str(e.value)
-    fake.armed = False
+    monkeypatch.setattr(WRecorder, "writer_setup", None)
     assert train(tiny(), dataset=live_rows(), run_dir=run, tokenizer=tok, progress=False).global_step == 6
 
 
@@ -386,9 +385,18 @@ def test_a_resume_that_would_not_be_the_same_run_is_refused_and_changes_nothing(
     for p, data in kept.items():
         p.write_bytes(data)
     assert _state(run) == before
-    # with every cause removed, the same resume runs to the end
+    # W stops at step 3 (cut consistently, manifest included): refused, naming checkpoint-3 as the newest
+    # checkpoint the recording covers; the advice, followed, works and leaves no gap
+    from duckling.recording.layout import make_streams, read_meta
+
+    snaps, _, _ = make_streams(rec, read_meta(rec))
+    next(iter(snaps.values())).truncate(4)
+    with pytest.raises(DucklingError, match=r"wte\.u16 ends at step 3, lacks steps 4\b.*resume from checkpoint-3"):
+        train(tiny(), dataset=live_rows(), run_dir=run, tokenizer=tok, resume=True, progress=False)
+    (run / "checkpoint-4").rename(tmp_path / "checkpoint-4")
     res = train(tiny(), dataset=live_rows(), run_dir=run, tokenizer=tok, resume=True, progress=False)
     assert res.global_step == 6 and Recording(run).steps.tolist() == list(range(7))
+    assert Recording(run).scalar_steps.tolist() == list(range(7))
     assert _strict_json(run / "run_info.json")["status"] == "complete"
 
 

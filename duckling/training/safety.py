@@ -160,10 +160,11 @@ def _root(e: BaseException) -> BaseException:
 
 
 def after_failure(run_dir: Path, step: int, err: BaseException, fresh: bool) -> bool:
-    """A failed or hard-interrupted run: no partial files; a fresh run that never completed a step leaves
-    no folder (nothing in it is worth keeping, and the retry can use the same path)."""
-    if fresh and step == 0:
-        empty_run_dir(run_dir)
+    """A failed or hard-interrupted run: no partial files; a fresh run that never completed a step (none
+    trained, or none recorded and no checkpoint) leaves no folder (nothing in it is worth keeping, and
+    the retry can use the same path)."""
+    if fresh and (step == 0 or (last_checkpoint(run_dir) is None and _recorded_nothing(run_dir))):
+        empty_run_dir(run_dir)  # (the writer process may report step 0's failed write a few steps later)
         return True
     _cleanup_partial(run_dir)
     status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
@@ -174,6 +175,18 @@ def after_failure(run_dir: Path, step: int, err: BaseException, fresh: bool) -> 
         if meta.is_file() and json.loads(meta.read_text()).get("status") == "recording":
             update_status_file(meta, status=status)
     return False
+
+
+def _recorded_nothing(run_dir: Path) -> bool:
+    """Whether the run's recording holds no complete step (False when it cannot tell)."""
+    from duckling.recording.repair import stream_ends
+
+    if not (run_dir / "recording" / "meta.json").is_file():
+        return True
+    try:
+        return stream_ends(run_dir).get("scalars") is None
+    except Exception:  # noqa: BLE001 - unreadable: keep what is there
+        return False
 
 
 def empty_run_dir(run_dir: Path) -> None:
