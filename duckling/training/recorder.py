@@ -247,6 +247,7 @@ class WRecorder(TrainerCallback):
         if start == 0:
             self._compute(0, first=True, snapshot=True, math=update_math)
             self._submit(0)
+            self.sink.drain()  # step 0 on disk before the first update: a disk that cannot take it stops the run at 0
 
     def observe_hidden(self, hidden: torch.Tensor) -> None:
         """(B, T, d) final hidden state (after ln_f) of one training forward, outside the graph."""
