@@ -162,6 +162,8 @@ class _Sink:
             if self.proc.error is None:
                 self._hand_ready(wait=True)
         finally:
+            for _, event, _ in self.pending or ():  # copies still in flight (the writer failed): they
+                event.synchronize()  # land before the ring is unregistered (at close only)
             self.views = self.pending = None  # the ring's memory is exported to them
             if self._registered is not None:
                 torch.cuda.cudart().cudaHostUnregister(self._registered)
