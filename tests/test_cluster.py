@@ -86,7 +86,7 @@ def test_mirror_verifies_before_complete_and_drops_deleted_files(tmp_path):
     assert upload.stored_state(st, "r") == "resumable"
     blk.write_bytes(b"y" * 100)  # same size, other bytes
     m.sent.clear()
-    m.push = lambda only=None: 0  # as if the upload had been lost on its way: the check must see it
+    m.push = lambda only=None: (0, 0)  # as if the upload had been lost on its way: the check must see it
     with pytest.raises(upload.UploadError, match="W.00000.blk \\(checksum differs\\)"):
         m.finish({})
 
@@ -147,7 +147,66 @@ def _slow_callback(seconds: float):
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, tok):
+def dataset(tmp_path_factory, tok) -> str:
+    from corpus import make_stories, write_corpus
+
+    from duckling.data.build import build_dataset
+
+    root = tmp_path_factory.mktemp("clusterdata")
+    write_corpus(root / "train.txt", make_stories(120, seed=0))
+    build_dataset(root / "train.txt", tok, root / "train", seq_len=64, progress=False)
+    return str(root / "train")
+
+
+MAPPING = str(Path(__file__).resolve().parents[1] / "token_mapping.json")
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_upload_resumes_elsewhere_from_the_storage(dataset, tmp_path):
+    """The task body without Ray: a run trains in one scratch folder and is killed (kill -9) once a
+    checkpoint is in the storage; started again with another scratch folder (another node), it resumes
+    from the upload, and ends complete, verified, readable by Recording from the file:// URI."""
+    from duckling.config import DucklingConfig
+    from duckling.recording.reader import Recording
+    from duckling.sweeps import upload
+    from duckling.sweeps.task import run_task
+
+    uri = f"file://{tmp_path / 'storage'}"
+    st = Storage(uri)
+    cfg = DucklingConfig().override({**BASE, "train.seed": 0, "train.threads": 1})
+    job = {"name": "seed=0", "path": "", "config": cfg.to_dict(), "mapping": MAPPING, "threads": 1,
+           "sweep_id": "t", "storage": uri}
+    code = ("import json, sys, time\nfrom transformers import TrainerCallback\nfrom duckling.sweeps.task import run_task\n"
+            "class Slow(TrainerCallback):\n    def on_step_end(self, args, state, control, **kw):\n        time.sleep(0.3)\n"
+            f"run_task(json.loads(sys.argv[1]), {dataset!r}, None, None, [Slow()])\n")
+    env = {**os.environ, "DUCKLING_SCRATCH": str(tmp_path / "node-a")}
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(job)], env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while upload.stored_state(st, "seed=0") != "resumable":
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert upload.stored_state(st, "seed=0") == "resumable" and not st.exists("seed=0/final")
+    os.environ["DUCKLING_SCRATCH"] = str(tmp_path / "node-b")
+    try:
+        res = run_task(job, dataset, None, None)
+    finally:
+        del os.environ["DUCKLING_SCRATCH"]
+    assert res["status"] == "complete" and res["started_as"] == "resumable", res["error"]
+    assert upload.stored_state(st, "seed=0") == "complete"
+    assert not (tmp_path / "node-b" / "t" / "seed=0").exists()  # scratch freed once the upload is verified
+    info = json.loads(st.read_bytes("seed=0/run_info.json"))
+    assert len(info["resumed"]) == 1 and info["nodes"][-1]["step"] > 0 and info["global_step"] == STEPS
+    r = Recording(f"{uri}/seed=0")
+    assert r.steps.tolist() == list(range(STEPS + 1))
+    again = run_task(job, dataset, None, None)  # complete in the storage: nothing is trained
+    assert again["status"] == "complete" and again.get("skipped")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, dataset):
     """A head (2 CPUs) and a second node (2 CPUs) whose mount namespace hides the driver's ``outs/``
     folder behind a private tmpfs: it shares the storage and the dataset, not the driver's disk."""
     ray = pytest.importorskip("ray")
@@ -164,12 +223,6 @@ def cluster(tmp_path_factory, tok):
     short = Path(tempfile.mkdtemp(prefix="dkr", dir="/tmp"))  # Ray's socket paths must stay under 107 bytes
     (short / "h").mkdir()
     (short / "n").mkdir()
-    from corpus import make_stories, write_corpus
-
-    from duckling.data.build import build_dataset
-
-    write_corpus(root / "train.txt", make_stories(120, seed=0))
-    build_dataset(root / "train.txt", tok, root / "train", seq_len=64, progress=False)
     port = _free_port()
     env = {**os.environ, **HEALTH}
     head = Node(["--head", f"--port={port}", f"--temp-dir={short / 'h'}", "--num-cpus=2",
@@ -187,7 +240,7 @@ def cluster(tmp_path_factory, tok):
         _wait(lambda: len([n for n in ray.nodes() if n["Alive"]]) == 2, 120, nodes[1])
         other = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != ray.get_runtime_context().get_node_id()][0]
         yield {"root": root, "address": addr, "head": head, "node": nodes[1], "node_id": other["NodeID"],
-               "mapping": str(Path(__file__).resolve().parents[1] / "token_mapping.json")}
+               "mapping": MAPPING, "dataset": dataset}
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -207,7 +260,7 @@ def _wait(cond, timeout, node):
 
 
 def _spec(c, seeds, **base):
-    return {"dataset": str(c["root"] / "train"), "mapping": c["mapping"], "base": {**BASE, **base},
+    return {"dataset": c["dataset"], "mapping": c["mapping"], "base": {**BASE, **base},
             "grid": {"seeds": seeds}, "resources": {"cpus": 1}}
 
 

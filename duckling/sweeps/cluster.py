@@ -130,9 +130,10 @@ def node_info() -> dict:
     try:
         import ray
 
-        info["node_id"] = ray.get_runtime_context().get_node_id()
-        info["node_ip"] = ray.util.get_node_ip_address()
-    except Exception:  # noqa: BLE001 - outside Ray
+        if ray.is_initialized():  # asking outside Ray would start a local Ray
+            info["node_id"] = ray.get_runtime_context().get_node_id()
+            info["node_ip"] = ray.util.get_node_ip_address()
+    except ImportError:
         pass
     return info
 

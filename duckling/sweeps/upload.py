@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -44,8 +45,14 @@ def _local_files(run_dir: Path) -> dict[str, os.stat_result]:
     out = {}
     for p in run_dir.rglob("*"):
         rel = p.relative_to(run_dir).as_posix()
-        if p.is_file() and not p.is_symlink() and p.name != LOCK and not SKIP.search(rel):
-            out[rel] = p.stat()
+        if p.name == LOCK or SKIP.search(rel) or p.is_symlink():
+            continue
+        try:
+            st = p.stat()
+        except FileNotFoundError:  # deleted while we looked (a raw chunk compacted, an old checkpoint)
+            continue
+        if stat.S_ISREG(st.st_mode):
+            out[rel] = st
     return out
 
 
@@ -63,20 +70,28 @@ class Mirror:
     def _rel(self, rel: str) -> str:
         return f"{self.name}/{rel}"
 
-    def push(self, only=None) -> int:
+    def push(self, only=None) -> tuple[int, int]:
         """Upload files that are new or changed (``only``: a predicate on the relative path); return
-        how many."""
-        n = 0
-        for rel, st in sorted(_local_files(self.run_dir).items()):
+        (how many, how many vanished before they could be read: the recording's writer turned a raw
+        chunk into a block meanwhile)."""
+        n = gone = 0
+        files = _local_files(self.run_dir)
+        # each checkpoint's trainer_state.json last: a checkpoint counts only when it is there (stored_state)
+        for rel in sorted(files, key=lambda r: (r.endswith("trainer_state.json"), r)):
+            st = files[rel]
             if only is not None and not only(rel):
                 continue
             key = (st.st_size, st.st_mtime_ns)
             if self.sent.get(rel) == key:
                 continue
-            self.storage.put_file(self.run_dir / rel, self._rel(rel))
+            try:
+                self.storage.put_file(self.run_dir / rel, self._rel(rel))
+            except FileNotFoundError:
+                gone += 1
+                continue
             self.sent[rel], n = key, n + 1
             self.remote.add(rel)
-        return n
+        return n, gone
 
     def prune(self) -> None:
         """Delete from the storage what the run deleted here (after the new files are in place)."""
@@ -87,10 +102,13 @@ class Mirror:
             self.sent.pop(rel, None)
 
     def blocks(self) -> int:
-        return self.push(only=lambda rel: rel.endswith(".blk"))
+        return self.push(only=lambda rel: rel.endswith(".blk"))[0]
 
     def checkpoint(self) -> None:
-        self.push()
+        """Everything as it stands, then the deletions: the storage never loses steps in between."""
+        for _ in range(20):
+            if not self.push()[1]:
+                break
         self.prune()
 
     def finish(self, extra: dict) -> dict:

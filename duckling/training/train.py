@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import platform
 import tempfile
@@ -105,7 +106,7 @@ class _Job:
     def record(self) -> bool:
         return self.run_dir is not None and self.cfg.record.enabled
 
-    @property
+    @functools.cached_property  # read once, before training: the Trainer may rotate that checkpoint away
     def done(self) -> bool:
         """Resuming a checkpoint at max_steps: only final/ is left to write."""
         return self.ckpt is not None and checkpoint_step(self.ckpt) >= self.cfg.train.max_steps
