@@ -219,7 +219,7 @@ def fused_trainer_class():
                         s.state.log_history = []
                 for name in _SHARED_STATE:
                     setattr(s.state, name, copy.deepcopy(getattr(self.state, name)))
-                s.state.total_flos = self.state.total_flos / len(self.slots)
+                s.state.total_flos = self.state.total_flos  # counted per run (floating_point_ops)
 
         # --- data, optimizer, scheduler: the Trainer's own code, once per run ----------------------
         def get_train_dataloader(self):
@@ -265,7 +265,8 @@ def fused_trainer_class():
             return (loss, {"losses": losses}) if return_outputs else loss
 
         def floating_point_ops(self, inputs):
-            return self._flops_per_token * inputs["input_ids"].numel()
+            """One run's share (every run trains the same tokens' worth): a resume reads a run's own count."""
+            return self._flops_per_token * inputs["input_ids"].numel() // len(self.slots)
 
         def _clip_grad_norm(self, model):
             """Per run, as ``accelerator.clip_grad_norm_`` clips a separate run (max_grad_norm 0: the
@@ -323,8 +324,7 @@ def fused_trainer_class():
                 steps = max(self.state.global_step - self._initial_global_step, 0.001)
                 self.sync_states()
                 for k in range(len(self.slots)):
-                    own = {**logs, "train_loss": (self.run_total[k] + left[k]) / steps,
-                           "total_flos": self.slots[k].state.total_flos}
+                    own = {**logs, "train_loss": (self.run_total[k] + left[k]) / steps}
                     with self.as_run(k):
                         super().log(own, start_time)
             super().log(logs, start_time)
