@@ -186,8 +186,9 @@ def check_setup(ray, place, spec) -> list[dict]:
         shared.write_text(token)
     paths = {k: v for k, v in (("dataset", spec.dataset), ("eval dataset", spec.eval_dataset),
                                ("token mapping", spec.mapping)) if isinstance(v, str)}
-    remote = ray.remote(probe).options(num_cpus=0, max_retries=0)
-    refs = {remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+    remote = ray.remote(probe)
+    refs = {remote.options(num_cpus=0, max_retries=0,
+                           scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
         place.storage.uri if place.uploads else None, token, str(shared) if shared else None, paths): n for n in nodes}
     answers, deadline = [], time.monotonic() + PROBE_TIMEOUT_S
     try:
