@@ -176,6 +176,7 @@ def train(cfg: DucklingConfig | None = None, dataset=None, run_dir=None, *, eval
             "dataset": str(Path(dataset).resolve() if isinstance(dataset, (str, Path)) else
                            Path(cfg.data.dataset_dir).resolve() if dataset is None else type(dataset).__name__),
             "dataset_fingerprint": rows_fingerprint(rows),
+            "eval_dataset": str(Path(eval_dataset).resolve()) if isinstance(eval_dataset, (str, Path)) else None,
             "eval_dataset_fingerprint": None if eval_rows is None else rows_fingerprint(eval_rows)}
     if resume:
         check_same_run(run_dir, old_info, info)
