@@ -98,7 +98,7 @@ BASE = {"train.max_steps": STEPS, "train.save_steps": 4, "train.logging_steps": 
         "record.probe_every": 4}
 HEALTH = {"RAY_health_check_initial_delay_ms": "0", "RAY_health_check_period_ms": "500",
           "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3",
-          "RAY_USAGE_STATS_ENABLED": "0"}
+          "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}  # a test cluster on one machine: no token
 
 
 def _free_port() -> int:
@@ -113,7 +113,7 @@ class Node:
     def __init__(self, args: list[str], env: dict, log: Path, prefix: list[str] = (), tag: str = ""):
         self.tag = tag  # its own temp folder: in the command line of every process it starts
         self.log = open(log, "w")
-        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *args],
+        self.proc = subprocess.Popen([*prefix, str(Path(sys.executable).parent / "ray"), "start", "--block", *args],
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def kill(self, sig=signal.SIGKILL) -> None:
@@ -224,9 +224,11 @@ def cluster(tmp_path_factory, dataset):
     (short / "h").mkdir()
     (short / "n").mkdir()
     port = _free_port()
-    env = {**os.environ, **HEALTH}
+    saved = {k: os.environ.get(k) for k in HEALTH}
+    os.environ.update(HEALTH)  # this process is the driver (and starts the drivers of the tests)
+    env = dict(os.environ)
     head = Node(["--head", f"--port={port}", f"--temp-dir={short / 'h'}", "--num-cpus=2",
-                 "--include-dashboard=false", "--disable-usage-stats"],
+                 "--include-dashboard=false", "--disable-usage-stats", "--no-monitor", "--include-log-monitor=false"],
                 {**env, "DUCKLING_SCRATCH": str(root / "head-scratch")}, root / "head.log", tag=str(short / "h"))
     nodes = [head]
     try:
@@ -235,7 +237,7 @@ def cluster(tmp_path_factory, dataset):
         ray.init(address=addr, log_to_driver=False, logging_level="ERROR")
         mask = f"mount -t tmpfs none {root / 'outs'} && exec \"$0\" \"$@\""
         nodes.append(Node([f"--address={addr}", f"--temp-dir={short / 'n'}", "--num-cpus=2",
-                           "--disable-usage-stats"], {**env, "DUCKLING_SCRATCH": str(root / "node-scratch")},
+                           "--disable-usage-stats", "--include-log-monitor=false"], {**env, "DUCKLING_SCRATCH": str(root / "node-scratch")},
                           root / "node.log", prefix=["unshare", "-m", "--propagation", "private", "sh", "-c", mask], tag=str(short / "n")))
         _wait(lambda: len([n for n in ray.nodes() if n["Alive"]]) == 2, 120, nodes[1])
         other = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != ray.get_runtime_context().get_node_id()][0]
@@ -247,6 +249,8 @@ def cluster(tmp_path_factory, dataset):
         for n in reversed(nodes):
             n.kill(signal.SIGTERM)
         shutil.rmtree(short, ignore_errors=True)
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def _wait(cond, timeout, node):
