@@ -7,9 +7,9 @@ most of the time. The recording therefore runs in a writer process (duckling/rec
 the training process only copies each step into a slot of a shared ring and sends one message; the
 writer process appends the raw records and compacts every 64 steps into a block (background
 compaction: in the writer process, or encoded on ``--procs`` worker processes). This script stands in
-for that without a GPU: the main thread runs a pure-Python loop while a second thread hands steps of
-a real-size 8192 x 128 bf16 W (changing a little every step) to the writer process as fast as the
-writer takes them. It prints
+for that without a GPU: a pure-Python loop (~0.5 ms a step) hands, after each step, a step of a
+real-size 8192 x 128 bf16 W (changing a little every step) to the writer process whenever a slot of
+the ring is free (alone, as fast as the writer takes them). It prints
   writer_steps_per_s_alone:         the recording's throughput with nothing else running
   writer_steps_per_s_beside_python: the same while the main thread holds the GIL
   python_loop_slowdown:             main-loop speed with the recording / without it
@@ -29,7 +29,6 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 import argparse
 import shutil
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -46,51 +45,53 @@ def python_step() -> int:  # ~0.5 ms of pure-Python work: a stand-in for one lau
 
 def run(seconds: float, with_python: bool, with_writer: bool, defer: bool = False,
         procs: int = 0) -> tuple[float, float]:
-    """(writer steps/s, Python loop steps/s). The writer side runs as the recorder runs it: a thread
-    of this process fills a free slot of the writer process's shared ring (copying the step, as the
-    recorder's device-to-host copy does) and sends one message; the writer process appends and
-    compacts (``procs`` worker processes encode, 0: the writer process itself)."""
+    """(writer steps/s, Python loop steps/s). As in the recorder, the training thread itself hands the
+    steps over: after each Python step it copies a step into a free slot of the writer process's
+    shared ring (the device-to-host copy's stand-in) and sends one message, or goes on if every slot
+    is in flight (alone, it waits for one); the writer process appends and compacts (``procs``
+    worker processes encode, else a thread of the writer process)."""
     from duckling.recording.layout import FIELDS, f32_to_bf16_bits
     from duckling.recording.process import WriterProcess, step_fields
 
     work = tempfile.mkdtemp(prefix="duckling-gil-")
-    count, stop, ready = [0], threading.Event(), threading.Event()
-
-    def writer():
+    wp = views = None
+    if with_writer:
         wp = WriterProcess(os.path.join(work, "rec"), dict(shape=(V, D), n_live=6144, dtype="bf16", every=1),
                            step_fields(("wte",), (V, D), "bf16", 6144, probe=False), 8, procs=procs, defer=defer)
-        rng = np.random.default_rng(0)
-        bits = f32_to_bf16_bits(rng.standard_normal((V, D)).astype(np.float32) * 0.02)
-        scalars = np.concatenate([rng.standard_normal(len(FIELDS) * V), np.zeros(D)]).astype(np.float32)
         views = [wp.ring.arrays(i) for i in range(wp.ring.n)]
-        ready.set()
-        while not stop.is_set():
-            bits[rng.integers(0, V, 200)] += 1  # a few hundred values move by one bf16 unit per step
+    rng = np.random.default_rng(0)
+    bits = f32_to_bf16_bits(rng.standard_normal((V, D)).astype(np.float32) * 0.02)
+    scalars = np.concatenate([rng.standard_normal(len(FIELDS) * V), np.zeros(D)]).astype(np.float32)
+    count = [0]
+
+    def offer(block: bool) -> None:
+        wp.check()
+        if wp.free or block:
             slot = wp.acquire()
+            bits[rng.integers(0, V, 200)] += 1  # a few hundred values move by one bf16 unit per step
             views[slot]["scalars"][:] = scalars
             views[slot]["snap/wte/u16"][:] = bits
             wp.hand(slot, count[0], 1e-4, True, False)
             count[0] += 1
-        del views
-        wp.close("complete")
 
-    th = threading.Thread(target=writer, daemon=True) if with_writer else None
-    if th:
-        th.start()
-        ready.wait(300)
-    time.sleep(1.0)  # past the first block
+    end = time.perf_counter() + 1.0  # past the start (and, alone, the first block)
+    while time.perf_counter() < end:
+        if with_writer:
+            offer(block=not with_python)
+        if with_python:
+            python_step()
     c0, t0, n = count[0], time.perf_counter(), 0
     while time.perf_counter() - t0 < seconds:
         if with_python:
             python_step()
             n += 1
-        else:
-            time.sleep(0.05)
+        if with_writer:
+            offer(block=not with_python)
     dt = time.perf_counter() - t0
     writer_rate, loop_rate = (count[0] - c0) / dt, n / dt
-    stop.set()
-    if th:
-        th.join(timeout=600)
+    if wp is not None:
+        del views
+        wp.close("complete")
     shutil.rmtree(work, ignore_errors=True)
     return writer_rate, loop_rate
 
