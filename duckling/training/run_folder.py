@@ -28,10 +28,11 @@ from duckling.training.resume import check_checkpoint, check_recording_reaches, 
 # requests: what they resolve to here (device, compile mode, CPU thread count, with the arithmetic) must
 # equal what the run resolved (training.resume.check_same_run). The rest: worker processes only fetch
 # rows (the order is the sampler's, seeded), logging / checkpoint cadence and the budget never touch the
-# arithmetic, and allow_eval_overlap only permits a check to pass. Every other field is compared.
+# arithmetic, the ring's slots and the writer's encoding processes only change how the same bytes are
+# written, and allow_eval_overlap only permits a check to pass. Every other field is compared.
 RESUME_FREE = {f"train.{k}" for k in ("device", "compile", "threads", "dataloader_num_workers", "logging_steps",
                                      "save_steps", "save_total_limit", "allow_eval_overlap")} | \
-    {"record.budget_gb", "record.queue_size"}
+    {"record.budget_gb", "record.queue_size", "record.writer_procs"}
 
 
 def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
