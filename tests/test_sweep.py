@@ -89,10 +89,10 @@ def test_sweep_runs_equal_direct_train_and_rerun_trains_nothing(tiny_sweep, data
         assert direct.global_step == STEPS
         assert same_recording(out / row.name, tmp_path / row.name), row.name
 
-    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "sweep.json"}
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name not in ("sweep.json", ".lock")}
     again = sweep(spec(data), out, progress=False)
     assert (again["status"] == "complete").all()
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "sweep.json"} == stamps
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name not in ("sweep.json", ".lock")} == stamps
 
 
 @pytest.mark.slow
