@@ -363,7 +363,8 @@ def cli_sweep(args) -> int:
                             "mounts) or --storage URI (a cluster whose nodes have their own disks).")
     table = sweep(args.spec, args.out, storage=args.storage, address=args.address, max_retries=args.max_retries,
                   dry_run=args.dry_run, progress=not args.no_progress)
-    cols = {c: h for c, h in (("name", "run"), ("status", "status"), ("on_disk", "on disk"), ("global_step", "step"),
+    cols = {c: h for c, h in (("name", "run"), ("status", "status"), ("group", "fused group"), ("on_disk", "on disk"),
+                              ("global_step", "step"),
                               ("loss", "loss"), ("eval_loss", "held-out loss")) if c in table.columns}
     print(text_table(table.to_dict("records"), cols))  # "-": no value yet (a run not trained)
     bad = table[table["status"] == "failed"] if "status" in table.columns else table.iloc[:0]

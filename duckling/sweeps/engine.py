@@ -15,6 +15,12 @@ store. The sweep folder holds ``spec.toml`` (a copy of the spec file), ``sweep.j
 identity and one entry per run: name, overrides, status, attempts, node) and the run folders;
 everything in sweep.json can be rebuilt from the run folders.
 
+Runs that share a shape are fused (``[resources] fuse``, default "auto": on a GPU up to
+training.fused.AUTO_K runs, off on CPU): a fused group is one Ray task, with one run's resources,
+that trains its runs as one model (training/fused.py) into their ordinary run folders; the manifest
+keeps one entry per run (``group``: the fused group's number). Only runs that stand at the same step
+(fresh, or the same last checkpoint) fuse. With ``storage`` runs are not fused.
+
 Running the same sweep again skips complete runs, resumes interrupted ones from their last
 checkpoint and retries failed ones. Whether a run resumes is decided inside its task from its folder,
 so a task that Ray retries, or that the next driver submits, picks up where the folder stands. One
@@ -37,7 +43,7 @@ from duckling.sweeps.cluster import _ray, check_resources, check_setup, runtime_
 from duckling.sweeps.place import MANIFEST, SPEC_COPY, Place
 from duckling.sweeps.progress import Board, Steps
 from duckling.sweeps.spec import DEFAULT_GPUS, Spec, check_disk, load_spec
-from duckling.sweeps.task import REPORT_EVERY_S, RunCrashed, run_state, run_task
+from duckling.sweeps.task import REPORT_EVERY_S, RunCrashed, run_phase, run_state, run_task
 
 __all__ = ["MANIFEST", "SPEC_COPY", "read_manifest", "run_state", "start_ray", "sweep"]
 FORMAT = 1
@@ -128,8 +134,10 @@ def _table(place: Place, manifest: dict):
     import pandas as pd
 
     rows = []
+    fused = any(r.get("group") is not None for r in manifest["runs"])
     for r in manifest["runs"]:
         rows.append({"name": r["name"], **r["point"], "seed": r["seed"], "status": r["status"],
+                     **({"group": r.get("group")} if fused else {}),
                      "on_disk": r.get("state_on_disk"),
                      "path": place.run_path(r["path"]), "overrides": r["overrides"], "attempts": r["attempts"],
                      **{k: r.get(k) for k in ("global_step", "steps_per_s", "loss", "eval_loss", "error", "host")}})
@@ -166,6 +174,7 @@ def sweep(spec_or_path, out=None, *, storage=None, address: str | None = None, p
     elif storage is not None and out is None and Place(storage=storage).local is not None:
         check_out(Place(storage=storage).local)
     place = Place(out=out, storage=storage)
+    fuse_for(spec, place)  # a fused sweep cannot use --storage: said before anything starts
     if dry_run:
         return _plan(spec, place, True, progress)
     _ray()  # Ray is an extra: say so before the sweep folder is made
@@ -192,6 +201,11 @@ def _plan(spec: Spec, place: Place, dry_run: bool, progress: bool, raw: bool = F
             entries[r.name]["status"] = "pending" if states[r.name] == "fresh" else "interrupted"
     todo = [r for r in spec.runs if states[r.name] != "complete"]
     check_disk(spec, place.local if not place.uploads else None, todo)
+    if dry_run and todo:  # the fused groups this machine's local Ray would make (a cluster: its own GPUs)
+        import torch
+
+        gpus = spec.gpus if spec.gpus is not None else DEFAULT_GPUS if torch.cuda.is_available() else 0.0
+        _groups(spec, place, todo, gpus, manifest)
     if not dry_run:
         place.write_manifest(manifest)
         if progress and not todo:
@@ -216,6 +230,38 @@ def _gpus(spec: Spec) -> float:
     return DEFAULT_GPUS if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
+def fuse_for(spec: Spec, place: Place):
+    """The spec's ``fuse`` where the runs go: a storage sweep does not fuse (each run has its own
+    scratch folder and upload), so an explicit group size > 1 is refused there."""
+    if place.uploads:
+        if isinstance(spec.fuse, int) and spec.fuse > 1:
+            raise DucklingError(f"[resources] fuse = {spec.fuse} cannot be used with --storage: a storage sweep trains "
+                                "each run in its own node-local scratch folder and uploads it, one run per task. Set "
+                                "fuse = \"off\" (or \"auto\") for --storage, or run the sweep with --out on a folder "
+                                "every node shares to fuse its runs.")
+        return "off"
+    return spec.fuse
+
+
+def _groups(spec: Spec, place: Place, todo: list, gpus: float, manifest: dict) -> list[list]:
+    """The runs left to train, as fused groups (training.fused.plan_groups), in grid order; each run's
+    manifest entry gets ``group`` (the group's number, 1-based) when it is fused with others."""
+    from duckling.training.fused import plan_groups
+
+    fuse = fuse_for(spec, place)
+    device = "cuda" if gpus > 0 and all(r.cfg.train.device in ("auto", "cuda") for r in todo) else "cpu"
+    phases = [None if place.uploads else run_phase(place.local / r.name) for r in todo]
+    groups = [[todo[i] for i in g] for g in plan_groups([r.cfg for r in todo], fuse=fuse, device=device,
+                                                         phases=phases)]
+    entries = {e["name"]: e for e in manifest["runs"]}
+    for e in manifest["runs"]:
+        e.pop("group", None)
+    for k, g in enumerate((g for g in groups if len(g) > 1), 1):
+        for r in g:
+            entries[r.name]["group"] = k
+    return groups
+
+
 def _execute(spec, place: Place, manifest, todo, address, progress, max_retries, callbacks,
              resume="the same command"):
     ray = _ray()
@@ -224,6 +270,7 @@ def _execute(spec, place: Place, manifest, todo, address, progress, max_retries,
     started = start_ray(address, runtime_env=runtime_env() if address or os.environ.get("RAY_ADDRESS") else None)
     try:
         gpus = _gpus(spec)
+        groups = _groups(spec, place, todo, gpus, manifest)
         check_resources(ray, spec.cpus, gpus)  # before anything is submitted: Ray would wait forever
         check_setup(ray, place, spec)  # a probe per node: storage, dataset, a shared --out
         # Ray retries a run whose worker or node died, or that crashed (RunCrashed); a DucklingError
@@ -238,12 +285,18 @@ def _execute(spec, place: Place, manifest, todo, address, progress, max_retries,
         entries = {e["name"]: e for e in manifest["runs"]}
         attempts0 = {r.name: entries[r.name].get("attempts", 0) for r in todo}
         board = Board(spec, place, manifest, todo, progress)
+        if progress and any(len(g) > 1 for g in groups):
+            print(f"sweep {place}: {len(todo)} runs to train as {len(groups)} tasks (fused groups of "
+                  f"{', '.join(str(n) for n in sorted({len(g) for g in groups}, reverse=True))} runs, "
+                  f"{spec.cpus:g} CPU and {gpus:g} GPU per task)", flush=True)
 
-        def submit(run):
-            entries[run.name].update(status="queued", error=None)
-            job = {"name": run.name, "path": place.run_path(run.name), "config": run.cfg.to_dict(),
-                   "mapping": spec.mapping, "threads": spec.threads, "sweep_id": manifest["sweep_id"],
-                   "storage": place.storage.uri if place.uploads else None}
+        def submit(group):
+            jobs = []
+            for run in group:
+                entries[run.name].update(status="queued", error=None)
+                jobs.append({"name": run.name, "path": place.run_path(run.name), "config": run.cfg.to_dict()})
+            job = {**jobs[0], "mapping": spec.mapping, "threads": spec.threads, "sweep_id": manifest["sweep_id"],
+                   "storage": place.storage.uri if place.uploads else None, **({"members": jobs} if len(group) > 1 else {})}
             return task.remote(job, *data, actor, callbacks)
 
         def observe():
@@ -258,21 +311,21 @@ def _execute(spec, place: Place, manifest, todo, address, progress, max_retries,
             board.steps(steps)
             return changed
 
-        refs = {submit(r): r for r in todo}
+        refs = {submit(g): g for g in groups}
         place.write_manifest(manifest)
         try:
             while refs:
                 ready, _ = ray.wait(list(refs), num_returns=1, timeout=REPORT_EVERY_S)
                 changed = observe()
                 for ref in ready:
-                    run = refs.pop(ref)
+                    group = refs.pop(ref)
                     try:
-                        res = ray.get(ref)
+                        got = ray.get(ref)
                     except ray.exceptions.RayError as e:  # retries spent: the worker or node died, or it crashed
-                        res = {"name": run.name, "status": "failed", "error": _ray_error(e)}
-                    entry = entries[run.name]
-                    entry.update({k: v for k, v in res.items() if k not in ("name", "skipped")})
-                    board.event(run.name, res["status"], res.get("error"), res)
+                        got = [{"name": run.name, "status": "failed", "error": _ray_error(e)} for run in group]
+                    for res in got if isinstance(got, list) else [got]:  # a fused group: one result per run
+                        entries[res["name"]].update({k: v for k, v in res.items() if k not in ("name", "skipped")})
+                        board.event(res["name"], res["status"], res.get("error"), res)
                     changed = True
                 if changed:
                     place.write_manifest(manifest)
@@ -299,7 +352,8 @@ def _ray_error(e) -> str:
 
 def _cancel(refs: dict, entries: dict, board, place) -> None:
     """Ctrl-C: interrupt every task (their train() saves what it can) and wait for them briefly. A run
-    that never started (nothing in its folder) is ``pending`` again; one that did is ``interrupted``."""
+    that never started (nothing in its folder) is ``pending`` again; one that did is ``interrupted``.
+    ``refs``: {task: its run, or the list of runs of its fused group}."""
     ray = _ray()
 
     if not isinstance(place, Place):
@@ -310,7 +364,8 @@ def _cancel(refs: dict, entries: dict, board, place) -> None:
         ray.wait(list(refs), num_returns=len(refs), timeout=60)
     except KeyboardInterrupt:
         pass
-    for ref, run in refs.items():
-        status = "pending" if place.state(run.name) == "fresh" else "interrupted"
-        entries[run.name]["status"] = status  # attempts count the starts the tasks reported
-        board.event(run.name, status, None)
+    for ref, runs in refs.items():
+        for run in runs if isinstance(runs, list) else [runs]:
+            status = "pending" if place.state(run.name) == "fresh" else "interrupted"
+            entries[run.name]["status"] = status  # attempts count the starts the tasks reported
+            board.event(run.name, status, None)

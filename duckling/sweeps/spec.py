@@ -13,6 +13,7 @@ A spec is a TOML file (or the same shape as a dict)::
     [resources]                            # per run
     cpus = 1                               # also the run's torch threads (train.threads)
     gpus = 0.25                            # fractional: several runs share one GPU
+    fuse = "auto"                          # fused groups: "auto" (CUDA: up to 32 runs; CPU/MPS: off), "off", or K
 
 Every run's config is built with ``DucklingConfig().override(...)``, so a bad name or value is
 refused with the config's own message, for the whole sweep, before any run starts.
@@ -42,7 +43,7 @@ from duckling.errors import DucklingError
 from duckling.recording import budget
 
 TOP_KEYS = ("dataset", "eval_dataset", "mapping", "base", "grid", "resources")
-RESOURCE_KEYS = ("cpus", "gpus")
+RESOURCE_KEYS = ("cpus", "gpus", "fuse")
 DEFAULT_GPUS = 0.25  # per run when the cluster has GPUs and the spec says nothing: 4 runs per GPU
 # The most runs one spec may expand to. Counted as the product of the list lengths before anything is
 # expanded, so a 9.6M-run grid is refused at once. Why 10,000: every run is a whole recorded training
@@ -78,6 +79,7 @@ class Spec:
     seeds: list = field(default_factory=list)
     cpus: float = 1.0
     gpus: float | None = None  # None = decide from the cluster (DEFAULT_GPUS if it has GPUs, else 0)
+    fuse: object = "auto"  # "auto" | "off" | K: runs of one shape trained as one fused model (training/fused.py)
     source_text: str | None = None  # the TOML text, when read from a file
     runs: list = field(default_factory=list)
 
@@ -138,6 +140,16 @@ def _number(value, key: str, lo_open: bool) -> float:
         raise DucklingError(f"[resources] {key} = {value!r} is not valid: it must be a number "
                             f"{'> 0' if lo_open else '>= 0'} (per run; fractions share a device).")
     return float(value)
+
+
+def check_fuse(value):
+    """``[resources] fuse``: "auto", "off" or a group size K >= 1 (the message of training.fused.plan_groups,
+    checked here without importing torch)."""
+    if value in ("auto", "off") or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise DucklingError(f"[resources] fuse = {value!r} is not valid: use \"auto\" (fused groups on a GPU, off on "
+                        "CPU), \"off\" (one run per task) or a group size K >= 1 (up to K runs of one shape "
+                        "trained as one fused model).")
 
 
 def _check_names(section: str, table: dict) -> None:
@@ -220,7 +232,8 @@ def load_spec(spec_or_path) -> Spec:
         raise DucklingError(f"{', '.join(both)} is set in both [base] and [grid]: keep it in one of them.")
     bad = sorted(set(res) - set(RESOURCE_KEYS))
     if bad:
-        raise DucklingError(f"Unknown [resources] key(s) {', '.join(map(repr, bad))}: use cpus and gpus (per run).")
+        raise DucklingError(f"Unknown [resources] key(s) {', '.join(map(repr, bad))}: use cpus and gpus (per run "
+                            "or fused group) and fuse.")
 
     try:
         base_cfg = DucklingConfig().override(base)
@@ -242,7 +255,7 @@ def load_spec(spec_or_path) -> Spec:
     spec = Spec(dataset=_input(raw.get("dataset"), root, "dataset", required=True),
                 eval_dataset=_input(raw.get("eval_dataset"), root, "eval_dataset", required=False),
                 mapping=_mapping(raw.get("mapping"), root), base=base, grid=grid, seeds=list(seeds),
-                cpus=cpus, gpus=gpus, source_text=text)
+                cpus=cpus, gpus=gpus, fuse=check_fuse(res.get("fuse", "auto")), source_text=text)
     spec.runs = _expand(spec)
     return spec
 

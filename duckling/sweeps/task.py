@@ -2,6 +2,8 @@
 
 A task trains one run with ``duckling.training.train.train``: in place in the sweep folder
 (``--out``), or in this node's scratch, mirrored to the storage (``--storage``, sweeps/upload.py).
+A fused group's task (``job["members"]``, in place only) trains its K runs as one model with
+``duckling.training.fused.train_group`` and returns one result per member.
 Whether a run starts, resumes or is already done is decided here from the folder (or the storage),
 so a task that Ray retries, on this node or another, picks up where the run stands. A task returns
 a small dict; a bad input (DucklingError) is returned as a failure and never retried, anything else
@@ -76,34 +78,93 @@ def wait_unlocked(run_dir: Path, timeout: float = ORPHAN_WAIT_S) -> None:
         check_unlocked(run_dir)
 
 
-def run_task(job: dict, dataset, eval_dataset, progress, callbacks=()) -> dict:
-    """Body of one Ray task (see the module docstring)."""
+def run_phase(run_dir) -> int | None:
+    """Where a run not yet complete stands, for fusing: None (it starts from step 0) or the step of its
+    last complete checkpoint (only runs in one phase fuse: a group starts and resumes as one)."""
+    done = checkpoints(run_dir)
+    return int(done[-1].name.split("-")[-1]) if done else None
+
+
+def run_task(job: dict, dataset, eval_dataset, progress, callbacks=()):
+    """Body of one Ray task (see the module docstring): a dict for a run, a list of them (one per
+    member, in order) for a fused group. A bad input, an interrupt or a crash applies to every member."""
     import torch
 
     t0 = time.time()
-    name = job["name"]
+    members = job.get("members") or [job]
+    names = [m["name"] for m in members]
     torch.set_num_threads(job["threads"])  # no oversubscription: threads = the task's CPUs
     where = node_info()
-    out = {"name": name, "status": "failed", "global_step": 0, "error": None, **where}
+    outs = [{"name": n, "status": "failed", "global_step": 0, "error": None, **where} for n in names]
     watch = None
     if progress is not None:
         import ray
 
-        ray.get(progress.start.remote(name, {k: where[k] for k in ("host", "node_id") if k in where}))
+        for n in names:
+            ray.get(progress.start.remote(n, {k: where[k] for k in ("host", "node_id") if k in where}))
         watch = watch_driver(progress)
+
+    def cbs(run_names, run_dirs=None):
+        return [*callbacks, _node_recorder(where, run_dirs)] + \
+            ([_Reporter(progress, run_names)] if progress is not None else [])
+
     try:
-        cbs = [*callbacks, _node_recorder(where)] + ([_Reporter(progress, name)] if progress is not None else [])
-        res = (_in_storage if job.get("storage") else _in_place)(job, dataset, eval_dataset, cbs, out)
+        if "members" in job:
+            res = _group_in_place(job, dataset, eval_dataset, cbs, outs)
+            return [{**r, "seconds": time.time() - t0} for r in res]
+        res = (_in_storage if job.get("storage") else _in_place)(job, dataset, eval_dataset, cbs(names), outs[0])
         return {**res, "seconds": time.time() - t0}
     except KeyboardInterrupt:  # ray.cancel (Ctrl-C on the driver) or its death: train() saved a checkpoint
-        return {**out, "status": "interrupted"}
+        res = [{**o, "status": "interrupted"} for o in outs]
     except DucklingError as e:  # bad input: retrying cannot help
-        return {**out, "error": str(e)}
+        res = [{**o, "error": str(e)} for o in outs]
     except Exception:  # noqa: BLE001 - Ray retries it (RunCrashed); its traceback ends in the manifest
         raise RunCrashed(traceback.format_exc(limit=8)[-4000:]) from None
     finally:
         if watch is not None:
             watch.set()
+    return res if "members" in job else res[0]
+
+
+def _group_in_place(job, dataset, eval_dataset, cbs, outs) -> list[dict]:
+    """A fused group in the sweep folder: members already complete are skipped, the others train as one
+    fused model from the phase they share (fresh, or their common last checkpoint). Members whose folders
+    no longer stand at one step (one was finished or resumed alone meanwhile) train one after another."""
+    from duckling.training.fused import train_group
+    from duckling.training.train import train
+
+    members = job["members"]
+    dirs = [Path(m["path"]) for m in members]
+    for d in dirs:
+        wait_unlocked(d)
+    res: list = [None] * len(members)
+    left = []
+    for i, (m, d) in enumerate(zip(members, dirs)):
+        state = run_state(d)
+        outs[i]["started_as"] = state
+        if state == "complete":
+            step = int(json.loads((d / "run_info.json").read_text()).get("global_step", 0))
+            res[i] = {**outs[i], "status": "complete", "global_step": step, "skipped": True}
+            continue
+        if state == "restart":
+            clear_for_restart(d, m["config"])
+        left.append(i)
+    phases = {run_phase(dirs[i]) for i in left}
+    cfgs = [DucklingConfig.from_dict(members[i]["config"]) for i in left]
+    if len(phases) == 1:
+        phase = phases.pop()
+        rs = train_group(cfgs, [dirs[i] for i in left], dataset, eval_dataset=eval_dataset, resume=phase is not None,
+                         tokenizer=job["mapping"], progress=False,
+                         callbacks=cbs([members[i]["name"] for i in left], [dirs[i] for i in left]))
+        for i, r in zip(left, rs):
+            res[i] = _result(r, outs[i])
+    else:
+        for i, c in zip(left, cfgs):
+            r = train(c, dataset=dataset, run_dir=dirs[i], eval_dataset=eval_dataset,
+                      resume=run_phase(dirs[i]) is not None, tokenizer=job["mapping"],
+                      callbacks=cbs([members[i]["name"]]), progress=False)
+            res[i] = _result(r, outs[i])
+    return res
 
 
 def _result(r, out: dict) -> dict:
@@ -171,30 +232,32 @@ def _in_storage(job, dataset, eval_dataset, cbs, out) -> dict:
     return res
 
 
-def _node_recorder(where: dict):
+def _node_recorder(where: dict, run_dirs=None):
     """A TrainerCallback that writes the node into run_info.json at the start of each (re)start:
-    ``node`` (the last) and ``nodes`` (every start, in order)."""
+    ``node`` (the last) and ``nodes`` (every start, in order). ``run_dirs``: a fused group's member
+    folders (its Trainer's output_dir is a scratch folder); default the Trainer's output_dir."""
     from transformers import TrainerCallback
 
     class NodeRecorder(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             from duckling.training.run_folder import update_run_info
 
-            run_dir = Path(args.output_dir)
-            info = run_dir / "run_info.json"
-            if info.is_file():
-                old = json.loads(info.read_text()).get("nodes", [])
-                stamp = {**where, "step": int(state.global_step), "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                update_run_info(run_dir, node=where, nodes=[*old, stamp])
+            for run_dir in run_dirs or [Path(args.output_dir)]:
+                info = Path(run_dir) / "run_info.json"
+                if info.is_file():
+                    old = json.loads(info.read_text()).get("nodes", [])
+                    stamp = {**where, "step": int(state.global_step), "at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                    update_run_info(Path(run_dir), node=where, nodes=[*old, stamp])
 
     return NodeRecorder()
 
 
-def _Reporter(actor, name):  # noqa: N802 - a class built lazily (transformers is imported in the worker)
+def _Reporter(actor, names):  # noqa: N802 - a class built lazily (transformers is imported in the worker)
     from transformers import TrainerCallback
 
     class Reporter(TrainerCallback):
-        """Sends the run's step to the progress actor (fire and forget, at most every REPORT_EVERY_S)."""
+        """Sends the step to the progress actor for each run named (a fused group's members share their
+        step) (fire and forget, at most every REPORT_EVERY_S)."""
 
         def __init__(self):
             self.last = 0.0
@@ -203,7 +266,8 @@ def _Reporter(actor, name):  # noqa: N802 - a class built lazily (transformers i
             now = time.monotonic()
             if force or now - self.last >= REPORT_EVERY_S:
                 self.last = now
-                actor.update.remote(name, int(step))
+                for name in names:
+                    actor.update.remote(name, int(step))
 
         def on_train_begin(self, args, state, control, **kw):
             self._send(state.global_step, force=True)
