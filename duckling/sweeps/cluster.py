@@ -67,6 +67,13 @@ def start_ray(address: str | None = None, runtime_env: dict | None = None) -> bo
     except ConnectionError as e:
         raise DucklingError(f"Cannot connect to a Ray cluster at {address!r} ({e}). Start one with "
                             "`ray start --head`, or leave out --address / RAY_ADDRESS for a local Ray.") from None
+    except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception when its own processes start too slowly
+        where = "a local Ray instance" if address == "local" else f"the Ray cluster at {address!r}"
+        raise DucklingError(f"Ray could not start or join {where}: {str(e).strip() or type(e).__name__}. Ray "
+                            "gives its own processes a fixed time to start, which an overloaded machine can "
+                            "miss: rerun the same command when the load drops (nothing was trained, and a rerun "
+                            "resumes the sweep), or start Ray once with `ray start --head` and pass "
+                            "--address auto.") from None
     return True
 
 
