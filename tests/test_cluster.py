@@ -146,6 +146,19 @@ def _slow_callback(seconds: float):
     return SlowSteps()
 
 
+def test_a_ray_that_cannot_start_is_a_clear_error(monkeypatch):
+    """Ray raises a bare Exception when its processes miss their start-up time (an overloaded machine)."""
+    ray = pytest.importorskip("ray")
+    from duckling.sweeps import cluster
+
+    def slow_start(*a, **k):
+        raise Exception("The current node timed out during startup.")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", slow_start)
+    with pytest.raises(DucklingError, match="could not start or join a local Ray instance.*rerun the same command"):
+        cluster.start_ray(None)
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, tok) -> str:
     from corpus import make_stories, write_corpus
