@@ -124,6 +124,29 @@ def test_killed_worker_is_completed_with_no_gap_on_rerun(tiny_sweep, data, tmp_p
     assert same_recording(run, ref)  # steps 11..15 of the dead worker were replaced, nothing missing
 
 
+@pytest.mark.slow
+def test_fused_sweep_runs_are_ordinary_runs_of_their_own(tiny_sweep, data, tmp_path):
+    """fuse = 2 on CPU: one Ray task trains 2 runs as one model; each ends complete in its own run folder
+    (one manifest entry each), matches the same run of the unfused tiny_sweep to float rounding, and
+    `compare` reads the sweep like any other."""
+    from duckling.sweeps.compare import compare
+    from duckling.sweeps.engine import sweep
+
+    fused = {**spec(data, grid={"train.weight_decay": [0.0, 0.1], "seeds": [0]}), "resources": {"cpus": 1, "fuse": 2}}
+    out = tmp_path / "fused"
+    df = sweep(fused, out, progress=False)
+    assert (df["status"] == "complete").all() and (df["global_step"] == STEPS).all() and (df["group"] == 1).all()
+    runs = json.loads((out / "sweep.json").read_text())["runs"]
+    assert [(r["status"], r["attempts"], r["group"]) for r in runs] == [("complete", 1, 1)] * 2
+    for row in df.itertuples():
+        info = json.loads((out / row.name / "run_info.json").read_text())
+        assert info["fused"]["runs"] == list(df["name"]) and info["node"]["host"] == row.host
+        alone = tiny_sweep[1].set_index("name").loc[row.name]
+        assert abs(row.eval_loss - alone["eval_loss"]) < 1e-3 * alone["eval_loss"], (row.eval_loss, alone["eval_loss"])
+    table = compare(out, progress=False)
+    assert len(table) == 2 and (table["status"] == "complete").all() and table["eval_loss"].notna().all()
+
+
 def test_bad_specs_are_refused_before_any_run(data, tmp_path):
     from duckling.sweeps.engine import sweep
 

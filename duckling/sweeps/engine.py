@@ -296,7 +296,9 @@ def _execute(spec, place: Place, manifest, todo, address, progress, max_retries,
                 entries[run.name].update(status="queued", error=None)
                 jobs.append({"name": run.name, "path": place.run_path(run.name), "config": run.cfg.to_dict()})
             job = {**jobs[0], "mapping": spec.mapping, "threads": spec.threads, "sweep_id": manifest["sweep_id"],
-                   "storage": place.storage.uri if place.uploads else None, **({"members": jobs} if len(group) > 1 else {})}
+                   "storage": place.storage.uri if place.uploads else None}
+            if len(group) > 1:  # a fused group (sweeps/task.py trains its members as one model)
+                job["members"] = jobs
             return task.remote(job, *data, actor, callbacks)
 
         def observe():
