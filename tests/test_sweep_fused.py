@@ -132,3 +132,31 @@ def test_fused_group_task_trains_ordinary_run_folders_and_skips_complete_ones(re
         m["path"] = str(tmp_path / "bad" / m["name"])
     res = run_task(bad, s.dataset, s.eval_dataset, None)  # a bad input fails every member, with the reason
     assert [r["status"] for r in res] == ["failed", "failed"] and all("differs from run 0" in r["error"] for r in res)
+
+
+def test_ctrl_c_leaves_every_member_of_a_fused_group_interrupted(tmp_path):
+    """Ctrl-C cancels a fused group's one task: each member is "interrupted" (its folder has files), or
+    "pending" when the group never started (no Ray here: a stand-in with cancel and wait)."""
+    import sys
+    import types
+
+    class Run:
+        def __init__(self, name):
+            self.name = name
+
+    events = []
+    board = types.SimpleNamespace(event=lambda name, status, error: events.append((name, status)))
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    refs = {object(): [Run("a"), Run("b")], object(): [Run("c"), Run("d")]}
+    entries = {n: {"status": "running", "attempts": 1} for n in "abcd"}
+    old = sys.modules.get("ray")
+    sys.modules["ray"] = types.SimpleNamespace(cancel=lambda ref: None, wait=lambda *a, **k: ([], []))
+    try:
+        engine._cancel(refs, entries, board, tmp_path)
+    finally:
+        sys.modules.pop("ray") if old is None else sys.modules.__setitem__("ray", old)
+    assert {n: e["status"] for n, e in entries.items()} == {"a": "interrupted", "b": "interrupted",
+                                                             "c": "pending", "d": "pending"}
+    assert events == [("a", "interrupted"), ("b", "interrupted"), ("c", "pending"), ("d", "pending")]
