@@ -143,7 +143,7 @@ def test_fused_sweep_runs_are_ordinary_runs_of_their_own(tiny_sweep, data, tmp_p
         assert info["fused"]["runs"] == list(df["name"]) and info["node"]["host"] == row.host
         alone = tiny_sweep[1].set_index("name").loc[row.name]
         assert abs(row.eval_loss - alone["eval_loss"]) < 1e-3 * alone["eval_loss"], (row.eval_loss, alone["eval_loss"])
-    table = compare(out, progress=False)
+    table = compare(out, write=False, progress=False)  # (its files and figures: test_compare_table_and_figures)
     assert len(table) == 2 and (table["status"] == "complete").all() and table["eval_loss"].notna().all()
 
 
