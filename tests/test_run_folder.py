@@ -344,6 +344,24 @@ def _strict_json(path: Path):
     return json.loads(path.read_text(), parse_constant=no_constant)
 
 
+def test_a_resume_without_threads_uses_the_runs_thread_count(tok, tmp_path):
+    """--threads unset: a resume computes as the run did, whatever thread count this process holds now
+    (an earlier call in the same process may have changed it); only a different --threads is refused."""
+    import torch
+
+    run, held = tmp_path / "run", torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(RunInterrupted):
+            train(tiny(), dataset=live_rows(), run_dir=run, tokenizer=tok, callbacks=[CtrlC(2)], progress=False)
+        assert _strict_json(run / "run_info.json")["threads"] == 2
+        torch.set_num_threads(1)
+        train(tiny(), dataset=live_rows(), run_dir=run, tokenizer=tok, resume=True, progress=False)
+        assert _strict_json(run / "run_info.json")["status"] == "complete" and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(held)
+
+
 def test_a_resume_that_would_not_be_the_same_run_is_refused_and_changes_nothing(tok, tmp_path):
     run = tmp_path / "run"
     with pytest.raises(RunInterrupted):

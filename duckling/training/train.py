@@ -167,6 +167,8 @@ def train(cfg: DucklingConfig | None = None, dataset=None, run_dir=None, *, eval
         return _fit(job, model, callbacks)
 
     ckpt, old_info = check_run_dir(run_dir, cfg, tok, resume)
+    if resume and not cfg.train.threads and device == "cpu" == old_info.get("device") and old_info.get("threads"):
+        threads = int(old_info["threads"])  # unasked, a resume computes as the run did: with its thread count
     job = dataclasses.replace(job, run_dir=run_dir, ckpt=ckpt, fresh=not resume)
     start = checkpoint_step(ckpt) if ckpt else 0
     check_disk(run_dir, cfg, model, start, job.record, tuple(model.get_input_embeddings().weight.shape), n_live)
