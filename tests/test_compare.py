@@ -201,3 +201,31 @@ def test_weight_decay_left_by_the_schedule():
     assert decay_left(1e-3, 0.1, n) == pytest.approx(np.prod(1 - linear * 0.1), rel=1e-12)
     assert decay_left(1e-4, 0.1, n) == pytest.approx(0.990, abs=5e-4)  # the old study: 1% at most
     assert decay_left(1e-3, wd_for(0.5, 1e-3, n), n) == pytest.approx(0.5, rel=1e-9)
+
+
+def test_tuning_best_reads_held_out_losses_from_sweep_json(tmp_path, capsys):
+    """`python -m duckling.sweeps.tuning best A B`: one optimizer's grid and its extension, merged; the
+    lowest mean held-out loss wins, with its t interval, and the bracket is checked."""
+    import json
+
+    from duckling.sweeps import tuning
+
+    def sweep(folder, losses):
+        runs = [{"name": f"lr={lr}__seed={s}", "point": {"train.learning_rate": lr}, "seed": s,
+                 "status": "complete" if loss is not None else "failed", "eval_loss": loss}
+                for (lr, s), loss in losses.items()]
+        folder.mkdir()
+        (folder / "sweep.json").write_text(json.dumps({"runs": runs}))
+        return str(folder)
+
+    a = sweep(tmp_path / "grid", {(3e-4, 0): 4.30, (3e-4, 1): 4.26, (1e-3, 0): 4.37, (1e-3, 1): 4.36})
+    assert tuning.main(["best", a]) == 0
+    first = capsys.readouterr().out.split("\n")[0]
+    assert "tuned lr 0.0003" in first and "NOT bracketed" in first
+    b = sweep(tmp_path / "low", {(1e-4, 0): 4.40, (1e-4, 1): None})
+    assert tuning.main(["best", a, b]) == 0
+    out = capsys.readouterr().out
+    assert "tuned lr 0.0003" in out and "4.28 [" in out and " bracketed" in out and "NOT" not in out
+    assert "lr 0.0001   1/2 runs  4.4" in out
+    best = tuning.tuned_lr(tuning.tuning_table([a]))
+    assert best["lr"] == 3e-4 and not best["bracketed"] and best["lo"] < 4.28 < best["hi"]

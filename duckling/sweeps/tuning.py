@@ -128,13 +128,30 @@ def tuned_lr(table, field: str = "train.learning_rate", col: str = "eval_loss") 
     for lr, g in table.groupby(field, sort=True):
         ok = g[(g["status"] == "complete")][col]
         ci = stats.mean_ci(ok)
-        rows.append({"lr": float(lr), "n": ci["n"], "mean": ci["mean"], "lo": ci["lo"], "hi": ci["hi"], "runs": len(g)})
+        rows.append({"lr": float(lr), "n": ci["n"], "mean": ci["mean"], "half": ci["half"], "lo": ci["lo"],
+                     "hi": ci["hi"], "runs": len(g)})
     usable = [r for r in rows if r["n"] and math.isfinite(r["mean"])]
     if not usable:
         raise ValueError(f"no complete run with a {col} in this table")
     best = min(usable, key=lambda r: r["mean"])
-    return {**{k: best[k] for k in ("lr", "mean", "lo", "hi")},
+    return {**{k: best[k] for k in ("lr", "mean", "half", "lo", "hi")},
             "bracketed": rows[0]["lr"] < best["lr"] < rows[-1]["lr"], "rows": rows}
+
+
+def tuning_table(folders):
+    """One row per run of the given sweep folders (one optimizer's tuning, possibly extended by a second
+    sweep), from their sweep.json: the swept values, seed, status and held-out loss. No report is run."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    rows = []
+    for folder in folders:
+        for r in json.loads((Path(folder) / "sweep.json").read_text())["runs"]:
+            rows.append({**r.get("point", {}), "seed": r.get("seed"), "status": r.get("status"),
+                         "eval_loss": r.get("eval_loss"), "run": r.get("name"), "sweep": str(folder)})
+    return pd.DataFrame(rows)
 
 
 def main(argv=None) -> int:
@@ -163,18 +180,15 @@ def main(argv=None) -> int:
     s.add_argument("--reference-wd", type=float, default=0.01)
     s.add_argument("--dir", default="sweeps", help="folder of the specs; data paths are relative to it")
     s.add_argument("--prefix", default="study")
-    s = sub.add_parser("best")
-    s.add_argument("sweeps", nargs="+", help="tuning sweep folders (duckling compare is run on each)")
+    s = sub.add_parser("best", help="the tuned lr from tuning sweeps' held-out losses (their sweep.json)")
+    s.add_argument("sweeps", nargs="+", help="one optimizer's tuning sweep folders (a grid and its extensions)")
     a = p.parse_args(argv)
     if a.cmd == "best":
-        from duckling.sweeps.compare import compare
-
-        for folder in a.sweeps:
-            b = tuned_lr(compare(folder, progress=False))
-            print(f"{folder}: tuned lr {b['lr']:g} (held-out loss {stats.fmt_ci(b)}; "
-                  f"{'bracketed' if b['bracketed'] else 'NOT bracketed: extend the grid'})")
-            for r in b["rows"]:
-                print(f"  lr {r['lr']:<8g} {r['n']}/{r['runs']} runs  {stats.fmt_ci(r)}")
+        b = tuned_lr(tuning_table(a.sweeps))
+        print(f"{' + '.join(a.sweeps)}: tuned lr {b['lr']:g} (held-out loss, mean [95% t interval] over seeds: "
+              f"{stats.fmt_ci(b)}; {'bracketed' if b['bracketed'] else 'NOT bracketed: extend the grid'})")
+        for r in b["rows"]:
+            print(f"  lr {r['lr']:<8g} {r['n']}/{r['runs']} runs  {stats.fmt_ci(r)}")
         return 0
     if a.cmd == "specs":
         return _write_specs(a, t)
