@@ -4,7 +4,6 @@ Every run is a 1-layer, 64-token Duckling trained in fp32 (bit-exact resumes) fo
 """
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from faults import full_disk_after
 import torch
 from transformers import TrainerCallback
 
@@ -166,32 +166,6 @@ def test_second_writer_is_refused_and_named(dataset, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- (3) a full disk, injected
-def full_disk_after(step: int) -> None:
-    """(WRecorder.writer_setup: run in the writer process) ``os.write`` of duckling.recording.writer
-    fails with ENOSPC for every step after ``step``."""
-    import duckling.recording.writer as W
-
-    real = W.RecordingWriter.append_step
-
-    class FailingOs:
-        armed = False
-
-        def __getattr__(self, name):
-            return getattr(os, name)
-
-        def write(self, fd, data):
-            if self.armed:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return os.write(fd, data)
-
-    fake = W.os = FailingOs()
-
-    def append_step(self, s, *a, **k):
-        fake.armed = s > step
-        return real(self, s, *a, **k)
-    W.RecordingWriter.append_step = append_step
-
-
 @pytest.mark.parametrize("fail_after,save_steps", [(4, 3), (2, 100)], ids=["with-checkpoint", "no-checkpoint"])
 def test_full_disk_leaves_failed_status_no_tmp_and_fitting_advice(fail_after, save_steps, tok, tmp_path,
                                                                   monkeypatch):
@@ -347,8 +321,6 @@ def _strict_json(path: Path):
 def test_a_resume_without_threads_uses_the_runs_thread_count(tok, tmp_path):
     """--threads unset: a resume computes as the run did, whatever thread count this process holds now
     (an earlier call in the same process may have changed it); only a different --threads is refused."""
-    import torch
-
     run, held = tmp_path / "run", torch.get_num_threads()
     try:
         torch.set_num_threads(2)

@@ -223,30 +223,6 @@ def full_disk_when(flag: str) -> None:
     W.os = FailingOs()
 
 
-def full_disk_after(step: int) -> None:
-    """(writer setup; WRecorder.writer_setup) os.write fails with ENOSPC for every step after ``step``."""
-    import duckling.recording.writer as W
-    real = W.RecordingWriter.append_step
-
-    class FailingOs:
-        armed = False
-
-        def __getattr__(self, name):
-            return getattr(os, name)
-
-        def write(self, fd, data):
-            if self.armed:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return os.write(fd, data)
-
-    fake = W.os = FailingOs()
-
-    def append_step(self, s, *a, **k):
-        fake.armed = s > step
-        return real(self, s, *a, **k)
-    W.RecordingWriter.append_step = append_step
-
-
 def test_full_disk_in_the_writer_raises_in_the_training_process(tmp_path):
     flag = tmp_path / "full"
     wp = start(tmp_path / "run", setup=functools.partial(full_disk_when, str(flag)))
