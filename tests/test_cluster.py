@@ -25,6 +25,8 @@ import pytest
 from duckling.errors import DucklingError
 from duckling.storage import Storage, as_local, local_path
 
+pytestmark = pytest.mark.xdist_group("cluster")  # its module fixtures are built once, on one worker
+
 
 # ---------------------------------------------------------------- fast: storage and the mirror
 @pytest.mark.parametrize("kind", ["file", "memory"])
@@ -151,12 +153,17 @@ def test_a_ray_that_cannot_start_is_a_clear_error(monkeypatch):
     ray = pytest.importorskip("ray")
     from duckling.sweeps import cluster
 
+    tries = []
+
     def slow_start(*a, **k):
+        tries.append(1)
         raise Exception("The current node timed out during startup.")
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", slow_start)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
     with pytest.raises(DucklingError, match="could not start or join a local Ray instance.*rerun the same command"):
         cluster.start_ray(None)
+    assert len(tries) == 3  # a local start is tried three times before it is reported
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,8 @@ from duckling.training.fused import check_group, group_key, plan_groups, train_g
 from duckling.training.model import build_model
 from duckling.training.train import train
 
+pytestmark = pytest.mark.xdist_group("fused")  # its module fixtures are built once, on one worker
+
 T = 32
 
 

@@ -16,6 +16,8 @@ from duckling.data import vocab
 from duckling.data.build import iter_stories, resolve_source
 from duckling.errors import DucklingError
 
+pytestmark = pytest.mark.xdist_group("quickstart")  # its module fixtures are built once, on one worker
+
 GPT2_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
              "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json")
 SAMPLE = Path(vocab.__file__).parents[1] / "sample"

@@ -12,6 +12,8 @@ import pytest
 from duckling.errors import DucklingError
 from duckling.sweeps.spec import load_spec, run_name
 
+pytestmark = pytest.mark.xdist_group("sweep")  # its module fixtures are built once, on one worker
+
 STEPS = 20
 BASE = {"train.max_steps": STEPS, "train.save_steps": 10, "train.logging_steps": 5, "model.n_layer": 1,
         "model.n_positions": 64, "train.compile": False, "record.probe_every": 5}

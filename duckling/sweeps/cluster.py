@@ -63,7 +63,16 @@ def start_ray(address: str | None = None, runtime_env: dict | None = None) -> bo
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence Ray's future-default warning
     try:
-        ray.init(address=address, **kw)
+        for attempt in range(3 if address == "local" else 1):  # a local start can miss Ray's fixed 30 s on a
+            try:                                                # loaded machine: try again after tidying up
+                ray.init(address=address, **kw)
+                break
+            except ConnectionError:
+                raise
+            except Exception:  # noqa: BLE001 - Ray's start-up timeout is a bare Exception
+                ray.shutdown()
+                if attempt == 2 or address != "local":
+                    raise
     except ConnectionError as e:
         raise DucklingError(f"Cannot connect to a Ray cluster at {address!r} ({e}). Start one with "
                             "`ray start --head`, or leave out --address / RAY_ADDRESS for a local Ray.") from None
