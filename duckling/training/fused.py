@@ -147,9 +147,7 @@ def train_group(configs, run_dirs, dataset=None, *, eval_dataset=None, resume: b
     eval_rows = None if eval_dataset is None else as_rows(eval_dataset, tok)
     if eval_rows is not None:
         check_rows(eval_rows, cfg, n_live, what="evaluation dataset")
-        held_out = getattr(train_module, "_check_held_out", None)  # train()'s own rule, where this duckling has it
-        if held_out is not None:
-            held_out(rows, eval_rows, cfg)
+        train_module._check_held_out(rows, eval_rows, cfg)  # train()'s own rule: no eval row repeats a training row
     if device == "cpu":
         tune_cpu_allocator()
     found = [check_run_dir(d, c, tok, resume) for d, c in zip(run_dirs, configs)]
@@ -164,9 +162,8 @@ def train_group(configs, run_dirs, dataset=None, *, eval_dataset=None, resume: b
     names = [d.name for d in run_dirs]
     where = str(Path(dataset).resolve() if isinstance(dataset, (str, Path)) else
                 Path(cfg.data.dataset_dir).resolve() if dataset is None else type(dataset).__name__)
-    fp = getattr(rows_mod, "rows_fingerprint", None)  # the data a resume checks (when this duckling records it)
-    fingerprints = {} if fp is None else {"dataset_fingerprint": fp(rows),
-                                          "eval_dataset_fingerprint": None if eval_rows is None else fp(eval_rows)}
+    fingerprints = {"dataset_fingerprint": rows_mod.rows_fingerprint(rows),  # the data a resume checks
+                    "eval_dataset_fingerprint": None if eval_rows is None else rows_mod.rows_fingerprint(eval_rows)}
     try:
         with contextlib.ExitStack() as locks:
             for d in run_dirs:
