@@ -165,6 +165,10 @@ def test_fused_group_resumes_bit_exact_and_its_runs_resume_alone(group, tok, tmp
     assert [json.loads((d / "run_info.json").read_text())["status"] for d in dirs] == ["interrupted"] * 3
     assert all((d / "checkpoint-4" / "trainer_state.json").is_file() for d in dirs)
     shutil.copytree(dirs[2], tmp_path / "alone", ignore=shutil.ignore_patterns(".lock"))
+    before = [(d / "run_info.json").read_bytes() for d in dirs]
+    with pytest.raises(DucklingError, match="evaluation dataset"):  # a group resumes only as the same runs
+        train_group(ADAMW, dirs, dataset=ROWS, tokenizer=tok, progress=False, resume=True)
+    assert [(d / "run_info.json").read_bytes() for d in dirs] == before
     resumed = train_group(ADAMW, dirs, dataset=ROWS, eval_dataset=EVAL, tokenizer=tok, progress=False, resume=True)
     for f, r in zip(fused, resumed):
         assert all(torch.equal(a, b) for a, b in zip(weights(f.model).values(), weights(r.model).values()))

@@ -40,6 +40,7 @@ from duckling.training.safety import StopOnSignal, after_failure, check_disk, fa
 from duckling.training.trainer import (_trainer_classes, pick_compile, pick_device, pick_precision, training_arguments,
                                        tied_head_not_missing, tune_cpu_allocator)
 from duckling.training import train as train_module
+from duckling.training.resume import check_same_run
 from duckling.training.train import TrainResult, _device_name, _tokenizer, train
 from duckling.data import rows as rows_mod
 
@@ -164,17 +165,20 @@ def train_group(configs, run_dirs, dataset=None, *, eval_dataset=None, resume: b
                 Path(cfg.data.dataset_dir).resolve() if dataset is None else type(dataset).__name__)
     fingerprints = {"dataset_fingerprint": rows_mod.rows_fingerprint(rows),  # the data a resume checks
                     "eval_dataset_fingerprint": None if eval_rows is None else rows_mod.rows_fingerprint(eval_rows)}
+    infos = [{"device": device, "device_name": _device_name(device), "precision": precision, "compile": "off",
+              "optimizer": c.train.optimizer, "threads": torch.get_num_threads(), "n_train_rows": len(rows),
+              "seq_len": rows.seq_len, "dataset": where, "fused": {"runs": names, "index": k}, **fingerprints}
+             for k, c in enumerate(configs)]
+    if resume:  # every member must compute what it computed before (device, arithmetic, threads, data)
+        for d, f, info in zip(run_dirs, found, infos):
+            check_same_run(d, f[1], info)
     try:
         with contextlib.ExitStack() as locks:
             for d in run_dirs:
                 locks.enter_context(run_lock(d, create=not resume))
             for k, (d, c) in enumerate(zip(run_dirs, configs)):
                 check_run_dir(d, c, tok, resume, locked=True)
-                info = {"device": device, "device_name": _device_name(device), "precision": precision,
-                        "compile": "off", "optimizer": c.train.optimizer, "threads": torch.get_num_threads(),
-                        "n_train_rows": len(rows), "seq_len": rows.seq_len,
-                        "dataset": where, "fused": {"runs": names, "index": k}, **fingerprints}
-                write_run_files(d, c, tok, None if ckpts[k] is None else ckpts[k], found[k][1], info)
+                write_run_files(d, c, tok, None if ckpts[k] is None else ckpts[k], found[k][1], infos[k])
             return _fit_group(configs, run_dirs, models, ckpts, rows, eval_rows, device, precision, n_live,
                               progress, callbacks, resume)
     except OSError as e:
