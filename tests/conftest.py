@@ -18,6 +18,9 @@ if not os.environ.get("TIKTOKEN_CACHE_DIR") and _cache.is_dir():
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the cores: one torch/OpenMP thread each, here and
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # in every process they start (spinning threads on a busy
+    os.environ.setdefault("MKL_NUM_THREADS", "1")  # machine made steps ~20x slower: test_notebooks.one_thread)
 
 
 def pytest_configure(config):
