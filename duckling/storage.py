@@ -42,15 +42,47 @@ def local_path(path_or_uri) -> Path | None:
 
 
 def as_local(path_or_uri) -> Path:
-    """A path that ``Recording``, ``report`` and ``compare`` can open: a plain path or a ``file://`` URI
-    as a Path. A remote URI is refused with what to do (its runs are read where the storage is mounted,
-    or after ``Storage(uri).download(...)``)."""
+    """A local folder: a plain path or a ``file://`` URI as a Path, for what truly needs one (a training
+    run's output, a lock). A remote URI is refused with what to do. (``Recording``, ``report`` and
+    ``compare`` read remote runs too: duckling.recording.remote.)"""
     p = local_path(path_or_uri)
     if p is None:
         raise DucklingError(f"{path_or_uri} is a remote storage URI: read its runs where that storage is mounted "
                             "(a file:// URI or a folder), or copy a run down first with "
                             "duckling.storage.Storage(URI).download(RUN, FOLDER).")
     return p
+
+
+class StoragePath:
+    """A file or folder of a remote storage, named by its URI: ``/``, ``parent`` and ``name`` as a Path
+    has them, for names and messages only (no os call can take it by mistake: it has no __fspath__)."""
+
+    def __init__(self, uri: str):
+        self.uri = str(uri).rstrip("/")
+
+    def __truediv__(self, name) -> "StoragePath":
+        return StoragePath(f"{self.uri}/{str(name).strip('/')}")
+
+    @property
+    def parent(self) -> "StoragePath":
+        head, sep, _ = self.uri.rpartition("/")
+        return StoragePath(head) if sep and not head.endswith(":/") else self
+
+    @property
+    def name(self) -> str:
+        return self.uri.rpartition("/")[2]
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def __repr__(self) -> str:
+        return f"StoragePath({self.uri!r})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, StoragePath) and other.uri == self.uri
+
+    def __hash__(self) -> int:
+        return hash(self.uri)
 
 
 def _fsspec():

@@ -104,7 +104,7 @@ def resolve(stream) -> tuple[list, np.ndarray, list[str]]:
 
 
 def _resolve(stream):
-    found, problems = listing(stream)
+    found, problems = stream.list_chunks()  # access.py: the folder's entries, or the storage's listing
     strict = _strict(stream)
     listed = stream.manifest.chunks(stream.name) if strict else {}
     # (a block beside its raw chunk is a first commit cut before the manifest was written: not a loss)
@@ -125,7 +125,7 @@ def _resolve(stream):
             continue  # named by listing()
         if "blk" in have and (e is not None or not strict):
             try:
-                h, _ = stream._header(c)
+                h, _ = stream.opening_header(c, e)
             except CorruptBlock as err:
                 known = entry_steps(e) if e is not None else (
                     list(range(c * stream.block, (c + 1) * stream.block)) if stream.positional and c < n - 1 else None)
@@ -137,7 +137,7 @@ def _resolve(stream):
                 chunks.append(("bad", len(known)))
                 steps.append(np.asarray(known, np.int64))
                 continue
-            if e is not None and (os.stat(path).st_size != e["bytes"] or h["crc32"] != e["header_crc32"]):
+            if e is not None and (stream.file_size(c, "blk") != e["bytes"] or h["crc32"] != e["header_crc32"]):
                 problems.append(f"{path} is not the block manifest.json lists for chunk {c} of stream {stream.name} "
                                 f"({covers(stream, c, e)}): its size or header differs (copied from another run, or "
                                 f"replaced)")
@@ -146,7 +146,7 @@ def _resolve(stream):
             chunks.append(("blk", h["n"]))
             steps.append(np.asarray(h["steps"], np.int64))
         elif "raw" in have:
-            size = os.stat(stream.raw_path(c)).st_size
+            size = stream.file_size(c, "raw")
             k = min(size // stream.rec_bytes, stream.block)
             kinds[c] = "raw"
             chunks.append(("raw", k))
@@ -183,7 +183,7 @@ def incomplete(root, problems: list[str]):
     from duckling.errors import DucklingError
 
     more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+    run = root.parent if hasattr(root, "uri") else os.path.dirname(os.path.abspath(root))  # a StoragePath: a URI
     return DucklingError(f"the recording in {root} is not whole: {'; '.join(problems[:3])}{more}. Read as it is, it "
                          f"could give fewer or other steps than were recorded, so it is not read. Restore the files from a copy of "
-                         f"the run (or re-record it); `duckling verify {os.path.dirname(os.path.abspath(root))}` "
-                         f"lists every problem.")
+                         f"the run (or re-record it); `duckling verify {run}` lists every problem.")

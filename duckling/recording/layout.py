@@ -102,8 +102,13 @@ def read_meta(root: Path) -> dict:
                             f"trained with recording enabled.")
     if not stat.S_ISREG(os.stat(root / "meta.json").st_mode):  # (a FIFO would block the read)
         raise DucklingError(f"{root}/meta.json is not a regular file; restore the run's original meta.json.")
+    return parse_meta(root, (root / "meta.json").read_bytes())
+
+
+def parse_meta(root, raw: bytes) -> dict:
+    """meta.json's bytes as a dict (read_meta; remote.py reads them from a storage)."""
     try:
-        meta = json.loads((root / "meta.json").read_text())
+        meta = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise DucklingError(f"{root}/meta.json is not valid JSON ({e}); restore it from a copy.") from None
     if not isinstance(meta, dict):
@@ -168,17 +173,18 @@ def _row_widths(rows: slice, n_live: int, d: int, group: int, dead_group: int) -
     return out
 
 
-def make_streams(root, meta: dict) -> tuple[dict, Stream, Stream]:
-    """({(matrix, ext): snapshot stream}, scalars stream, probe stream) of a checked meta.json."""
+def make_streams(root, meta: dict, stream=Stream, manifest: Manifest | None = None) -> tuple[dict, Stream, Stream]:
+    """({(matrix, ext): snapshot stream}, scalars stream, probe stream) of a checked meta.json; ``stream``
+    and ``manifest``: remote.py's, for a recording in a storage."""
     V, d = meta["shape"]
     B, n_m, G = meta["block_steps"], len(meta["matrices"]), meta["group_rows"]
     parts = snapshot_parts(meta["dtype"], V, meta["n_live"])
     widths = {ext: _row_widths(sl, meta["n_live"], d, G, meta["dead_group_rows"]) for ext, sl, _ in parts}
-    man = Manifest(root, expected=meta.get("manifest") == MANIFEST)  # one per recording, shared by its streams
-    snaps = {(m, ext): Stream(root, f"{m}.{ext}", (sl.stop - sl.start) * d, dt, widths[ext], B,
+    man = manifest if manifest is not None else Manifest(root, expected=meta.get("manifest") == MANIFEST)  # one per recording, shared by its streams
+    snaps = {(m, ext): stream(root, f"{m}.{ext}", (sl.stop - sl.start) * d, dt, widths[ext], B,
                               meta["segment_steps"], manifest=man)
              for m in meta["matrices"] for ext, sl, dt in parts}
-    scalars = Stream(root, "scalars", n_m * 4 * V + d + 1, np.float32, [V] * (4 * n_m) + [d + 1], B,
+    scalars = stream(root, "scalars", n_m * 4 * V + d + 1, np.float32, [V] * (4 * n_m) + [d + 1], B,
                      manifest=man, positional=True)
-    probe = Stream(root, "probe", 2, np.float32, [2], B, manifest=man)
+    probe = stream(root, "probe", 2, np.float32, [2], B, manifest=man)
     return snaps, scalars, probe

@@ -81,7 +81,8 @@ class Manifest:
     recording keeps one (meta.json's "manifest" key, written by today's writer and by compact)."""
 
     def __init__(self, root, expected: bool = False):
-        self.root, self.path = Path(root), Path(root) / NAME
+        self.root = root if hasattr(root, "uri") else Path(root)  # (a storage.StoragePath: remote.py)
+        self.path = self.root / NAME
         self.expected = expected
         self._lock = threading.Lock()
         self.streams: dict[str, dict[int, dict]] = {}
@@ -90,15 +91,12 @@ class Manifest:
 
     def load(self) -> "Manifest":
         """(Re-)read the file; a missing one is an empty manifest (``present`` False)."""
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
+        raw = self._read()
+        if raw is None:
             self.streams, self.present = {}, False
             return self
-        if not stat.S_ISREG(st.st_mode):
-            raise _bad(self.path, "not a regular file")
         try:
-            doc = json.loads(self.path.read_text())
+            doc = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise _bad(self.path, f"not valid JSON: {e}") from None
         if not isinstance(doc, dict) or doc.get("manifest_version") != VERSION or doc.get("hash") != HASH \
@@ -116,6 +114,16 @@ class Manifest:
                 out.setdefault(name, {})[e["chunk"]] = e
         self.streams, self.present = out, True
         return self
+
+    def _read(self) -> bytes | None:
+        """The file's bytes (None: there is none); remote.RemoteManifest reads them from a storage."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            raise _bad(self.path, "not a regular file")
+        return self.path.read_bytes()
 
     def entry(self, stream: str, c: int) -> dict | None:
         return self.streams.get(stream, {}).get(c)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 
 import numpy as np
 
 from duckling.errors import DucklingError
-from duckling.storage import as_local
+from duckling.storage import local_path
 from duckling.recording.layout import (FIELDS, FORMAT, LAYOUT_KEYS, check_meta, make_streams, older_layout, put_values, read_meta,
                                        rec_dir, snapshot_parts)
 from duckling.recording.chunks import incomplete
@@ -29,11 +30,11 @@ class Blocks:
     """Counts and reads of today's layout: streams of checksummed blocks and a raw tail (streams.py);
     positions are indices into the streams."""
 
-    def __init__(self, root, meta: dict):
+    def __init__(self, root, meta: dict, remote=None):
         self.root, self.meta = root, meta
         self.V, self.d = meta["shape"]
         self.parts = snapshot_parts(meta["dtype"], self.V, meta["n_live"])
-        self.snaps, self.scalars, self.probe_stream = make_streams(root, meta)
+        self.snaps, self.scalars, self.probe_stream = make_streams(root, meta, **(remote.stream_args(meta) if remote else {}))
         self.kept: dict = {}  # (matrix, position, ext) -> stored values of a preloaded snapshot
 
     @property
@@ -186,10 +187,22 @@ class Recording:
     """
 
     def __init__(self, run_dir, *, _meta: dict | None = None):
-        self.root = rec_dir(as_local(run_dir))  # a folder or a file:// URI (duckling.storage)
-        self.run_dir = self.root.parent
-        self.meta = _meta if _meta is not None else read_meta(self.root)  # _meta: compact, an older layout
+        local = local_path(run_dir)  # a folder or a file:// URI; else a storage URI (duckling.storage)
+        self._remote = None
+        if local is None:  # read through the storage, block by block (remote.py)
+            from duckling.recording.remote import RemoteRun
+
+            self._remote = RemoteRun(str(run_dir))
+            self.root = self._remote.root
+            self.meta = _meta if _meta is not None else self._remote.meta()
+        else:
+            self.root = rec_dir(local)
+            self._run_dir = self.root.parent
+            self.meta = _meta if _meta is not None else read_meta(self.root)  # _meta: compact, an older layout
         version = self.meta.get("format_version")
+        if version == 1 and self._remote is not None:
+            raise DucklingError(f"{self.root} is a format-1 recording, which is read from a local folder only: copy "
+                                f"the run down (duckling.storage.Storage(URI).download(RUN, FOLDER)) and read it there.")
         if version == 1:
             self._src = V1Source(self.root, self.meta)
         elif version == FORMAT:
@@ -198,10 +211,10 @@ class Recording:
                 raise DucklingError(
                     f"{self.root} is {older_layout(self.meta)} (its meta.json has no {', '.join(missing)}), "
                     f"written by an earlier duckling. Upgrade it in place once with `duckling compact "
-                    f"{self.run_dir}` (lossless, verified before the old files go), then read it.")
+                    f"{self.where}` (lossless, verified before the old files go), then read it.")
             if _meta is None:
                 check_meta(self.root, self.meta)
-            self._src = Blocks(self.root, self.meta)
+            self._src = Blocks(self.root, self.meta, self._remote)
         else:
             raise DucklingError(f"{self.root} has recording format {version!r}; this duckling reads formats "
                                 f"1 and {FORMAT}. Use a matching version of duckling.")
@@ -212,6 +225,23 @@ class Recording:
         self.scalar_steps, self.steps = self._src.reload()
         self._index = {int(s): i for i, s in enumerate(self.steps)}
         return self
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder; for a run in a storage, a local copy of its small files (remote.RemoteRun.staged),
+        made on first use: what the analyses read beside the recording (config.json, token_mapping.json...)."""
+        return self._run_dir if self._remote is None else self._remote.staged()
+
+    @property
+    def where(self) -> str:
+        """The run folder, or its storage URI."""
+        return str(self._run_dir) if self._remote is None else self._remote.run_uri
+
+    def _sizes(self) -> dict[str, int]:
+        """{name: size} of the recording folder's files."""
+        if self._remote is not None:
+            return dict(self._remote.sizes)
+        return {p.name: p.stat().st_size for p in self.root.iterdir() if p.is_file()}
 
     # shape facts
     matrices = property(lambda self: list(self.meta["matrices"]))
@@ -227,12 +257,12 @@ class Recording:
 
     def __repr__(self) -> str:
         last = int(self.steps[-1]) if len(self) else None
-        return (f"Recording({str(self.run_dir)!r}: {len(self)} snapshots up to step {last}, "
+        return (f"Recording({self.where!r}: {len(self)} snapshots up to step {last}, "
                 f"{self.dtype}, every {self.every}, {self.bytes_on_disk / 1e6:.1f} MB)")
 
     @property
     def bytes_on_disk(self) -> int:
-        return sum(p.stat().st_size for p in self.root.iterdir() if p.is_file())
+        return sum(self._sizes().values())
 
     @property
     def raw_bytes(self) -> int:
@@ -242,8 +272,7 @@ class Recording:
                        for _, sl, dt in snapshot_parts(self.dtype, V, self.n_live))
         per_scalar = n_m * len(FIELDS) * V * 4 + d * 4 + 4 + 8
         return (len(self.steps) * (n_m * per_snap + 8) + len(self.scalar_steps) * per_scalar
-                + len(self.probe) * 12 + sum(p.stat().st_size for p in (self.root / "meta.json", self.root / MANIFEST)
-                                             if p.is_file()))
+                + len(self.probe) * 12 + sum(self._sizes().get(n, 0) for n in ("meta.json", MANIFEST)))
 
     @property
     def compression_ratio(self) -> float:
@@ -335,6 +364,10 @@ class Recording:
         against the files (``duckling verify RUN``; ``duckling.recording.repair.verify``)."""
         from duckling.recording.repair import verify
 
+        if self._remote is not None:
+            raise DucklingError(f"{self.where} is in a storage: verify hashes every byte of a recording on this "
+                                "machine; run `duckling verify` where the storage is mounted, or on a downloaded copy "
+                                "(reading a remote run already checks each block it fetches against the manifest).")
         return verify(self.root)[0]
 
     @functools.cached_property

@@ -19,31 +19,11 @@ from duckling.recording.codec import (TRAILER, CorruptBlock, check_record, decod
                     pack_trailer, read_header)
 from duckling.errors import DucklingError
 from duckling.files import write_atomic
-from duckling.recording.chunks import covers, header_crc_of, incomplete, listing, resolve
+from duckling.recording.access import LocalFiles
+from duckling.recording.chunks import covers, header_crc_of, incomplete, resolve
 from duckling.recording.manifest import Manifest, digest
 
 CACHE_BYTES = 160 << 20  # decoded frames kept per stream (one 64-step bf16 block of W fits)
-
-
-class BlockFile:
-    """A block file whose slices are read with pread (``f[a:b]``: those bytes only). Cheaper than a
-    memory map for the few scattered frames of a trajectory: no mapping to set up and tear down, no
-    page faults; a context manager that closes it."""
-
-    def __init__(self, path):
-        self.path, self.fd = path, os.open(path, os.O_RDONLY)
-
-    def __getitem__(self, s: slice) -> bytes:
-        data = os.pread(self.fd, s.stop - s.start, s.start)
-        if len(data) != s.stop - s.start:
-            raise CorruptBlock(f"{self.path} is shorter than its header says (truncated?)")
-        return data
-
-    def __enter__(self) -> "BlockFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        os.close(self.fd)
 
 
 @functools.lru_cache(maxsize=8)
@@ -53,10 +33,13 @@ def _whole_plan(widths: tuple) -> tuple[bool, list]:
     return True, [(g, slice(b[g], b[g + 1]), slice(None)) for g in range(len(widths))]
 
 
-class Stream:
+class Stream(LocalFiles):
+    """One stream; its files are read through access.LocalFiles (remote.RemoteFiles for a storage URI)."""
+
     def __init__(self, root: Path, name: str, width: int, dtype, widths: list[int], block: int,
                  segment: int | None = None, manifest: Manifest | None = None, positional: bool = False):
-        self.root, self.name, self.width, self.dtype = Path(root), name, int(width), np.dtype(dtype)
+        self.root = root if hasattr(root, "uri") else Path(root)  # (a storage.StoragePath: remote.py)
+        self.name, self.width, self.dtype = name, int(width), np.dtype(dtype)
         self.manifest = manifest  # the recording's manifest.json (shared by its streams), updated on commit
         self.positional = positional  # record i is step i (the scalars): a bad block's steps are known
         self.kinds: dict[int, str] = {}  # chunk -> "blk" | "raw" | "bad" (chunks.resolve, at scan)
@@ -81,13 +64,9 @@ class Stream:
     # --- structure ------------------------------------------------------------------------------
     def _header(self, c: int) -> tuple[dict, list[int]]:
         p = self.blk_path(c)
-        st = os.stat(p)
-        size, key = st.st_size, (c, st.st_size, st.st_mtime_ns)
+        size, key = self._stat_key(c)
         if self._headers.get(c, (None,))[0] != key:
-            with open(p, "rb") as f:
-                head = f.read(1 << 16)
-                if len(head) >= 16 and head[:8] == b"DUCKBLK2":  # a long frame table: read it whole
-                    head += f.read(max(0, int.from_bytes(head[8:12], "little") + 16 - len(head)))
+            head = self._head(c, size)
             h, offsets = read_header(head, size)  # CorruptBlock: the caller names the steps
             h["crc32"] = header_crc_of(head)  # what the manifest lists (chunks.py compares)
             if h["k"] != self.width or h["itemsize"] != self.dtype.itemsize or h["n"] > self.block:
@@ -118,7 +97,7 @@ class Stream:
     def _raw_trailers(self, c: int, n: int) -> np.ndarray:
         if n == 0:
             return np.zeros(0, TRAILER)
-        mm = np.memmap(self.raw_path(c), np.uint8, "r", shape=(n, self.rec_bytes))
+        mm = self._raw_view(c, n)
         return np.ascontiguousarray(mm[:, self.payload:]).view(TRAILER)[:, 0]
 
     # --- reading --------------------------------------------------------------------------------
@@ -147,7 +126,7 @@ class Stream:
             try:
                 if kind == "bad":
                     raise CorruptBlock(self.bad[int(c)])
-                if kind == "blk" or (kind is None and self.blk_path(int(c)).exists()):  # into place when the block's rows of out are a slice
+                if kind == "blk" or (kind is None and self._has_blk(int(c))):  # into place when the block's rows of out are a slice
                     dest = out[sel[0]:sel[-1] + 1] if sel[-1] - sel[0] + 1 == len(sel) else None
                     got = self._read_blk(int(c), local, cols, plan, dest)
                     if got is not dest:
@@ -184,7 +163,7 @@ class Stream:
         groups = [g for g, _, _ in plan[1]]
         todo = []
         for c, count in zip(chunks, counts):
-            if self.kinds.get(int(c), "blk") == "blk" and self.blk_path(int(c)).exists():
+            if self.kinds.get(int(c), "blk") == "blk" and self._has_blk(int(c)):
                 try:
                     h, offsets = self._header(int(c))
                 except (CorruptBlock, OSError):
@@ -205,7 +184,7 @@ class Stream:
                 self._remember((c, g), arr)
 
     def _read_raw(self, c: int, local: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        mm = np.memmap(self.raw_path(c), np.uint8, "r")
+        mm = self._raw_view(c)
         res = np.empty((len(local), self._n_cols(cols)), self.dtype)
         for j, i in enumerate(local):
             rec = np.asarray(mm[i * self.rec_bytes:(i + 1) * self.rec_bytes])
@@ -271,10 +250,6 @@ class Stream:
             else:
                 res[:, mine] = arr[local[:, None], inner[None, :]].view(self.dtype)
         return res
-
-    def _open(self, c: int) -> "BlockFile":
-        """Block c's file, read only where a read's frames lie."""
-        return BlockFile(self.blk_path(c))
 
     def _decode(self, c: int, h: dict, offsets, groups, records=None) -> dict:
         """decode_groups on block c's file."""
@@ -356,7 +331,7 @@ class Stream:
                 gone.append(p.name)
         m = self.manifest
         strict = m is not None and (m.present or m.expected)
-        for c in sorted(c for c, have in listing(self)[0].items() if have == {"blk", "raw"}):
+        for c in sorted(c for c, have in self.list_chunks()[0].items() if have == {"blk", "raw"}):
             p = self.raw_path(c) if not strict or m.entry(self.name, c) is not None else self.blk_path(c)
             p.unlink()
             gone.append(p.name)
