@@ -175,15 +175,19 @@ def cli_report(args) -> int:
     from duckling.analysis.report import report
     from duckling.files import folder_lock
 
-    from duckling.storage import as_local
+    from duckling.storage import as_local, local_path
 
-    args.run, args.out = str(as_local(args.run)), args.out and str(as_local(args.out))  # file:// URIs too
+    remote = local_path(args.run) is None  # a run in a storage: read from there, the report written here
+    if remote and not args.out:
+        raise DucklingError(f"{args.run} is in a storage, which `duckling report` only reads: pass --out a local "
+                            "folder for the figures and summary.json.")
+    args.run, args.out = args.run if remote else str(as_local(args.run)), args.out and str(as_local(args.out))
     mp = args.max_points
     if mp < 0:
         raise DucklingError(f"--max-points must be >= 0 (0 = every recorded step), not {mp}.")
     out = Path(args.out) if args.out else Path(args.run) / "report"
     run = Path(args.run)
-    into_run = run.is_dir() and (run / "config.json").is_file() and run.resolve() in (out.resolve(), *out.resolve().parents)
+    into_run = not remote and run.is_dir() and (run / "config.json").is_file() and run.resolve() in (out.resolve(), *out.resolve().parents)
     with folder_lock(run) if into_run else contextlib.nullcontext():  # writing into the run: its one writer
         S = report(args.run, args.out, mp)
     print(f"wrote {len(S['figures'])} figures and summary.json to {out}")
@@ -259,14 +263,19 @@ def cli_compare(args) -> int:
     sweep has not finished (pending, failed, ...) are listed but are the sweep's business: exit 0."""
     from duckling.sweeps.compare import compare, short_table, unhealthy
 
-    from duckling.storage import as_local
+    from duckling.storage import as_local, local_path
 
-    args.out = str(as_local(args.out))  # a folder or a file:// URI
-    table = compare(args.out, refresh_reports=args.refresh_reports)
+    remote = local_path(args.out) is None  # a sweep in a storage: read from there, the table written to --out
+    if remote and not args.into:
+        raise DucklingError(f"{args.out} is in a storage, which `duckling compare` only reads: pass --out a local "
+                            "folder for the table, the figures and the runs' reports.")
+    args.out = args.out if remote else str(as_local(args.out))
+    into = str(as_local(args.into)) if args.into else None
+    table = compare(args.out, into=into, refresh_reports=args.refresh_reports)
     print(short_table(table))
     files = table.attrs.get("files", [])
     print(f"every column ({len(table.columns)}), the mean over seeds with 95% intervals and the differences: "
-          f"{Path(args.out) / 'compare.md'} and compare.csv; figures: "
+          f"{Path(into or args.out) / 'compare.md'} and compare.csv; figures: "
           f"{', '.join(f for f in files if f.endswith('.png')) or 'none yet'}")
     bad = unhealthy(table)
     if bad:

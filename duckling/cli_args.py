@@ -98,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_field_flags(s, "generate", C.GenerateConfig)
 
     s = sub.add_parser("report", help="write every dead-token figure and summary.json for a run")
-    s.add_argument("run", help="run folder")
-    s.add_argument("--out", default=None, help="default: RUN/report")
+    s.add_argument("run", help="run folder, or a run in a storage (fsspec URI: s3://bucket/sweep/RUN), read block by block")
+    s.add_argument("--out", default=None, help="default: RUN/report (required for a run in a storage: a local folder)")
     s.add_argument("--max-points", type=int, default=MAX_POINTS,
                    help=f"snapshot steps evaluated per curve, evenly spaced (default {MAX_POINTS}; 0 = every "
                    "recorded step)")
@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("compare", help="table, means over seeds with 95%% t intervals, differences and figures "
                        "across the runs of a sweep folder (exit 1 when a run is broken or missing)")
-    s.add_argument("out", help="sweep folder")
+    s.add_argument("out", help="sweep folder, or a sweep in a storage (the fsspec URI given to `duckling sweep --storage`)")
+    s.add_argument("--out", dest="into", default=None, metavar="DIR", help="for a sweep in a storage (required then): "
+                   "the local folder that receives the table, figures and each run's report (the storage is only "
+                   "read); default: the sweep folder itself")
     s.add_argument("--refresh-reports", action="store_true", help="recompute every run's report")
     return p

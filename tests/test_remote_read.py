@@ -69,6 +69,18 @@ def remote(tmp_path, monkeypatch):
     Storage(uri.rsplit("/", 1)[0]).remove_tree("")
 
 
+@pytest.fixture
+def no_png(monkeypatch):
+    """Figures are built but not rendered (rendering is what costs seconds; what is under test here is where
+    the numbers are read from, the figures have their own tests), and reports are computed in this process."""
+    import os
+
+    from matplotlib.figure import Figure
+
+    monkeypatch.setattr(Figure, "savefig", lambda self, path, **kw: open(path, "wb").close())
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+
+
 class Fetched:
     """Bytes read from the storage (every read goes through Storage.read_bytes / read_range)."""
 
@@ -143,7 +155,7 @@ def test_a_changed_block_fails_only_its_steps_and_a_missing_one_names_them(remot
         Recording(uri)
 
 
-def test_report_of_a_remote_run_into_a_local_folder(remote, tmp_path, capsys):
+def test_report_of_a_remote_run_into_a_local_folder(remote, tmp_path, capsys, no_png):
     from duckling.cli import main
 
     run, uri = remote
@@ -153,12 +165,13 @@ def test_report_of_a_remote_run_into_a_local_folder(remote, tmp_path, capsys):
     assert main(["report", str(run), "--out", str(tmp_path / "here"), "--max-points", "8"]) == 0
     got = json.loads((tmp_path / "rep" / "summary.json").read_text())
     want = json.loads((tmp_path / "here" / "summary.json").read_text())
+    assert "in a storage" in got.pop("loss_by_freq_note") and "no final model" in want.pop("loss_by_freq_note")
     assert got == want and got["run"] == "run" and got["final_train_loss"] == 7.5
     assert sorted(p.name for p in (tmp_path / "rep").glob("*.png")) == sorted(want["figures"])
     assert Storage(uri).files("report") == {}  # the storage is only read
 
 
-def test_compare_on_a_sweep_in_storage_matches_the_local_folder(tmp_path, monkeypatch, capsys):
+def test_compare_on_a_sweep_in_storage_matches_the_local_folder(tmp_path, monkeypatch, capsys, no_png):
     from duckling.cli import main
 
     monkeypatch.setenv("DUCKLING_CACHE", str(tmp_path / "cache"))
@@ -176,8 +189,14 @@ def test_compare_on_a_sweep_in_storage_matches_the_local_folder(tmp_path, monkey
     assert main(["compare", uri, "--out", str(tmp_path / "table")]) == 0
     assert "2 of 2 runs complete" in capsys.readouterr().out
     assert main(["compare", str(sweep)]) == 0
+    capsys.readouterr()
     remote_csv = (tmp_path / "table" / "compare.csv").read_text()
     assert remote_csv == (sweep / "compare.csv").read_text()
     assert (tmp_path / "table" / runs[0]["name"] / "report" / "summary.json").is_file()
+    assert main(["compare", uri, "--out", str(tmp_path / "table")]) == 0  # the reports kept in --out are read
+    assert "computing" not in capsys.readouterr().out
+    st.write_bytes(f"{runs[1]['name']}/run_info.json", "{}")  # a run's files changed in the storage: recomputed
+    assert main(["compare", uri, "--out", str(tmp_path / "table")]) == 0
+    assert f"computing 1 missing report(s) (duckling report RUN): {runs[1]['name']}" in capsys.readouterr().out
     assert not any(n.endswith("compare.csv") or "/report/" in n for n in st.files())  # the storage is only read
     st.remove_tree("")

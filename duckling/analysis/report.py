@@ -62,6 +62,7 @@ from duckling.analysis import update_rule as U  # noqa: E402
 from duckling.errors import DucklingError  # noqa: E402
 from duckling.files import checkpoints, write_json  # noqa: E402
 from duckling.recording.reader import Recording  # noqa: E402
+from duckling.storage import local_path  # noqa: E402
 
 
 def _num(x):
@@ -90,14 +91,24 @@ def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS, eval_datase
 
     ``eval_dataset``: the held-out dataset folder for the loss by frequency bucket (default: the one
     run_info.json or the run's sweep.json names; without one, or without RUN/final, it is skipped with a note).
+    ``run_dir`` may be a storage URI (duckling.storage): the recording is read from there block by block,
+    ``out`` is then required (a local folder) and the loss by frequency is skipped (it needs the model).
 
     Snapshot-based curves are evaluated at ``max_points`` evenly spaced recorded steps (always
     including the first and last; None or 0 = every recorded step); per-step scalars use every step."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "recording").is_dir():
-        raise DucklingError(f"{run_dir} has no recording/ folder: pass the folder given to "
-                            "`duckling train --run`, from a run trained with recording enabled.")
-    rec = Recording(run_dir)
+    remote = local_path(run_dir) is None  # a run in a storage (an fsspec URI): read remotely, block by block
+    if remote:
+        if out is None:
+            raise DucklingError(f"{run_dir} is in a storage, which the report only reads: pass --out a local "
+                                "folder for its figures and summary.json.")
+        rec = Recording(run_dir)
+        run_dir = rec.run_dir  # a local copy of the run's small files (config.json, trainer_state.json...)
+    else:
+        run_dir = local_path(run_dir)
+        if not (run_dir / "recording").is_dir():
+            raise DucklingError(f"{run_dir} has no recording/ folder: pass the folder given to "
+                                "`duckling train --run`, from a run trained with recording enabled.")
+        rec = Recording(run_dir)
     if len(rec.steps) < 2:
         raise DucklingError(f"the recording in {run_dir} holds {len(rec.steps)} snapshot(s); the report "
                             "needs at least two (step 0 and a later one): train for more steps.")
@@ -143,7 +154,9 @@ def report(run_dir, out=None, max_points: int | None = A.MAX_POINTS, eval_datase
     buckets = None if counts is None else M.frequency_buckets(counts, rec.live_ids, rec.dead_ids)
     if buckets is not None:
         S["freq_buckets"] = {k: buckets[k] for k in ("labels", "n_tokens", "count_min", "count_max")}
-        loss = M.loss_by_frequency(run_dir, buckets, eval_dataset)
+        loss = {"note": "skipped: the run is in a storage and the loss by frequency needs its trained model on this "
+                        "machine: download the run (duckling.storage.Storage(URI).download) and report it there"} \
+            if remote else M.loss_by_frequency(run_dir, buckets, eval_dataset)
         if "note" in loss:
             S["loss_by_freq_note"] = loss["note"]
         else:

@@ -17,6 +17,7 @@ running, failed with its error, interrupted). One bad run never stops the others
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -24,7 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from duckling.sweeps import stats
-from duckling.storage import as_local
+from duckling.errors import DucklingError
+from duckling.files import write_json
+from duckling.recording.layout import SUBDIR
+from duckling.storage import Storage, as_local, local_path
 from duckling.sweeps.engine import read_manifest
 from duckling.sweeps.progress import text_table
 
@@ -123,14 +127,39 @@ def _plan(out: Path, entry: dict, refresh: bool) -> tuple[str, str]:
                        f"{summary.resolve()} or {recording.resolve()}")
 
 
+def _fingerprint(files: dict) -> str:
+    """What a remote run's report was computed from: its files' names and sizes."""
+    return hashlib.sha1(json.dumps(sorted(files.items())).encode()).hexdigest()
+
+
+def _remote_plan(st, into: Path, entry: dict, refresh: bool) -> tuple[str, str, dict]:
+    """_plan for a sweep in a storage (``st``): the runs are listed there, their reports kept in ``into``;
+    (what to do, why, the run's files)."""
+    files, where = st.files(entry["path"]), st.url(entry["path"])
+    status, error = entry.get("status", "pending"), entry.get("error") or ""
+    if not files:
+        return ("missing", f"run folder not found: expected at {where}", files) if status == "complete" else \
+            (status, _first_line(error), files)
+    if not any(n.startswith("final/") for n in files) and status != "complete":
+        return status, _first_line(error), files
+    report = into / entry["path"] / "report"
+    try:
+        source = json.loads((report / "source.json").read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        source = None
+    if f"{SUBDIR}/meta.json" in files and (refresh or source != _fingerprint(files)):
+        return "compute", "", files
+    if (report / "summary.json").is_file():
+        return "read", "", files
+    return "missing", f"no report summary and no recording to compute it from: expected {where}/{SUBDIR}", files
+
+
 def _first_line(text: str) -> str:
     lines = [s for s in str(text).strip().splitlines() if s.strip()]
     return lines[-1].strip() if lines else ""  # a traceback's last line names the error
 
 
 def _error(e: BaseException) -> str:
-    from duckling.errors import DucklingError
-
     msg = " ".join(str(e).split())
     return msg if isinstance(e, DucklingError) else f"{type(e).__name__}: {msg}"
 
@@ -146,26 +175,27 @@ def _read_summary(run_dir: Path) -> dict:
     return s
 
 
-def _report(run_dir: Path) -> dict:
+def _report(run, out=None) -> dict:
     from duckling.analysis.report import report
 
-    return report(run_dir)
+    return report(run, out)
 
 
 def _compute(todo: list, progress: bool) -> dict:
-    """{run_dir: summary dict or the exception}: reports computed several at a time (one process per
-    CPU core; each report is single-threaded numpy work); one failure leaves the others standing."""
+    """{run: summary dict or the exception} for ``todo`` [(run folder or URI, report folder or None)]: reports
+    computed several at a time (one process per CPU core; each report is single-threaded numpy work; in
+    this process for memory://, which lives in it); one failure leaves the others standing."""
     if not todo:
         return {}
     if progress:
-        print(f"computing {len(todo)} missing report(s) (duckling report RUN): {', '.join(r.name for r in todo)}",
-              flush=True)
+        print(f"computing {len(todo)} missing report(s) (duckling report RUN): "
+              f"{', '.join(str(r).rsplit('/', 1)[-1] for r, _ in todo)}", flush=True)
     out: dict = {}
     workers = min(len(todo), os.cpu_count() or 1)
-    if workers <= 1:
-        for r in todo:
+    if workers <= 1 or any(str(r).startswith("memory://") for r, _ in todo):
+        for r, into in todo:
             try:
-                out[r] = _report(r)
+                out[r] = _report(r, into)
             except Exception as e:  # noqa: BLE001 - listed as broken with its error; the other runs go on
                 out[r] = e
         return out
@@ -176,7 +206,7 @@ def _compute(todo: list, progress: bool) -> dict:
     os.environ.update({k: "1" for k in env})  # inherited by the spawned workers: no thread oversubscription
     try:
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {r: pool.submit(_report, r) for r in todo}
+            futures = {r: pool.submit(_report, r, into) for r, into in todo}
             for r, f in futures.items():
                 try:
                     out[r] = f.result()
@@ -208,37 +238,56 @@ def _numbers(summary: dict) -> dict:
 
 
 # ---------------------------------------------------------------- the table
-def compare(out, *, write: bool = True, refresh_reports: bool = False, progress: bool = True):
+def compare(out, *, into=None, write: bool = True, refresh_reports: bool = False, progress: bool = True):
     """The comparison table of a sweep folder (a pandas DataFrame, one row per run of sweep.json).
 
     Columns: name, the swept fields (dotted names), seed, status, problem, steps, the METRICS columns
     and every other numeric key of the runs' summaries. Only ``complete`` rows have measures; the
     others say why in ``problem`` (module docstring). ``table.attrs``: "swept", "problems" (one dict per
-    run that is not complete: name, status, problem) and, with ``write``, "files" (written into OUT:
-    compare.csv, compare.md, compare_differences.csv, compare_<field>.png, compare_norms.png)."""
+    run that is not complete: name, status, problem) and, with ``write``, "files" (written into ``into``,
+    default OUT: compare.csv, compare.md, compare_differences.csv, compare_<field>.png, compare_norms.png).
+
+    ``out`` may be a sweep in a storage (the URI given to ``duckling sweep --storage``): it is only read,
+    each run's recording block by block (duckling.recording.remote); ``into`` (a local folder, required
+    then) receives the tables, the figures and each run's report (INTO/RUN/report, recomputed when the
+    run's files in the storage change)."""
     import pandas as pd
 
-    out = as_local(out)  # a folder or a file:// URI (duckling.storage)
+    remote = local_path(out) is None
+    if remote and into is None:
+        raise DucklingError(f"{out} is in a storage, which compare only reads: give a local folder for the "
+                            "table, the figures and the runs' reports (`duckling compare URI --out DIR`).")
+    out = str(out) if remote else as_local(out)  # a folder or a file:// URI (duckling.storage)
+    into = as_local(into) if into is not None else out
     manifest = read_manifest(out)
     swept = list(manifest.get("swept", []))
-    plans = {e["name"]: _plan(out, e, refresh_reports) for e in manifest["runs"]}
-    computed = _compute([out / e["path"] for e in manifest["runs"] if plans[e["name"]][0] == "compute"], progress)
+    if remote:
+        st = Storage(out)
+        plans = {e["name"]: _remote_plan(st, into, e, refresh_reports) for e in manifest["runs"]}
+        runs = {e["name"]: (st.url(e["path"]), into / e["path"]) for e in manifest["runs"]}
+    else:
+        plans = {e["name"]: _plan(out, e, refresh_reports) for e in manifest["runs"]}
+        runs = {e["name"]: (out / e["path"], out / e["path"]) for e in manifest["runs"]}
+    todo = [(runs[n][0], runs[n][1] / "report" if remote else None) for n, p in plans.items() if p[0] == "compute"]
+    computed = _compute(todo, progress)
     rows = []
     for entry in manifest["runs"]:
-        run_dir = out / entry["path"]
-        action, problem = plans[entry["name"]]
+        run, run_dir = runs[entry["name"]]  # (where the run is, where its report is)
+        action, problem = plans[entry["name"]][:2]
         row = {"name": entry["name"], **entry.get("point", {}), "seed": entry.get("seed"), "status": action,
                "problem": problem}
         if action in ("read", "compute"):
             try:
-                s = computed[run_dir] if action == "compute" else _read_summary(run_dir)
+                s = computed[run] if action == "compute" else _read_summary(run_dir)
                 if isinstance(s, BaseException):
                     raise s
                 values = {col: _get(s, key) for key, (col, _) in METRICS.items()}
                 if all(v is None for v in values.values()):
                     raise ValueError(f"{run_dir / 'report' / 'summary.json'} holds none of compare's measures "
-                                     f"(keys: {', '.join(sorted(s)[:8])}...): rerun `duckling report {run_dir}`")
+                                     f"(keys: {', '.join(sorted(s)[:8])}...): rerun `duckling report {run}`")
                 row.update(status="complete", steps=s.get("last_scalar_step"), **_numbers(s), **values)
+                if remote and action == "compute":  # what it was computed from: recomputed when that changes
+                    write_json(run_dir / "report" / "source.json", {"run": run, "files": _fingerprint(plans[entry["name"]][2])})
             except Exception as e:  # noqa: BLE001 - listed as broken with its error; the other runs go on
                 row.update(status="broken", problem=_error(e))
         rows.append(row)
@@ -252,7 +301,8 @@ def compare(out, *, write: bool = True, refresh_reports: bool = False, progress:
         from duckling.sweeps.compare_plots import write_figures
         from duckling.sweeps.compare_tables import write_tables
 
-        table.attrs["files"] = write_tables(out, table, swept) + write_figures(out, table, swept)
+        into.mkdir(parents=True, exist_ok=True)
+        table.attrs["files"] = write_tables(into, table, swept) + write_figures(into, table, swept)
     return table
 
 
