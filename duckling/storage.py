@@ -47,9 +47,10 @@ def as_local(path_or_uri) -> Path:
     ``compare`` read remote runs too: duckling.recording.remote.)"""
     p = local_path(path_or_uri)
     if p is None:
-        raise DucklingError(f"{path_or_uri} is a remote storage URI: read its runs where that storage is mounted "
-                            "(a file:// URI or a folder), or copy a run down first with "
-                            "duckling.storage.Storage(URI).download(RUN, FOLDER).")
+        raise DucklingError(f"{path_or_uri} is a remote storage URI, but a folder on this machine is needed here "
+                            "(something is written or locked in it): give a folder path or a file:// URI. (Runs in "
+                            "a storage are read from there: `duckling report URI --out DIR`, `duckling compare URI "
+                            "--out DIR`, Recording(URI).)")
     return p
 
 
