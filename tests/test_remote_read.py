@@ -150,6 +150,10 @@ def test_a_changed_block_fails_only_its_steps_and_a_missing_one_names_them(remot
     with pytest.raises(DucklingError, match=r"steps 8\.\.11.*wte\.u16\.00002\.blk is not the block manifest\.json"):
         rec.snapshot(9)
     assert np.array_equal(rec.snapshot(12), Recording(run).snapshot(12))  # other steps still read
+    st.write_bytes("recording/wte.u16.00009.blk", st.read_bytes("recording/wte.u16.00001.blk"))  # an extra block
+    with pytest.raises(DucklingError, match=r"wte\.u16\.00009\.blk \(steps 4\.\.7\) is not listed in manifest\.json"):
+        Recording(uri)  # (its steps read from its header: a ranged read)
+    st.remove("recording/wte.u16.00009.blk")
     st.remove(name)
     with pytest.raises(DucklingError, match=r"chunk 2 of stream wte\.u16 \(steps 8\.\.11\).*is missing"):
         Recording(uri)
@@ -200,3 +204,25 @@ def test_compare_on_a_sweep_in_storage_matches_the_local_folder(tmp_path, monkey
     assert f"computing 1 missing report(s) (duckling report RUN): {runs[1]['name']}" in capsys.readouterr().out
     assert not any(n.endswith("compare.csv") or "/report/" in n for n in st.files())  # the storage is only read
     st.remove_tree("")
+
+
+def test_a_run_still_recording_reads_its_raw_tail(tmp_path, monkeypatch):
+    """A run being written: its last chunks are raw (fetched whole, each record's checksum checked)."""
+    monkeypatch.setenv("DUCKLING_CACHE", "off")
+    run = tmp_path / "live"
+    run.mkdir()
+    w = RecordingWriter(run, shape=(V, D), n_live=N_LIVE, dtype="bf16", every=1, block_steps=BLOCK)
+    rng = np.random.default_rng(0)
+    for t in range(7):
+        w.append_step(t, {"wte": rng.random((4, V))}, hidden_mean=None if t == 0 else rng.random(D), lr=0.1,
+                      snapshot={"wte": rng.random((V, D)).astype(np.float32)})
+    assert "wte.u16.00001.raw" in {p.name for p in (run / "recording").iterdir()}
+    uri = f"memory://duckling-{uuid.uuid4().hex[:8]}/live"
+    upload(run, uri)
+    rec, local = Recording(uri), Recording(run)
+    np.testing.assert_array_equal(rec.steps, np.arange(7))
+    for s in local.steps:
+        assert np.array_equal(rec.snapshot(int(s)).view(np.uint32), local.snapshot(int(s)).view(np.uint32)), s
+    assert np.array_equal(np.asarray(rec.rows("norm")), np.asarray(local.rows("norm")))
+    w.close()
+    Storage(uri.rsplit("/", 1)[0]).remove_tree("")
