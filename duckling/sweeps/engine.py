@@ -277,8 +277,9 @@ def _execute(spec, place: Place, manifest, todo, address, progress, max_retries,
         # (bad input) is returned, not raised, so it is never retried.
         task = ray.remote(run_task).options(num_cpus=spec.cpus, num_gpus=gpus, max_retries=max_retries,
                                             retry_exceptions=[RunCrashed])
-        # a light process (no torch) on the driver's node: it dies with the driver, and only then (watch_driver)
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        # a light process (no torch) on the driver's node: it dies with the driver, and only then (watch_driver).
+        # Hard affinity: a soft one let Ray place it on a worker node, whose death then failed every run.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         actor = ray.remote(Steps).options(num_cpus=0, scheduling_strategy=here).remote()
         data = [ray.put(d) if d is not None and not isinstance(d, str) else d
                 for d in (spec.dataset, spec.eval_dataset)]
