@@ -84,12 +84,25 @@ def data_files(run_dir) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.suffix in (".blk", ".raw")}
 
 
+_BEFORE: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _children_before():
+    """The processes this process already had when the test began (a Ray or a notebook kernel that an
+    earlier test in the same pytest worker left behind) are not the test's."""
+    _BEFORE.clear()
+    _BEFORE.update(p.pid for p in psutil.Process().children(recursive=True))
+    yield
+
+
 def writer_children() -> list[psutil.Process]:
-    """This process's live children but multiprocessing's resource tracker (one per session)."""
+    """This process's live children started during the test, but multiprocessing's resource tracker."""
     out = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline()):
+            if p.pid not in _BEFORE and p.status() != psutil.STATUS_ZOMBIE \
+                    and "resource_tracker" not in " ".join(p.cmdline()):
                 out.append(p)
         except psutil.NoSuchProcess:
             pass

@@ -46,18 +46,20 @@ def runtime_env() -> dict:
     return {"env_vars": env} if env else {}
 
 
-def start_ray(address: str | None = None, runtime_env: dict | None = None) -> bool:
-    """Connect to Ray: ``address`` / $RAY_ADDRESS (e.g. "auto" for a running cluster), else a fresh
-    local instance with every CPU of this machine, no dashboard and no worker log forwarding.
-    Returns True when this call started (or connected) Ray, False when it was already up."""
+def start_ray(address: str | None = None) -> bool:
+    """Connect to Ray: ``address`` / $RAY_ADDRESS (e.g. "auto" for a running cluster, with this
+    machine's ``runtime_env()`` for its nodes), else a fresh local instance with every CPU of this
+    machine, no dashboard and no worker log forwarding. Returns True when this call started (or
+    connected) Ray, False when it was already up: a sweep leaves a Ray it did not start running, so
+    several sweeps in one session (a notebook's) share one."""
     ray = _ray()
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     kw = dict(include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
               logging_level=logging.ERROR)
-    if runtime_env:
-        kw["runtime_env"] = runtime_env
+    if address != "local" and runtime_env():
+        kw["runtime_env"] = runtime_env()
     if address == "local":  # a fresh instance: all CPUs, runs at normal priority (Ray's default nices workers to 15)
         kw.update(num_cpus=os.cpu_count(), _system_config={"worker_niceness": 0})
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from duckling.errors import DucklingError
 from duckling.files import FolderBusy, folder_lock, holder
-from duckling.sweeps.cluster import _ray, check_resources, check_setup, runtime_env, start_ray
+from duckling.sweeps.cluster import _ray, check_resources, check_setup, start_ray
 from duckling.sweeps.place import MANIFEST, SPEC_COPY, Place
 from duckling.sweeps.progress import Board, Steps
 from duckling.sweeps.spec import DEFAULT_GPUS, Spec, check_disk, load_spec
@@ -267,7 +267,7 @@ def _execute(spec, place: Place, manifest, todo, address, progress, max_retries,
     ray = _ray()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    started = start_ray(address, runtime_env=runtime_env() if address or os.environ.get("RAY_ADDRESS") else None)
+    started = start_ray(address)
     try:
         gpus = _gpus(spec)
         groups = _groups(spec, place, todo, gpus, manifest)

@@ -34,7 +34,8 @@ class Place:
 
     def read_manifest(self) -> dict:
         if not self.has_manifest():
-            raise DucklingError(f"{self} is not a sweep folder (no {MANIFEST}). Run `duckling sweep SPEC --out {self}`.")
+            flag = "--out" if self.local is not None else "--storage"
+            raise DucklingError(f"{self} is not a sweep folder (no {MANIFEST}). Run `duckling sweep SPEC {flag} {self}`.")
         return json.loads(self.storage.read_bytes(MANIFEST))
 
     def write_manifest(self, manifest: dict) -> None:
