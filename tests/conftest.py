@@ -24,8 +24,23 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the cores: one to
 
 
 def pytest_configure(config):
+    if config.getoption("dist", default="no") == "loadgroup" and not os.environ.get("PYTEST_XDIST_WORKER"):
+        _check_loadgroup_works()
     config.addinivalue_line("markers", "slow: seconds or more each (notebooks, Ray sweeps, the quickstart, "
                             "kill/restart subprocesses, compiled graphs); deselect with -m \"not slow\"")
+
+
+def _check_loadgroup_works():
+    """pytest-xdist (3.8) groups tests for ``--dist loadgroup`` by renaming each item's ``_nodeid``; pytest
+    9.2 keeps the id elsewhere, and the groups are then silently ignored (the Ray modules' fixtures were
+    built on both workers and two test clusters ran at once). Stop instead."""
+    import inspect
+
+    from _pytest.nodes import Node
+
+    if "_nodeid" not in inspect.getsource(Node.nodeid.fget):
+        raise pytest.UsageError(f"--dist loadgroup does not group tests with pytest {pytest.__version__} and this "
+                                "pytest-xdist: install the dev extra's versions (pip install -e '.[dev]', pytest<9.2).")
 
 
 @pytest.fixture(scope="session")

@@ -133,7 +133,13 @@ class Node:
                 p.send_signal(sig)
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs(procs, timeout=30)
+        _, alive = psutil.wait_procs(procs, timeout=5)
+        for p in alive:  # what a SIGTERM did not stop in 5 s (Ray's processes can take 30)
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=30)
         self.proc.wait(timeout=30)
         self.log.close()
 
