@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-points", type=int, default=MAX_POINTS,
                    help=f"snapshot steps evaluated per curve, evenly spaced (default {MAX_POINTS}; 0 = every "
                    "recorded step)")
-    s = sub.add_parser("compact", help="upgrade an older recording (format 1, early format 2) to today's layout, in place, verified")
+    s = sub.add_parser("compact", help="finish a compaction a kill or a full disk interrupted, or upgrade an older recording "
+                       "(format 1, early format 2) to today's layout; in place, verified")
     s.add_argument("run", help="run folder (or its recording/ folder)")
 
     s = sub.add_parser("verify", help="check a whole recording: its files against its manifest, every checksum, meta.json")
