@@ -350,3 +350,47 @@ def test_resources_no_node_can_hold_are_refused_naming_the_largest_node():
     assert "cpus to at most 8" in str(err.value) and "Nothing was submitted" in str(err.value)
     with pytest.raises(DucklingError, match="Set \\[resources\\] gpus = 0 \\(train on CPU\\)"):
         check_resources(fake, 1, 1)
+
+
+
+class _SlowSteps:
+    """A progress actor that takes seconds to answer, as a new actor does while its process starts."""
+
+    def start(self, name, where):
+        import time
+        time.sleep(3.0)
+
+    def ping(self):
+        return True
+
+
+def test_a_run_waiting_on_the_progress_actor_keeps_its_cpu(ray_up):
+    """Ray lends the CPU of a task blocked in ray.get to its next task: a run announcing itself that way
+    let a third run start on a 2-core machine. A task that holds every CPU and announces itself to a
+    slow actor must keep them: Ray's free CPU, sampled while it waits, stays 0."""
+    import sys
+    import time
+
+    import ray
+    from ray import cloudpickle
+
+    from duckling.sweeps.task import announce
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers do not import tests/
+    try:
+        actor = ray.remote(_SlowSteps).options(num_cpus=0).remote()
+
+        def body():
+            t0 = time.time()
+            announce(actor, ["run"], {"host": "here"}).set()
+            return t0, time.time()
+
+        ref = ray.remote(body).options(num_cpus=ray.cluster_resources()["CPU"]).remote()
+        samples = []
+        while not ray.wait([ref], timeout=0.1)[0]:
+            samples.append((time.time(), ray.available_resources().get("CPU", 0.0)))
+        t0, t1 = ray.get(ref)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    waiting = [cpu for t, cpu in samples if t0 + 0.5 < t < t1 - 0.3]  # Ray's view lags ~0.1 s
+    assert len(waiting) >= 10 and max(waiting) == 0, samples

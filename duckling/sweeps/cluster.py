@@ -120,15 +120,17 @@ def check_resources(ray, cpus: float, gpus: float) -> None:
 def watch_driver(actor, every: float = WATCH_EVERY_S) -> threading.Event:
     """Start a daemon thread that SIGTERMs this process (train() then saves a checkpoint and stops)
     once ``actor`` (owned by the driver) is gone. Returns the event that stops the watch."""
+    import concurrent.futures
+
     import ray
 
     done = threading.Event()
 
     def loop():
         while not done.wait(every):
-            try:
-                ray.get(actor.ping.remote(), timeout=max(30.0, 5 * every))
-            except ray.exceptions.GetTimeoutError:  # a busy actor, not a dead one
+            try:  # a future, not ray.get: a task blocked in ray.get lends its CPU to Ray's next task
+                actor.ping.remote().future().result(timeout=max(30.0, 5 * every))
+            except (concurrent.futures.TimeoutError, ray.exceptions.GetTimeoutError):  # a busy actor, not a dead one
                 continue
             except ray.exceptions.RayActorError:  # the driver that owns it died
                 if not done.is_set():

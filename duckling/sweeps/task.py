@@ -96,13 +96,7 @@ def run_task(job: dict, dataset, eval_dataset, progress, callbacks=()):
     torch.set_num_threads(job["threads"])  # no oversubscription: threads = the task's CPUs
     where = node_info()
     outs = [{"name": n, "status": "failed", "global_step": 0, "error": None, **where} for n in names]
-    watch = None
-    if progress is not None:
-        import ray
-
-        for n in names:
-            ray.get(progress.start.remote(n, {k: where[k] for k in ("host", "node_id") if k in where}))
-        watch = watch_driver(progress)
+    watch = announce(progress, names, where) if progress is not None else None
 
     def cbs(run_names, run_dirs=None):
         return [*callbacks, _node_recorder(where, run_dirs)] + \
@@ -250,6 +244,15 @@ def _node_recorder(where: dict, run_dirs=None):
                     update_run_info(Path(run_dir), node=where, nodes=[*old, stamp])
 
     return NodeRecorder()
+
+
+def announce(progress, names, where):
+    """Tell the progress actor that these runs start here, and watch the driver (cluster.watch_driver).
+    Waited on as futures: a task blocked in ``ray.get`` lends its CPU to Ray, which starts another run
+    in it (3 runs on 2 cores while the actor was starting)."""
+    for n in names:
+        progress.start.remote(n, {k: where[k] for k in ("host", "node_id") if k in where}).future().result()
+    return watch_driver(progress)
 
 
 def _Reporter(actor, names):  # noqa: N802 - a class built lazily (transformers is imported in the worker)
