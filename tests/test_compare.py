@@ -205,8 +205,10 @@ def test_weight_decay_left_by_the_schedule():
 
 def test_tuning_best_reads_held_out_losses_from_sweep_json(tmp_path, capsys):
     """`python -m duckling.sweeps.tuning best A B`: one optimizer's grid and its extension, merged; the
-    lowest mean held-out loss wins, with its t interval, and the bracket is checked."""
+    lowest mean held-out loss wins, with its t interval, and the bracket is checked; it says which training
+    rows the runs saw, and warns when they differ."""
     import json
+    from pathlib import Path
 
     from duckling.sweeps import tuning
 
@@ -227,5 +229,15 @@ def test_tuning_best_reads_held_out_losses_from_sweep_json(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "tuned lr 0.0003" in out and "4.28 [" in out and " bracketed" in out and "NOT" not in out
     assert "lr 0.0001   1/2 runs  4.4" in out
+    assert "trained on: unknown" in out  # these runs have no run_info.json
+    for folder, rows, sha in ((a, 977, "ab" * 32), (b, 185, "cd" * 32)):  # the data each run learned from
+        for run in json.loads((Path(folder) / "sweep.json").read_text())["runs"]:
+            (Path(folder) / run["name"]).mkdir()
+            (Path(folder) / run["name"] / "run_info.json").write_text(json.dumps(
+                {"dataset_fingerprint": {"rows": rows, "seq_len": 512, "sha256": sha}}))
+    assert tuning.main(["best", a, b]) == 0
+    out = capsys.readouterr().out
+    assert "trained on: 977 rows (sha256 abababababab...) in 4 runs" in out
+    assert "trained on: 185 rows" in out and "WARNING: the runs saw different training data" in out
     best = tuning.tuned_lr(tuning.tuning_table([a]))
     assert best["lr"] == 3e-4 and not best["bracketed"] and best["lo"] < 4.28 < best["hi"]

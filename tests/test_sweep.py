@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -247,7 +248,10 @@ def test_dry_run_table_shows_no_none_and_the_board_says_pending(data, tmp_path, 
     assert main(["sweep", str(toml), "--out", str(tmp_path / "plan"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "None" not in out and "nan" not in out.lower() and out.count(" -") >= 6, out
-    assert out.splitlines()[0].split()[:2] == ["run", "status"]
+    first, header = out.splitlines()[:2]  # what the runs would learn from, said before anything trains
+    assert first.startswith(f"training data: {data['dataset']}: ") and first.endswith(
+        " rows x 64 tokens from 200 stories of " + str(Path(data["dataset"]).parent / "train.txt")), out
+    assert header.split()[:2] == ["run", "status"]
 
     class Run:
         def __init__(self, name):

@@ -124,6 +124,16 @@ def _read_build_file(path: Path) -> dict | None:
         return None
 
 
+def describe_dataset(path) -> str:
+    """One line on what a built dataset holds: "977 rows x 512 tokens from 2,316 stories of SOURCE" (its
+    duckling_build.json); "" for anything else (an array, a folder without the file)."""
+    rec = _read_build_file(Path(path)) if isinstance(path, (str, os.PathLike)) else None
+    if not rec or "n_rows" not in rec:
+        return ""
+    stories = f"{rec['n_stories']:,} stories of " if rec.get("n_stories") is not None else ""
+    return f"{rec['n_rows']:,} rows x {rec.get('seq_len')} tokens from {stories}{rec.get('source')}"
+
+
 def check_no_dead(ds, n_live: int = config.N_LIVE, seq_len: int | None = None) -> dict:
     """Scan every token of a built dataset (memory-mapped, chunk by chunk): no id may be >= n_live.
 

@@ -41,7 +41,7 @@ from duckling.errors import DucklingError
 from duckling.files import FolderBusy, folder_lock, holder
 from duckling.sweeps.cluster import _ray, check_resources, check_setup, start_ray
 from duckling.sweeps.place import MANIFEST, SPEC_COPY, Place
-from duckling.sweeps.progress import Board, Steps
+from duckling.sweeps.progress import Board, Steps, data_lines
 from duckling.sweeps.spec import DEFAULT_GPUS, Spec, check_disk, load_spec
 from duckling.sweeps.task import REPORT_EVERY_S, RunCrashed, run_phase, run_state, run_task
 
@@ -201,6 +201,8 @@ def _plan(spec: Spec, place: Place, dry_run: bool, progress: bool, raw: bool = F
             entries[r.name]["status"] = "pending" if states[r.name] == "fresh" else "interrupted"
     todo = [r for r in spec.runs if states[r.name] != "complete"]
     check_disk(spec, place.local if not place.uploads else None, todo)
+    if dry_run and progress and data_lines(spec):
+        print(data_lines(spec))
     if dry_run and todo:  # the fused groups this machine's local Ray would make (a cluster: its own GPUs)
         import torch
 

@@ -28,6 +28,15 @@ def text_table(rows: list[dict], columns: dict) -> str:
     return "\n".join(lines)
 
 
+def data_lines(spec) -> str:
+    """What the runs learn from and are evaluated on, one line each ("training data: PATH: 977 rows x 512
+    tokens from 2,316 stories of SOURCE"): said before hours of training, and by --dry-run."""
+    from duckling.data.build import describe_dataset  # the driver only: the progress actor stays light
+
+    return "\n".join(f"{role}: {ds}: {describe_dataset(ds)}" for role, ds in
+                     (("training data", spec.dataset), ("held-out data", spec.eval_dataset)) if describe_dataset(ds))
+
+
 class Board:
     def __init__(self, spec, out, manifest, todo, enabled: bool = True):
         from tqdm.auto import tqdm
@@ -46,6 +55,7 @@ class Board:
             total = sum(self.max_steps.values())
             print(f"sweep {out}: {self.n_runs} runs ({len(self.done)} complete, {len(todo_names)} to train), "
                   f"{spec.cpus:g} CPU{'s' if spec.cpus != 1 else ''} per run", flush=True)
+            print(data_lines(spec), flush=True)
             self.bar = tqdm(total=total, initial=sum(self.step.values()), unit="step", desc="sweep",
                             dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
             self._postfix()

@@ -1,9 +1,11 @@
 """The dead-token study's tables and figures (docs/results.md, "The dead-token study"; notebook 08).
 
-    from duckling.sweeps.study import load, study_table, plot_norms_vs_null, plot_update_rule
+    from duckling.sweeps.study import load, study_table, study_tables, plot_norms_vs_null, plot_update_rule, plot_by_frequency
     t = load("sweeps/study")                       # one row per complete run (duckling.sweeps.compare) + its folder
     study_table(t)                                  # mean [95% t interval] over seeds per optimizer x lr x weight decay
+    study_tables(t)                                 # the same, one table per question group
     plot_norms_vs_null(t); plot_update_rule(t)      # Q1 and Q2 figures
+    plot_by_frequency(t)                            # loss and norm per token-frequency bucket
 
 Questions: 1. do dead rows grow or decay against the weight-decay null; 2. how much of their movement
 the optimizer's update rule predicts from the recorded gradient norms and second moments; 3. do they
@@ -22,25 +24,37 @@ from duckling.analysis import update_rule as U
 from duckling.analysis.report import fmt
 from duckling.recording.reader import Recording
 from duckling.sweeps import stats
-from duckling.sweeps.compare import compare
+from duckling.sweeps.compare import METRICS, compare
 from duckling.sweeps.compare_plots import band
 from duckling.sweeps.compare_tables import ci_text
 
 WD_COLORS = ("tab:gray", "tab:orange", "tab:purple", "tab:brown", "tab:olive")  # by rank within an optimizer
 OPT_COLORS = {"adamw": "tab:red", "coupled_adam": "tab:blue", "sgd": "tab:green"}
-COLUMNS = {  # compare column: study table header
-    "eval_loss": "held-out loss", "dead_norm_over_null": "Q1 norm / null", "update_measured_over_rule": "Q2 measured / rule",
-    "displacement_over_lr_budget": "displacement / (Σlr·√d)",
-    "dead_pairwise_cos": "Q3 pairwise cos", "dead_drift_cos": "Q3 cos(drift, -mean h)",
-    "detect_auroc_norm": "Q4 AUROC small norm", "detect_auroc_cos_mean": "Q4 AUROC cos to mean",
-    "detect_auroc_pc1": "Q4 AUROC PC1 tail", "magikarp_auroc": "Magikarp AUROC (labels)",
-    "sep_step_norm_opposite": "first step: LARGE norm", "sep_step_cos_all_mean": "first step: cos to mean",
-    "sep_step_pc1_opposite": "first step: PC1 short side",
+# compare column: study table header, one table per group (study_tables); COLUMNS: all of them
+TABLES = {
+    "loss, Q1 and Q2": {
+        "eval_loss": "held-out loss", "loss_rarest_decile": "held-out loss, rarest decile",
+        "dead_norm_over_null": "Q1 norm / null", "displacement_over_lr_budget": "displacement / (Σlr·√d)",
+        "update_measured_over_rule": "Q2 measured / rule (summed)", "update_step_ratio_median": "Q2 per-step median",
+        "update_step_ratio_p05": "Q2 per-step 5%", "update_step_ratio_p95": "Q2 per-step 95%"},
+    "Q3: collapse and the mean embedding": {
+        "dead_pairwise_cos": "Q3 pairwise cos", "dead_pairwise_cos_from_shift": "pairwise cos from the common shift",
+        "dead_centred_pc1": "centred PC1 share", "dead_centred_pc1_noise": "noise level",
+        "dead_spread_over_init": "spread / init", "dead_drift_cos": "cos(drift, -mean h)",
+        "mean_row_norm": "||mean row||", "mean_shift_live": "mean shift, live", "mean_shift_dead": "mean shift, dead",
+        "mean_shift_cos_hidden_all": "cos(mean shift, -mean h)"},
+    "Q4: label-free indicators (fixed directions) and Magikarp": {
+        "detect_auroc_norm": "small norm", "detect_auroc_cos_mean": "high cos to mean",
+        "detect_auroc_pc1": "PC1 long tail", "magikarp_auroc": "Magikarp (labels)",
+        "post_hoc_auroc_norm": "post hoc: norm", "post_hoc_auroc_cos_all_mean": "post hoc: cos to mean",
+        "post_hoc_auroc_pc1": "post hoc: PC1",
+        "sep_step_norm_opposite": "first step: LARGE norm", "sep_step_cos_all_mean": "first step: cos to mean",
+        "sep_step_pc1_opposite": "first step: PC1 short side"},
 }
-LM_HEAD = {"dead_norm_over_null": "dead_norm_over_null", "update_measured_over_rule": "update_rule_measured_over_predicted",
-           "dead_pairwise_cos": "dead_mean_pairwise_cosine", "displacement_over_lr_budget": "dead_displacement_over_lr_budget", "dead_drift_cos": "drift_cosine_to_neg_mean_hidden",
-           "detect_auroc_norm": "detect_auroc_norm", "detect_auroc_cos_mean": "detect_auroc_cos_all_mean",
-           "detect_auroc_pc1": "detect_auroc_pc1", "magikarp_auroc": "detect_label_using_auroc_cos_dead_mean_nopc1"}
+COLUMNS = {k: v for cols in TABLES.values() for k, v in cols.items()}
+# an untied run's output matrix: {column: summary key}, read as KEY_lm_head (losses belong to the run)
+LM_HEAD = {col: key for key, (col, _) in METRICS.items()
+           if col in COLUMNS and "." not in key and not key.startswith(("final_", "loss_by"))}
 
 
 def load(sweep_dir, progress: bool = False):
@@ -72,23 +86,29 @@ def load(sweep_dir, progress: bool = False):
     return pd.concat([t, out], ignore_index=True)
 
 
-def study_table(t):
+def study_tables(t) -> dict:
+    """{title: study_table} for each group of TABLES (one table would be 30 columns wide)."""
+    return {title: study_table(t, cols) for title, cols in TABLES.items()}
+
+
+def study_table(t, columns: dict | None = None):
     """Mean over seeds with its 95% Student-t interval, "mean [lo, hi]" (one seed: the value), of every
-    question's number per optimizer x learning rate x weight decay x embeddings; first separable steps
-    as each seed's value ("never": not within the run)."""
+    question's number (``columns``, default all of COLUMNS) per optimizer x learning rate x weight decay x
+    embeddings; first separable steps as each seed's value ("never": not within the run)."""
     import pandas as pd
 
+    columns = COLUMNS if columns is None else columns
     rows = []
     keys = ["train.optimizer", "train.learning_rate", "train.weight_decay", "embeddings"]
     for (opt, lr, wd, emb), g in t.groupby(keys, sort=False):
         r = {"optimizer": opt, "learning rate": lr, "weight decay": wd, "embeddings": emb, "seeds": len(g)}
-        for col, head in COLUMNS.items():
+        for col, head in columns.items():
             v = pd.to_numeric(g[col], errors="coerce").astype(float) if col in g else pd.Series([np.nan])
             if col.startswith("sep_step"):
                 r[head] = " / ".join("never" if np.isnan(x) else f"{x:.0f}" for x in v)
             else:
                 ci = stats.mean_ci(v)
-                r[head] = ci_text(ci["mean"], ci["lo"], ci["hi"], 4)
+                r[head] = ci_text(ci["mean"], ci["lo"], ci["hi"], 3 if col.startswith("update_step") else 4)
         rows.append(r)
     return pd.DataFrame(rows)
 
@@ -192,6 +212,42 @@ def plot_update_rule(t, weight_decay: float | None = None):
         ax.tick_params(labelsize=8)
     return fig
 
+
+def plot_by_frequency(t):
+    """Held-out loss on targets and mean row norm (over its value at init) per token-frequency bucket
+    (dead, then the live deciles D1 = rarest to D10), one line per optimizer, lr and weight decay (marker:
+    mean over seeds; bar: its 95% t interval). After Kunstner et al. 2024 and Pinto et al. 2024."""
+    from matplotlib.figure import Figure
+
+    t = t[t["embeddings"] == "tied"]
+    fig = Figure(figsize=(11, 4.4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    fig.suptitle("By token frequency (dead tokens never occur; D1 = rarest tenth of the live tokens, D10 = commonest)"
+                 "\nmarker: mean over seeds, bar: its 95% Student-t interval", fontsize=10)
+    colors, labels = _colors(t), None
+    for (opt, lr), sel in t.groupby(["train.optimizer", "train.learning_rate"], sort=False):
+        for k, (wd, g) in enumerate(sel.groupby("train.weight_decay")):
+            sums = [json.loads((d / "report" / "summary.json").read_text()) for d in g["dir"]]
+            labels = sums[0]["freq_buckets"]["labels"]
+            x = np.arange(len(labels)) + (k - 1) * 0.12
+            style = dict(color=colors[(opt, lr)], marker="os^Dv"[k % 5], ms=4, lw=1, capsize=2,
+                         ls=("-", "--", ":", "-.")[k % 4], label=f"{opt} lr {lr:g}, wd {wd:g}")
+            loss = np.array([[np.nan if v is None else v for v in s_["loss_by_freq"]] for s_ in sums], float)
+            norm = np.array([np.divide(s_["norm_by_freq"], s_["norm_by_freq_init"]) for s_ in sums], float)
+            for ax, v in ((axes[0], loss), (axes[1], norm)):
+                mean, lo, hi = band(v)
+                ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], **style)
+    for ax, ylab in ((axes[0], "held-out loss on targets in the bucket (nats)"),
+                     (axes[1], "mean row norm / at step 0")):
+        ax.set_xticks(range(len(labels or [])), labels or [], fontsize=8)
+        ax.set_xlabel("token-frequency bucket (training data)", fontsize=9)
+        ax.set_ylabel(ylab, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+    axes[1].axhline(1, color="black", lw=0.7)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=7, ncol=1)
+    return fig
 
 INDICATORS = {"detect_auroc_norm": ("row norm", "small norm => dead", "LARGE norm => dead"),
               "detect_auroc_cos_mean": ("cosine to the mean row", "high cosine => dead", "low cosine => dead"),

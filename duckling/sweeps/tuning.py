@@ -14,7 +14,9 @@ warmup_steps: linear decay to 0 by default), the learning rate of each of the ``
 from __future__ import annotations
 
 import argparse
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -154,6 +156,23 @@ def tuning_table(folders):
     return pd.DataFrame(rows)
 
 
+def _trained_on(sweeps) -> str:
+    """Which training rows the tuning runs saw (their run_info.json fingerprints): a tuned lr holds for that data."""
+    seen = {}
+    for info in (q for d in sweeps for q in Path(d).glob("*/run_info.json")):
+        try:
+            r = json.loads(info.read_text())
+        except (OSError, ValueError):
+            continue
+        fp = r.get("dataset_fingerprint") or {}
+        seen.setdefault((fp.get("rows", r.get("n_train_rows")), fp.get("sha256", "")[:12]), []).append(info.parent.name)
+    if not seen:
+        return "  trained on: unknown (no run_info.json with a dataset fingerprint)"
+    lines = [f"  trained on: {rows} rows (sha256 {sha or '?'}...) in {len(runs)} runs" for (rows, sha), runs in seen.items()]
+    return "\n".join(lines) + ("\n  WARNING: the runs saw different training data; the tuned lr mixes them"
+                               if len(seen) > 1 else "")
+
+
 def main(argv=None) -> int:
     from duckling.config import DucklingConfig
 
@@ -189,6 +208,7 @@ def main(argv=None) -> int:
               f"{stats.fmt_ci(b)}; {'bracketed' if b['bracketed'] else 'NOT bracketed: extend the grid'})")
         for r in b["rows"]:
             print(f"  lr {r['lr']:<8g} {r['n']}/{r['runs']} runs  {stats.fmt_ci(r)}")
+        print(_trained_on(a.sweeps))
         return 0
     if a.cmd == "specs":
         return _write_specs(a, t)
