@@ -218,6 +218,7 @@ def plot_by_frequency(t):
     (dead, then the live deciles D1 = rarest to D10), one line per optimizer, lr and weight decay (marker:
     mean over seeds; bar: its 95% t interval). After Kunstner et al. 2024 and Pinto et al. 2024."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     t = t[t["embeddings"] == "tied"]
     fig = Figure(figsize=(11, 4.4), layout="constrained")
@@ -246,6 +247,8 @@ def plot_by_frequency(t):
         ax.tick_params(labelsize=8)
     axes[1].axhline(1, color="black", lw=0.7)
     axes[1].set_yscale("log")
+    for set_formatter in (axes[1].yaxis.set_major_formatter, axes[1].yaxis.set_minor_formatter):
+        set_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))  # 4, not 4 x 10^0
     axes[0].legend(fontsize=7, ncol=1)
     return fig
 
