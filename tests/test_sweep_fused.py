@@ -98,6 +98,8 @@ def test_dry_run_shows_the_fused_groups(repo_root, tok, tmp_path, capsys):
     capsys.readouterr()
     assert main(["sweep", str(toml), "--out", str(tmp_path / "plan"), "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("training data: ") and " rows x 32 tokens from 40 stories of " in lines[0], lines
+    lines = lines[1:]  # then the plan
     assert lines[0].split()[:4] == ["run", "status", "fused", "group"], lines
     assert [line.split()[2] for line in lines[1:]] == ["1", "1", "-"], lines
     assert not (tmp_path / "plan").exists()
