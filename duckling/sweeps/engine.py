@@ -201,8 +201,8 @@ def _plan(spec: Spec, place: Place, dry_run: bool, progress: bool, raw: bool = F
             entries[r.name]["status"] = "pending" if states[r.name] == "fresh" else "interrupted"
     todo = [r for r in spec.runs if states[r.name] != "complete"]
     check_disk(spec, place.local if not place.uploads else None, todo)
-    if dry_run and progress and data_lines(spec):
-        print(data_lines(spec))
+    if dry_run and progress and (lines := data_lines(spec)):
+        print(lines)
     if dry_run and todo:  # the fused groups this machine's local Ray would make (a cluster: its own GPUs)
         import torch
 

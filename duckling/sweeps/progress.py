@@ -33,8 +33,9 @@ def data_lines(spec) -> str:
     tokens from 2,316 stories of SOURCE"): said before hours of training, and by --dry-run."""
     from duckling.data.build import describe_dataset  # the driver only: the progress actor stays light
 
-    return "\n".join(f"{role}: {ds}: {describe_dataset(ds)}" for role, ds in
-                     (("training data", spec.dataset), ("held-out data", spec.eval_dataset)) if describe_dataset(ds))
+    said = {role: (ds, describe_dataset(ds)) for role, ds in (("training data", spec.dataset),
+                                                               ("held-out data", spec.eval_dataset))}
+    return "\n".join(f"{role}: {ds}: {what}" for role, (ds, what) in said.items() if what)
 
 
 class Board:
@@ -55,7 +56,8 @@ class Board:
             total = sum(self.max_steps.values())
             print(f"sweep {out}: {self.n_runs} runs ({len(self.done)} complete, {len(todo_names)} to train), "
                   f"{spec.cpus:g} CPU{'s' if spec.cpus != 1 else ''} per run", flush=True)
-            print(data_lines(spec), flush=True)
+            if lines := data_lines(spec):  # nothing to say for in-memory arrays
+                print(lines, flush=True)
             self.bar = tqdm(total=total, initial=sum(self.step.values()), unit="step", desc="sweep",
                             dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
             self._postfix()

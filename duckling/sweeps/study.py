@@ -252,6 +252,7 @@ def plot_by_frequency(t):
     axes[0].legend(fontsize=7, ncol=1)
     return fig
 
+
 INDICATORS = {"detect_auroc_norm": ("row norm", "small norm => dead", "LARGE norm => dead"),
               "detect_auroc_cos_mean": ("cosine to the mean row", "high cosine => dead", "low cosine => dead"),
               "detect_auroc_pc1": ("PC1 projection", "long tail => dead", "short side => dead")}

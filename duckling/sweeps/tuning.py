@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -158,17 +159,17 @@ def tuning_table(folders):
 
 def _trained_on(sweeps) -> str:
     """Which training rows the tuning runs saw (their run_info.json fingerprints): a tuned lr holds for that data."""
-    seen = {}
+    seen = Counter()  # (rows, sha256 prefix) -> runs
     for info in (q for d in sweeps for q in Path(d).glob("*/run_info.json")):
         try:
             r = json.loads(info.read_text())
         except (OSError, ValueError):
             continue
         fp = r.get("dataset_fingerprint") or {}
-        seen.setdefault((fp.get("rows", r.get("n_train_rows")), fp.get("sha256", "")[:12]), []).append(info.parent.name)
+        seen[(fp.get("rows", r.get("n_train_rows")), fp.get("sha256", "")[:12])] += 1
     if not seen:
         return "  trained on: unknown (no run_info.json with a dataset fingerprint)"
-    lines = [f"  trained on: {rows} rows (sha256 {sha or '?'}...) in {len(runs)} runs" for (rows, sha), runs in seen.items()]
+    lines = [f"  trained on: {rows} rows (sha256 {sha or '?'}...) in {n} runs" for (rows, sha), n in seen.items()]
     return "\n".join(lines) + ("\n  WARNING: the runs saw different training data; the tuned lr mixes them"
                                if len(seen) > 1 else "")
 
