@@ -70,6 +70,18 @@ def test_build_is_idempotent(tok, corpus, tmp_path, capsys):
     assert build_dataset(corpus, tok, out, seq_len=SEQ // 2, num_proc=1, progress=False)["skipped"] is False
 
 
+def test_a_corpus_the_mapping_was_not_counted_on_is_flagged(tok, corpus, tmp_path, capsys):
+    """Text far from TinyStories builds (it is the user's data) but says its unk share is high."""
+    build_dataset(corpus, tok, tmp_path / "stories", seq_len=SEQ, num_proc=1, progress=False)
+    assert "warning" not in capsys.readouterr().out  # TinyStories-like text: no warning
+    code = ["def quaternion_slerp(q0, q1, t): return numpy.einsum('ij,jk->ik', q0, q1) ** t  # Jacobian"] * 40
+    rec = build_dataset(write_corpus(tmp_path / "code.txt", code), tok, tmp_path / "code", seq_len=SEQ, num_proc=1,
+                        progress=False)
+    out = capsys.readouterr().out
+    assert rec["unk_fraction"] > 0.05 and f"warning: {rec['unk_fraction']:.0%} of the tokens are unk" in out
+    assert "duckling vocab --data CORPUS" in out
+
+
 def test_cli_build_and_env_source(tok, corpus, tmp_path, monkeypatch, capsys, repo_root):
     monkeypatch.setenv("DUCKLING_DATA", str(corpus))
     out = tmp_path / "ds"

@@ -28,6 +28,7 @@ from duckling.data.vocab import GPT2_EOT, N_GPT2, CompactTokenizer, get_encoding
 
 BUILD_FILE = "duckling_build.json"  # fingerprint + stats, next to HF's own files in the dataset dir
 BUILD_FORMAT = 1
+UNK_WARN = 0.05  # a build with more unk than this was tokenized with a mapping counted on other text
 
 
 # --- parallel encoding ---------------------------------------------------------------------------
@@ -258,6 +259,10 @@ def build_dataset(data=None, tokenizer=None, out=None, seq_len: int | None = Non
                 p.rmdir()
     print(f"wrote {out}: {record['n_rows']:,} rows x {seq_len} tokens from {record['n_stories']:,} stories, "
           f"unk {record['unk_fraction']:.3%}, no dead ids (checked every token)")
+    if record["unk_fraction"] > UNK_WARN:
+        print(f"warning: {record['unk_fraction']:.0%} of the tokens are unk, outside the mapping's live tokens "
+              "(TinyStories gives under 1%): the mapping was counted on other text. For this corpus, count its own "
+              "with `duckling vocab --data CORPUS --out MAPPING` and build with --mapping MAPPING.")
     return {**record, "skipped": False}
 
 
