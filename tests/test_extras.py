@@ -120,6 +120,7 @@ def _spec(tmp_path, repo_root) -> list[str]:
     (tmp_path / "data").mkdir()
     spec = tmp_path / "spec.toml"
     spec.write_text(f'dataset = "data"\nmapping = {str(repo_root / "token_mapping.json")!r}\n'
+                    '[base]\n"train.max_steps" = 20\n'  # small: the plan's disk check must pass on any machine
                     '[grid]\n"train.weight_decay" = [0.0, 0.1]\n', encoding="utf-8")
     return ["sweep", str(spec), "--out", str(tmp_path / "sw")]
 

@@ -177,10 +177,11 @@ def test_report_cli_prints_rounded_headline_numbers_with_their_meanings(qs, tmp_
 
     out, d = qs
     assert main(["report", d["run_dir"], "--out", str(tmp_path / "rep")]) == 0
-    text = capsys.readouterr().out
+    text, err = capsys.readouterr()
     for k, what in Q.HEADLINE.items():
         assert f"  {k} = " in text and f"({what})" in text, k
     assert "loss at the last logged step: training " in text
+    assert "attention_mask" not in text + err and "Loading weights" not in err  # no transformers noise
     values = re.findall(r" = (\S+)   \(", text)
     assert len(values) == len(Q.HEADLINE)
     for v in values:  # rounded to 4 significant digits, not repr'd floats

@@ -191,7 +191,11 @@ def loss_by_frequency(run_dir, buckets: dict, eval_dataset=None, n_rows: int = L
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(final), dtype=torch.float32).eval()
+    from duckling.training.run_folder import quiet_hf, silence_unactionable_warnings
+
+    silence_unactionable_warnings()  # rows are packed, never padded: no attention_mask warning
+    with quiet_hf():  # no weights-loading bar in the report's output
+        model = AutoModelForCausalLM.from_pretrained(str(final), dtype=torch.float32).eval()
     bucket, k = buckets["bucket"], len(buckets["labels"])
     loss_sum, n_tgt = np.zeros(k), np.zeros(k, np.int64)
     with torch.no_grad():

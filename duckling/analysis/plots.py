@@ -4,6 +4,8 @@ black and dashed, in every figure. Built on ``matplotlib.figure.Figure`` (no pyp
 it works headless and in notebooks alike (a notebook displays a returned Figure)."""
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -20,8 +22,8 @@ LEGEND_PT = 8  # smallest legend text
 def _fig(nrows: int = 1, ncols: int = 1, title: str = "", sharex: bool = True):
     fig = Figure(figsize=FIGSIZE, layout="constrained")
     axes = fig.subplots(nrows, ncols, sharex=sharex, squeeze=False).ravel()
-    if title:
-        fig.suptitle(title, fontsize=10)
+    if title:  # wrapped to the figure's width: a long title is cut at both edges, not shrunk
+        fig.suptitle(textwrap.fill(title, int(FIGSIZE[0] * 14)), fontsize=10)
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
