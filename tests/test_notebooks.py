@@ -284,6 +284,41 @@ def test_08_dead_token_study(repo_root, tmp_path, tiny):
     for name in ("adamw", "coupled_adam", "reference", "untied"):
         assert [e["status"] for e in json.loads((sweep_dir / name / "sweep.json").read_text())["runs"]] == ["complete"]
     assert n_images(out) == 4 and n_tables(out) == 7  # Q1, Q2, by frequency, every measure; three study tables
+    _collected_study_reads_back(repo_root, sweep_dir, tmp_path / "committed")
+
+
+def _collected_study_reads_back(repo_root, sweep_dir, into):
+    """docs/results/study/figures.py: `collect` copies each run's config, summary and curves (no recording, no
+    machine path); the tables from those files are load()'s, and the figures and tables are written."""
+    import importlib.util
+
+    import pandas as pd
+
+    from duckling.sweeps.study import curves, load, load_runs, study_table
+
+    spec = importlib.util.spec_from_file_location("study_figures", repo_root / "docs/results/study/figures.py")
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    figures.main(["collect", *[str(sweep_dir / n) for n in ("adamw", "coupled_adam", "reference", "untied")],
+                  "--out", str(into)])
+    runs = sorted(p.name for p in (into / "runs").iterdir())
+    assert [r.split("weight_decay=")[0] for r in runs] == ["adamw__", "coupled_adam__", "reference__seed=0",
+                                                          "untied__seed=0"], runs
+    for d in (into / "runs").iterdir():
+        assert sorted(p.name for p in d.iterdir()) == ["config.json", "curves.csv", "summary.json"]
+        assert str(sweep_dir) not in (d / "config.json").read_text() + (d / "summary.json").read_text()
+    direct = pd.concat([load(sweep_dir / n) for n in ("adamw", "coupled_adam", "reference", "untied")])
+    pd.testing.assert_frame_equal(study_table(load_runs(into / "runs")).sort_values(["optimizer", "learning rate",
+                                  "embeddings"]).reset_index(drop=True),
+                                  study_table(direct).sort_values(["optimizer", "learning rate", "embeddings"])
+                                  .reset_index(drop=True))
+    run = sweep_dir / "adamw" / json.loads((sweep_dir / "adamw" / "sweep.json").read_text())["runs"][0]["name"]
+    c = curves(into / "runs" / f"adamw__{run.name}")
+    pd.testing.assert_frame_equal(c, curves(run), atol=1e-5)  # the committed curves are the recording's
+    assert c["step"].tolist() == [0, 4, 6] and (c["null_norm"] > 0).all()
+    figures.main(["--out", str(into)])
+    assert all((into / f).is_file() for f in ("study.md", "differences.md", "findings.md", "runs.csv",
+                                              "study_norms.png", "study_update_rule.png", "study_frequency.png"))
 
 
 def test_committed_notebooks_follow_the_rules(repo_root):

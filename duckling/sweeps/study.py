@@ -2,6 +2,8 @@
 
     from duckling.sweeps.study import load, study_table, study_tables, plot_norms_vs_null, plot_update_rule, plot_by_frequency
     t = load("sweeps/study")                       # one row per complete run (duckling.sweeps.compare) + its folder
+    collect("sweeps/study", "docs/results/study/runs")  # each run's config, summary and curves, small enough to commit
+    t = load_runs("docs/results/study/runs")        # the same table from those files, with no recording
     study_table(t)                                  # mean [95% t interval] over seeds per optimizer x lr x weight decay
     study_tables(t)                                 # the same, one table per question group
     plot_norms_vs_null(t); plot_update_rule(t)      # Q1 and Q2 figures
@@ -22,9 +24,11 @@ import numpy as np
 from duckling.analysis import metrics as A
 from duckling.analysis import update_rule as U
 from duckling.analysis.report import fmt
+from duckling.errors import DucklingError
+from duckling.files import write_json
 from duckling.recording.reader import Recording
 from duckling.sweeps import stats
-from duckling.sweeps.compare import METRICS, compare
+from duckling.sweeps.compare import METRICS, _get, _numbers, compare
 from duckling.sweeps.compare_plots import band
 from duckling.sweeps.compare_tables import ci_text
 
@@ -52,6 +56,7 @@ TABLES = {
         "sep_step_pc1_opposite": "first step: PC1 short side"},
 }
 COLUMNS = {k: v for cols in TABLES.values() for k, v in cols.items()}
+CURVES, CURVE_EVERY = "curves.csv", 4  # a collected run's Q1/Q2 curves, every 4th step
 # an untied run's output matrix: {column: summary key}, read as KEY_lm_head (losses belong to the run)
 LM_HEAD = {col: key for key, (col, _) in METRICS.items()
            if col in COLUMNS and "." not in key and not key.startswith(("final_", "loss_by"))}
@@ -67,6 +72,97 @@ def load(sweep_dir, progress: bool = False):
     t = compare(sweep_dir, progress=progress)
     t = t[t["status"] == "complete"].copy()
     t["dir"] = [sweep_dir / n for n in t["name"]]
+    return _annotate(t)
+
+
+def load_runs(folder):
+    """The table of ``load`` from a folder of collected runs (``collect``: SWEEP__RUN/config.json,
+    summary.json, curves.csv), with no recording: what docs/results/study commits. ``sweep``: SWEEP."""
+    import pandas as pd
+
+    rows, dirs = [], sorted(d for d in Path(folder).iterdir() if (d / "summary.json").is_file())
+    if not dirs:
+        raise DucklingError(f"{folder} holds no collected run (SWEEP__RUN/summary.json): collect a study's "
+                            "sweeps into it first.")
+    for d in dirs:
+        s = json.loads((d / "summary.json").read_text())
+        seed = json.loads((d / "config.json").read_text())["train"]["seed"]
+        rows.append({"sweep": d.name.split("__")[0], "name": d.name.split("__", 1)[-1], "seed": seed,
+                     "status": "complete", "problem": "", "steps": s.get("last_scalar_step"), **_numbers(s),
+                     **{col: _get(s, key) for key, (col, _) in METRICS.items()}})
+    t = pd.DataFrame(rows)
+    for col in [c for c, _ in METRICS.values()] + ["steps"]:
+        t[col] = pd.to_numeric(t[col], errors="coerce")
+    t["dir"] = dirs
+    return _annotate(t)
+
+
+def summary_path(run_dir) -> Path:
+    """A run's summary.json: collected (RUN/summary.json) or in its run folder (RUN/report/summary.json)."""
+    run_dir = Path(run_dir)
+    return run_dir / "summary.json" if (run_dir / "summary.json").is_file() else run_dir / "report" / "summary.json"
+
+
+def curves(run_dir, every: int = CURVE_EVERY):
+    """A run's Q1 and Q2 curves every ``every`` steps (and the last), as a DataFrame: step, dead_norm (mean
+    dead-row norm), null_norm (what decay alone leaves), norm_ratio (their ratio, per step), update_measured,
+    update_rule (the rule with the gradient keeping its direction), update_ratio. Read from a collected
+    run's curves.csv, else computed from its recording (metrics.norms, update_rule.update_prediction)."""
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    if (run_dir / CURVES).is_file():
+        return pd.read_csv(run_dir / CURVES)
+    rec = Recording(run_dir)
+    n, u = A.norms(rec), U.update_prediction(rec)
+    df = pd.DataFrame({"step": n["steps"], "dead_norm": n["dead"]["mean"], "null_norm": n["null_mean"],
+                       "norm_ratio": n["ratio"]})
+    df = df.merge(pd.DataFrame({"step": u["steps"], "update_measured": u["measured"], "update_rule": u["coherent"],
+                                "update_ratio": u["ratio"]}), on="step", how="left")
+    df = df.astype({c: np.float64 for c in df if c != "step"})  # as read back from curves.csv
+    return df[(df["step"] % every == 0) | (df.index == len(df) - 1)].reset_index(drop=True)
+
+
+def collect(source, into) -> list[Path]:
+    """Copy what the study's tables and figures need from runs into ``into``/SWEEP__RUN: config.json and
+    summary.json (absolute paths cut to their last two parts) and curves.csv. ``source``: a sweep folder
+    (SWEEP: its name; its complete runs, reports computed where missing) or one run folder already named
+    SWEEP__RUN (a run trained alone with its sweep's config). Returns the folders written."""
+    source, into = Path(source), Path(into)
+    if (source / "sweep.json").is_file():
+        t = compare(source, write=False, progress=False)
+        pairs = [(source / n, f"{source.name}__{n}") for n in t.loc[t["status"] == "complete", "name"]]
+    elif "__" in source.name and (source / "report" / "summary.json").is_file():
+        pairs = [(source, source.name)]
+    else:
+        raise DucklingError(f"{source} is neither a sweep folder nor a reported run named SWEEP__RUN.")
+    written = []
+    for run_dir, name in pairs:
+        dst = into / name
+        dst.mkdir(parents=True, exist_ok=True)
+        for src, f in ((run_dir / "config.json", "config.json"), (run_dir / "report" / "summary.json", "summary.json")):
+            write_json(dst / f, _portable(json.loads(src.read_text())))
+        curves(run_dir).to_csv(dst / CURVES, index=False, float_format="%.6g")
+        written.append(dst)
+    return written
+
+
+def _portable(value):
+    """A JSON value with absolute paths cut to their last two parts (no machine's paths in committed files)."""
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
+    if isinstance(value, str) and value.startswith("/") and len(Path(value).parts) > 3:
+        return str(Path(*Path(value).parts[-2:]))
+    return value
+
+
+def _annotate(t):
+    """``t`` (with ``dir``) plus each run's optimizer, lr, weight decay and embeddings from its config.json;
+    an untied run adds a row for its output matrix (lm_head)."""
+    import pandas as pd
+
     cfgs = [json.loads((d / "config.json").read_text()) for d in t["dir"]]
     t["train.optimizer"] = [c["train"]["optimizer"] for c in cfgs]
     t["train.learning_rate"] = [float(c["train"]["learning_rate"]) for c in cfgs]
@@ -75,7 +171,7 @@ def load(sweep_dir, progress: bool = False):
     t["embeddings"] = ["tied" if x else "untied, input (wte)" for x in tied]
     out = t[~np.array(tied)].copy()
     for i, d in zip(out.index, out["dir"]):
-        s = json.loads((d / "report" / "summary.json").read_text())
+        s = json.loads(summary_path(d).read_text())
         for col, key in LM_HEAD.items():
             out.loc[i, col] = s.get(f"{key}_lm_head", np.nan)
         sep = s.get("detect_first_step_separable_lm_head", {})
@@ -151,12 +247,12 @@ def plot_norms_vs_null(t):
         top, bottom = axes[0, j], axes[1, j]
         sel = t[(t["train.optimizer"] == opt) & (t["train.learning_rate"] == lr)]
         for k, (wd, g) in enumerate(sel.groupby("train.weight_decay")):
-            curves = [A.norms(Recording(d)) for d in g["dir"]]
-            n = min(len(c["ratio"]) for c in curves)
-            x, color = curves[0]["steps"][:n], WD_COLORS[k % len(WD_COLORS)]
-            _band(top, x, [c["dead"]["mean"][:n] for c in curves], color, "-", f"weight decay {wd:g}")
-            top.plot(x, np.mean([c["null_mean"][:n] for c in curves], 0), color=color, ls="--", lw=1)
-            _band(bottom, x, [c["ratio"][:n] for c in curves], color, "-", f"weight decay {wd:g}")
+            cs = [curves(d) for d in g["dir"]]
+            n = min(len(c) for c in cs)
+            x, color = cs[0]["step"].to_numpy()[:n], WD_COLORS[k % len(WD_COLORS)]
+            _band(top, x, [c["dead_norm"].to_numpy()[:n] for c in cs], color, "-", f"weight decay {wd:g}")
+            top.plot(x, np.mean([c["null_norm"].to_numpy()[:n] for c in cs], 0), color=color, ls="--", lw=1)
+            _band(bottom, x, [c["norm_ratio"].to_numpy()[:n] for c in cs], color, "-", f"weight decay {wd:g}")
         bottom.axhline(1, color="black", lw=0.7)
         top.set_title(f"{opt}, lr {lr:g}", fontsize=10)
         bottom.set_xlabel("optimizer step", fontsize=9)
@@ -191,16 +287,18 @@ def plot_update_rule(t, weight_decay: float | None = None):
         wds = sorted(set(sel["train.weight_decay"]))
         wd = weight_decay if weight_decay is not None else wds[len(wds) // 2]
         g = sel[sel["train.weight_decay"] == wd]
-        res = [U.update_prediction(Recording(d)) for d in g["dir"]]
+        res = [curves(d) for d in g["dir"]]
         if not res:
             continue
-        x = res[0]["steps"]
-        ok, name = x > 0, f"{opt} lr {lr:g} wd {wd:g}"
-        color = _colors(t)[(opt, lr)]
-        _band(axes[0], x[ok], [r["measured"][ok] for r in res], color, "-", f"{name}: measured")
-        axes[0].plot(x[ok], np.mean([r["coherent"][ok] for r in res], 0), color=color, ls="--", lw=1,
+        n = min(len(r) for r in res)
+        res = [{c: r[c].to_numpy(np.float64)[:n] for c in r} for r in res]
+        x = res[0]["step"]
+        ok = (x > 0) & np.all([np.isfinite(r["update_ratio"]) for r in res], 0)
+        name, color = f"{opt} lr {lr:g} wd {wd:g}", _colors(t)[(opt, lr)]
+        _band(axes[0], x[ok], [r["update_measured"][ok] for r in res], color, "-", f"{name}: measured")
+        axes[0].plot(x[ok], np.mean([r["update_rule"][ok] for r in res], 0), color=color, ls="--", lw=1,
                      label=f"{name}: rule (gradient keeps its direction)")
-        _band(axes[1], x[ok], [r["ratio"][ok] for r in res], color, "-", name)
+        _band(axes[1], x[ok], [r["update_ratio"][ok] for r in res], color, "-", name)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("mean dead-row update ||w_N - w_N-1||", fontsize=9)
     axes[1].axhline(1, color="black", lw=0.7)
@@ -228,7 +326,7 @@ def plot_by_frequency(t):
     colors, labels = _colors(t), None
     for (opt, lr), sel in t.groupby(["train.optimizer", "train.learning_rate"], sort=False):
         for k, (wd, g) in enumerate(sel.groupby("train.weight_decay")):
-            sums = [json.loads((d / "report" / "summary.json").read_text()) for d in g["dir"]]
+            sums = [json.loads(summary_path(d).read_text()) for d in g["dir"]]
             labels = sums[0]["freq_buckets"]["labels"]
             x = np.arange(len(labels)) + (k - 1) * 0.12
             style = dict(color=colors[(opt, lr)], marker="os^Dv"[k % 5], ms=4, lw=1, capsize=2,
