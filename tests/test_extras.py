@@ -144,3 +144,21 @@ def test_sweep_dry_run_needs_no_ray(tmp_path, repo_root):
     res = _without("ray", f"from duckling.cli import main\nsys.exit(main({args!r}))")
     assert res.returncode == 0 and "weight_decay=0.1__seed=" in res.stdout, (res.stdout, res.stderr)
     assert not (tmp_path / "sw").exists()
+
+
+def test_relative_links_in_the_docs_resolve(repo_root):
+    """Every relative link and image of the committed markdown (README, CHANGELOG, docs/, the package's
+    READMEs) names a file or folder that exists: moving results must move the links with them."""
+    import re
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files", "*.md"], cwd=repo_root, capture_output=True, text=True).stdout.split()
+    assert "README.md" in files
+    broken = []
+    for name in files:
+        text = re.sub(r"```.*?```", "", (repo_root / name).read_text(encoding="utf-8"), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            path = target.split("#")[0]
+            if path and not re.match(r"[a-z]+:", path) and not (repo_root / name).parent.joinpath(path).exists():
+                broken.append(f"{name}: {target}")
+    assert not broken, broken

@@ -77,7 +77,9 @@ def load(sweep_dir, progress: bool = False):
 
 def load_runs(folder):
     """The table of ``load`` from a folder of collected runs (``collect``: SWEEP__RUN/config.json,
-    summary.json, curves.csv), with no recording: what docs/results/study commits. ``sweep``: SWEEP."""
+    summary.json, curves.csv), with no recording: what docs/results/study commits. ``sweep``: SWEEP. Sorted by
+    optimizer, lr (highest first), embeddings, weight decay and seed: the first rows are the references of
+    ``differences``."""
     import pandas as pd
 
     rows, dirs = [], sorted(d for d in Path(folder).iterdir() if (d / "summary.json").is_file())
@@ -94,7 +96,9 @@ def load_runs(folder):
     for col in [c for c, _ in METRICS.values()] + ["steps"]:
         t[col] = pd.to_numeric(t[col], errors="coerce")
     t["dir"] = dirs
-    return _annotate(t)
+    order = ["train.optimizer", "train.learning_rate", "embeddings", "train.weight_decay", "seed"]
+    return _annotate(t).sort_values(order, ascending=[True, False, True, True, True], kind="stable",
+                                    ignore_index=True)  # per optimizer: highest lr first, then no decay first
 
 
 def summary_path(run_dir) -> Path:
