@@ -82,7 +82,9 @@ def load_runs(folder):
     ``differences``."""
     import pandas as pd
 
-    rows, dirs = [], sorted(d for d in Path(folder).iterdir() if (d / "summary.json").is_file())
+    folder = Path(folder)
+    dirs = sorted(d for d in folder.iterdir() if (d / "summary.json").is_file()) if folder.is_dir() else []
+    rows = []
     if not dirs:
         raise DucklingError(f"{folder} holds no collected run (SWEEP__RUN/summary.json): collect a study's "
                             "sweeps into it first.")
@@ -133,6 +135,8 @@ def collect(source, into) -> list[Path]:
     (SWEEP: its name; its complete runs, reports computed where missing) or one run folder already named
     SWEEP__RUN (a run trained alone with its sweep's config). Returns the folders written."""
     source, into = Path(source), Path(into)
+    if not source.is_dir():
+        raise DucklingError(f"{source} is not a folder: give a sweep folder or a run folder named SWEEP__RUN.")
     if (source / "sweep.json").is_file():
         t = compare(source, write=False, progress=False)
         pairs = [(source / n, f"{source.name}__{n}") for n in t.loc[t["status"] == "complete", "name"]]

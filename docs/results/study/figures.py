@@ -25,6 +25,7 @@ import json
 import sys
 from pathlib import Path
 
+from duckling.errors import DucklingError
 from duckling.sweeps.compare import differences, markdown
 from duckling.sweeps.compare_tables import differences_table
 from duckling.sweeps.study import (collect, findings, load_runs, plot_by_frequency, plot_norms_vs_null,
@@ -79,4 +80,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DucklingError as e:
+        sys.exit(f"figures.py: error: {e}")
