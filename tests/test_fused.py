@@ -59,7 +59,9 @@ def assert_close_run(fused_model, separate_model, cfg_, what=""):
         if name.endswith("attn.c_attn.bias"):  # the key bias: zero gradient, noise-driven (module doc)
             ds, df = torch.cat([ds[:d], ds[2 * d:]]), torch.cat([df[:d], df[2 * d:]])
         assert ds.norm() > 0, f"{what}{name} did not train"
-        assert (df - ds).norm() <= 1e-5 * ds.norm(), f"{what}{name}: {(df - ds).norm():.3g} vs {ds.norm():.3g}"
+        # float32 rounding of the batched matmuls, which Adam's normalisation amplifies: up to 1.03e-5 of the
+        # change (Coupled Adam, lr 3e-3, on an AVX512 CPU); a wrong update is off by far more than 1e-4
+        assert (df - ds).norm() <= 1e-4 * ds.norm(), f"{what}{name}: {(df - ds).norm():.3g} vs {ds.norm():.3g}"
 
 
 def losses(result, key="loss"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "duckling"
 # bottom to top (README "Layout"); a module may import its own layer and the layers below it
-LAYERS = {"config": 0, "errors": 0, "files": 0, "storage": 0, "data": 1, "recording": 2, "training": 3, "analysis": 4,
+LAYERS = {"config": 0, "errors": 0, "files": 0, "hf": 0, "storage": 0, "data": 1, "recording": 2, "training": 3, "analysis": 4,
           "sweeps": 5, "cli": 6, "cli_args": 6, "notebook": 6, "quickstart": 6, "__init__": 6}
 FORBIDDEN = {("analysis", "training")}  # (importer, imported) pairs the ranks alone would allow
 

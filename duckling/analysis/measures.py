@@ -191,7 +191,7 @@ def loss_by_frequency(run_dir, buckets: dict, eval_dataset=None, n_rows: int = L
     import torch
     from transformers import AutoModelForCausalLM
 
-    from duckling.training.run_folder import quiet_hf, silence_unactionable_warnings
+    from duckling.hf import quiet_hf, silence_unactionable_warnings
 
     silence_unactionable_warnings()  # rows are packed, never padded: no attention_mask warning
     with quiet_hf():  # no weights-loading bar in the report's output

@@ -34,8 +34,9 @@ from duckling.config import DucklingConfig, N_LIVE
 from duckling.errors import DucklingError, RunInterrupted
 from duckling.data.rows import as_rows, check_rows, collate
 from duckling.training.model import build_model
-from duckling.training.run_folder import (check_run_dir, last_checkpoint, quiet_hf, run_lock,
-                                          silence_unactionable_warnings, update_run_info, write_run_files)
+from duckling.hf import quiet_hf, silence_unactionable_warnings
+from duckling.training.run_folder import (check_run_dir, last_checkpoint, run_lock,
+                                          update_run_info, write_run_files)
 from duckling.training.safety import StopOnSignal, after_failure, check_disk, failure_advice, sync_recording
 from duckling.training.trainer import (_trainer_classes, pick_compile, pick_device, pick_precision, training_arguments,
                                        tied_head_not_missing, tune_cpu_allocator)

@@ -36,8 +36,9 @@ from duckling.training.trainer import (_trainer_classes, check_trainable_dtype, 
                                        load_finished_checkpoint, pick_compile, pick_device, pick_precision,
                                        training_arguments, tune_cpu_allocator)
 from duckling.training.generate import generate  # noqa: F401  (the notebooks' API: train, load_run, generate)
-from duckling.training.run_folder import (check_run_dir, load_run, quiet_hf, run_lock,  # noqa: F401 (load_run)
-                                          silence_unactionable_warnings, update_run_info, write_run_files)
+from duckling.hf import quiet_hf, silence_unactionable_warnings
+from duckling.training.run_folder import (check_run_dir, load_run, run_lock,  # noqa: F401 (load_run)
+                                          update_run_info, write_run_files)
 from duckling.training.resume import check_same_run, checkpoint_step, finish_recording
 from duckling.training.safety import (StopOnSignal, after_failure, check_disk, empty_run_dir, failure_advice, sync_recording,
                                       write_failure)
