@@ -10,6 +10,8 @@ OUT/runs/SWEEP__RUN: config.json, summary.json and curves.csv (the Q1 and Q2 cur
 tens of KB a run, committed. Without `collect`, the script reads OUT/runs and writes into OUT:
   study.md               the three tables of duckling.sweeps.study.study_tables: mean [95% Student-t
                          interval] over seeds per optimizer x lr x weight decay x embeddings
+  summary.md             the two tables of docs/results.md (SUMMARY's columns of study.md), with the share
+                         of a dead row's norm that decay alone leaves
   differences.md         each decay against none, each optimizer against the first at the same decay share,
                          tuned AdamW against the reference: paired t intervals over the shared seeds
   runs.csv               one row per run (and per untied run's output matrix): every measure
@@ -29,9 +31,22 @@ from duckling.errors import DucklingError
 from duckling.sweeps.compare import differences, markdown
 from duckling.sweeps.compare_tables import differences_table
 from duckling.sweeps.study import (collect, findings, load_runs, plot_by_frequency, plot_norms_vs_null,
-                                   plot_update_rule, study_tables)
+                                   plot_update_rule, study_table, study_tables)
 from duckling.sweeps.tuning import decay_left
 
+# docs/results.md's two tables: {compare column: header}, a subset of study.md's columns
+SUMMARY = {
+    "loss and Q1-Q3": {
+        "eval_loss": "held-out loss", "loss_rarest_decile": "held-out loss, rarest live decile",
+        "dead_norm_over_null": "Q1 dead norm / decay null", "update_step_ratio_median": "Q2 per-step ratio, median",
+        "dead_pairwise_cos": "Q3 pairwise cos", "dead_centred_pc1": "Q3 centred PC1 share (noise {noise:.3g})",
+        "dead_spread_over_init": "Q3 spread / init"},
+    "the mean embedding and Q4": {
+        "mean_row_norm": "||mean row||", "mean_shift_dead": "mean shift, dead rows",
+        "mean_shift_cos_hidden_all": "cos(mean shift, -mean h)", "detect_auroc_norm": "Q4 small norm",
+        "detect_auroc_cos_mean": "Q4 high cos to mean", "detect_auroc_pc1": "Q4 PC1 long tail",
+        "magikarp_auroc": "Magikarp (uses labels)"},
+}
 DIFF_COLUMNS = ("eval_loss", "dead_norm_over_null", "dead_pairwise_cos", "dead_centred_pc1", "dead_spread_over_init",
                 "mean_row_norm", "update_step_ratio_median", "detect_auroc_norm", "detect_auroc_cos_mean",
                 "magikarp_auroc", "loss_rarest_decile")
@@ -53,9 +68,19 @@ def tables_and_figures(out: Path) -> str:
     tables = "".join(f"## {title}\n\n{markdown(tab)}\n\n" for title, tab in study_tables(t).items())
     (out / "study.md").write_text("# The dead-token study: mean [95% Student-t interval] over seeds\n\n" + tables,
                                   encoding="utf-8")
+    kept = {d: _kept(d) for d in t["dir"]}
+    summary = ""
+    for title, cols in SUMMARY.items():
+        noise = t["dead_centred_pc1_noise"].mean()  # what isotropic rows give: a function of the shape only
+        tab = study_table(t, {k: v.format(noise=noise) for k, v in cols.items()})
+        tab.insert(3, "decay kept", [kept[d] for d in t.groupby(["train.optimizer", "train.learning_rate",
+                                     "train.weight_decay", "embeddings"], sort=False)["dir"].first()])
+        summary += f"## {title}\n\n{markdown(tab)}\n\n"
+    (out / "summary.md").write_text("# The study in two tables: mean [95% Student-t interval] over seeds\n\n"
+                                    + summary, encoding="utf-8")
     tied = t[t["embeddings"] == "tied"].copy()
     tied["setting"] = [f"{o} lr {lr:g}" for o, lr in zip(tied["train.optimizer"], tied["train.learning_rate"])]
-    tied["decay kept"] = [_kept(d) for d in tied["dir"]]  # the share of a dead row's norm decay alone leaves
+    tied["decay kept"] = [kept[d] for d in tied["dir"]]  # the share of a dead row's norm decay alone leaves
     diffs = differences(tied, [c for c in DIFF_COLUMNS if c in tied], swept=["setting", "decay kept"])
     (out / "differences.md").write_text("# Differences: mean of the per-seed differences [95% paired t interval]\n\n"
                                         + markdown(differences_table(diffs)) + "\n", encoding="utf-8")
