@@ -319,6 +319,33 @@ def _collected_study_reads_back(repo_root, sweep_dir, into):
     figures.main(["--out", str(into)])
     assert all((into / f).is_file() for f in ("study.md", "differences.md", "findings.md", "runs.csv",
                                               "study_norms.png", "study_update_rule.png", "study_frequency.png"))
+    _collected_study_errors(figures, sweep_dir, run, into)
+
+
+def _collected_study_errors(figures, sweep_dir, run, into):
+    """A collected run with a file missing or broken: an error that names it (figures.py prints it as one
+    line); a collect that fails (a run whose recording is gone) leaves no half-written run folder;
+    collecting again replaces."""
+    import shutil
+
+    broken = into.parent / "broken"
+    shutil.copytree(into / "runs", broken / "runs")
+    names = sorted(p.name for p in (broken / "runs").iterdir())
+    (broken / "runs" / names[0] / "config.json").unlink()
+    with pytest.raises(DucklingError, match=rf"{names[0]}/config.json cannot be read \(No such file"):
+        figures.main(["--out", str(broken)])
+    shutil.rmtree(broken / "runs" / names[0])
+    (broken / "runs" / names[1] / "summary.json").write_text('{"eval_loss": ')
+    with pytest.raises(DucklingError, match=rf"{names[1]}/summary.json cannot be read \(Expecting value"):
+        figures.main(["--out", str(broken)])
+    lone = into.parent / "lone" / f"adamw__{run.name}"
+    shutil.copytree(run, lone, ignore=shutil.ignore_patterns("recording"))
+    with pytest.raises(DucklingError, match="recording"):
+        figures.main(["collect", str(lone), "--out", str(into.parent / "failed")])
+    assert [p.name for p in (into.parent / "failed").rglob("*")] in ([], ["runs"])  # no run, no temporary folder
+    before = (into / "runs" / lone.name / "curves.csv").read_text()
+    figures.main(["collect", str(sweep_dir / "adamw"), "--out", str(into)])
+    assert (into / "runs" / lone.name / "curves.csv").read_text() == before and not list((into / "runs").glob(".*"))
 
 
 def test_committed_notebooks_follow_the_rules(repo_root):

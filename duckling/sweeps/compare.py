@@ -237,6 +237,13 @@ def _numbers(summary: dict) -> dict:
             and not isinstance(v, bool)}
 
 
+def measures(summary: dict) -> dict:
+    """A complete run's columns from its summary.json: steps, every METRICS column (None where missing) and
+    every other numeric top-level key."""
+    return {"steps": summary.get("last_scalar_step"), **_numbers(summary),
+            **{col: _get(summary, key) for key, (col, _) in METRICS.items()}}
+
+
 # ---------------------------------------------------------------- the table
 def compare(out, *, into=None, write: bool = True, refresh_reports: bool = False, progress: bool = True):
     """The comparison table of a sweep folder (a pandas DataFrame, one row per run of sweep.json).
@@ -281,11 +288,11 @@ def compare(out, *, into=None, write: bool = True, refresh_reports: bool = False
                 s = computed[run] if action == "compute" else _read_summary(run_dir)
                 if isinstance(s, BaseException):
                     raise s
-                values = {col: _get(s, key) for key, (col, _) in METRICS.items()}
-                if all(v is None for v in values.values()):
+                values = measures(s)
+                if all(values[col] is None for col, _ in METRICS.values()):
                     raise ValueError(f"{run_dir / 'report' / 'summary.json'} holds none of compare's measures "
                                      f"(keys: {', '.join(sorted(s)[:8])}...): rerun `duckling report {run}`")
-                row.update(status="complete", steps=s.get("last_scalar_step"), **_numbers(s), **values)
+                row.update(status="complete", **values)
                 if remote and action == "compute":  # what it was computed from: recomputed when that changes
                     write_json(run_dir / "report" / "source.json", {"run": run, "files": _fingerprint(plans[entry["name"]][2])})
             except Exception as e:  # noqa: BLE001 - listed as broken with its error; the other runs go on

@@ -17,6 +17,7 @@ them from live rows, when. Untied runs add their output matrix (lm_head) as rows
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from duckling.errors import DucklingError
 from duckling.files import write_json
 from duckling.recording.reader import Recording
 from duckling.sweeps import stats
-from duckling.sweeps.compare import METRICS, _get, _numbers, compare
+from duckling.sweeps.compare import METRICS, compare, measures
 from duckling.sweeps.compare_plots import band
 from duckling.sweeps.compare_tables import ci_text
 
@@ -89,11 +90,9 @@ def load_runs(folder):
         raise DucklingError(f"{folder} holds no collected run (SWEEP__RUN/summary.json): collect a study's "
                             "sweeps into it first.")
     for d in dirs:
-        s = json.loads((d / "summary.json").read_text())
-        seed = json.loads((d / "config.json").read_text())["train"]["seed"]
+        s, seed = _read_json(d / "summary.json"), _read_json(d / "config.json").get("train", {}).get("seed")
         rows.append({"sweep": d.name.split("__")[0], "name": d.name.split("__", 1)[-1], "seed": seed,
-                     "status": "complete", "problem": "", "steps": s.get("last_scalar_step"), **_numbers(s),
-                     **{col: _get(s, key) for key, (col, _) in METRICS.items()}})
+                     "status": "complete", "problem": "", **measures(s)})
     t = pd.DataFrame(rows)
     for col in [c for c, _ in METRICS.values()] + ["steps"]:
         t[col] = pd.to_numeric(t[col], errors="coerce")
@@ -145,14 +144,33 @@ def collect(source, into) -> list[Path]:
     else:
         raise DucklingError(f"{source} is neither a sweep folder nor a reported run named SWEEP__RUN.")
     written = []
-    for run_dir, name in pairs:
-        dst = into / name
-        dst.mkdir(parents=True, exist_ok=True)
-        for src, f in ((run_dir / "config.json", "config.json"), (run_dir / "report" / "summary.json", "summary.json")):
-            write_json(dst / f, _portable(json.loads(src.read_text())))
-        curves(run_dir).to_csv(dst / CURVES, index=False, float_format="%.6g")
+    for run_dir, name in pairs:  # each run written whole into a temporary folder, then moved into place
+        dst, tmp = into / name, into / f".{name}.collecting"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            for src, f in ((run_dir / "config.json", "config.json"),
+                           (run_dir / "report" / "summary.json", "summary.json")):
+                write_json(tmp / f, _portable(_read_json(src)))
+            curves(run_dir).to_csv(tmp / CURVES, index=False, float_format="%.6g")
+            shutil.rmtree(dst, ignore_errors=True)
+            tmp.rename(dst)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         written.append(dst)
     return written
+
+
+def _read_json(path: Path) -> dict:
+    """A run's JSON file as a dict, or a DucklingError that names it."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) else e
+        raise DucklingError(f"{path} cannot be read ({why}): collect the run again, or remove its folder.") from None
+    if not isinstance(value, dict):
+        raise DucklingError(f"{path} holds no JSON object: collect the run again, or remove its folder.")
+    return value
 
 
 def _portable(value):
@@ -171,7 +189,7 @@ def _annotate(t):
     an untied run adds a row for its output matrix (lm_head)."""
     import pandas as pd
 
-    cfgs = [json.loads((d / "config.json").read_text()) for d in t["dir"]]
+    cfgs = [_read_json(d / "config.json") for d in t["dir"]]
     t["train.optimizer"] = [c["train"]["optimizer"] for c in cfgs]
     t["train.learning_rate"] = [float(c["train"]["learning_rate"]) for c in cfgs]
     t["train.weight_decay"] = [float(c["train"]["weight_decay"]) for c in cfgs]
@@ -179,7 +197,7 @@ def _annotate(t):
     t["embeddings"] = ["tied" if x else "untied, input (wte)" for x in tied]
     out = t[~np.array(tied)].copy()
     for i, d in zip(out.index, out["dir"]):
-        s = json.loads(summary_path(d).read_text())
+        s = _read_json(summary_path(d))
         for col, key in LM_HEAD.items():
             out.loc[i, col] = s.get(f"{key}_lm_head", np.nan)
         sep = s.get("detect_first_step_separable_lm_head", {})
@@ -334,7 +352,7 @@ def plot_by_frequency(t):
     colors, labels = _colors(t), None
     for (opt, lr), sel in t.groupby(["train.optimizer", "train.learning_rate"], sort=False):
         for k, (wd, g) in enumerate(sel.groupby("train.weight_decay")):
-            sums = [json.loads(summary_path(d).read_text()) for d in g["dir"]]
+            sums = [_read_json(summary_path(d)) for d in g["dir"]]
             labels = sums[0]["freq_buckets"]["labels"]
             x = np.arange(len(labels)) + (k - 1) * 0.12
             style = dict(color=colors[(opt, lr)], marker="os^Dv"[k % 5], ms=4, lw=1, capsize=2,
