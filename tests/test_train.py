@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,6 +266,12 @@ def test_cli_train_resume_and_generate(tok, tmp_path, capsys):
     assert "to step 3" in capsys.readouterr().out
     assert cli.main(["generate", "--run", str(run), "Once upon", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("Once upon")
+    # an empty prompt starts a new story from end-of-text, with no transformers warning about padding
+    # (a true process: transformers' log handler writes to the stderr it found at import)
+    p = subprocess.run([sys.executable, "-m", "duckling.cli", "generate", "--run", str(run), "", "--max-new-tokens",
+                        "4"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert p.returncode == 0 and p.stderr == "", p.stderr
 
 
 def tok_path(tok, tmp_path):

@@ -10,6 +10,7 @@ import dataclasses
 import torch
 
 from duckling.config import EOT_ID, GenerateConfig
+from duckling.hf import silence_unactionable_warnings
 
 
 def _settings(gen: GenerateConfig | None, **given) -> GenerateConfig:
@@ -30,6 +31,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int | None = None
     ctx = model.config.n_positions
     keep = max(ctx - g.max_new_tokens, 1)
     ids = (list(prompt_ids) or [EOT_ID])[-keep:]  # an empty prompt starts a new story
+    silence_unactionable_warnings()  # a prompt of end-of-text alone makes transformers warn about padding
     device = next(model.parameters()).device
     x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     was_training = model.training
