@@ -157,7 +157,15 @@ class Storage:
             root = Path(base)
             if not root.is_dir():
                 return {}
-            return {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+            found = {}
+            for folder, _, names in os.walk(root):  # a folder removed while it lists (a rotated checkpoint) is skipped
+                for name in names:
+                    p = Path(folder) / name
+                    try:
+                        found[p.relative_to(root).as_posix()] = p.stat().st_size
+                    except FileNotFoundError:  # removed since it was listed: not there any more
+                        continue
+            return dict(sorted(found.items()))
         if not self.fs.exists(base):
             return {}
         found = self.fs.find(base, detail=True)

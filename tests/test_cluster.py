@@ -327,11 +327,12 @@ def test_sweep_lands_in_storage_and_survives_a_dead_node(cluster):
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and not killed:
             for name in {k.split("/")[0] for k in st.files()}:
-                try:
+                try:  # the runs write while this reads: a file that is not (or no longer) there is retried
                     info = json.loads(st.read_bytes(f"{name}/run_info.json"))
+                    resumable = upload.stored_state(st, name) == "resumable"
                 except (OSError, ValueError):
                     continue
-                if info.get("node", {}).get("node_id") == c["node_id"] and upload.stored_state(st, name) == "resumable":
+                if info.get("node", {}).get("node_id") == c["node_id"] and resumable:
                     killed["run"] = name
                     c["node"].kill()
                     return

@@ -226,3 +226,25 @@ def test_a_run_still_recording_reads_its_raw_tail(tmp_path, monkeypatch):
     assert np.array_equal(np.asarray(rec.rows("norm")), np.asarray(local.rows("norm")))
     w.close()
     Storage(uri.rsplit("/", 1)[0]).remove_tree("")
+
+
+def test_listing_a_local_storage_while_folders_vanish(tmp_path, monkeypatch):
+    """A sweep rotates checkpoints away while another process lists the storage: a folder or file removed
+    between being listed and being read is left out, not an error (it broke a reader mid-listing)."""
+    import os
+
+    (tmp_path / "run" / "checkpoint-8").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint-8" / "state.pt").write_bytes(b"x" * 3)
+    (tmp_path / "run" / "meta.json").write_text("{}")
+    (tmp_path / "run" / "gone.bin").symlink_to(tmp_path / "removed-since")  # listed, then not there
+    real = os.scandir
+
+    def vanishing(path="."):
+        if str(path).endswith("checkpoint-8"):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", vanishing)
+    assert Storage(f"file://{tmp_path}").files() == {"run/meta.json": 2}
+    monkeypatch.setattr(os, "scandir", real)
+    assert Storage(f"file://{tmp_path}").files("run") == {"checkpoint-8/state.pt": 3, "meta.json": 2}
