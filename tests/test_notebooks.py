@@ -7,6 +7,10 @@ tests then check what it produced. One tiny dataset is built once and shared.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -343,6 +347,13 @@ def _collected_study_errors(figures, sweep_dir, run, into):
     with pytest.raises(DucklingError, match="recording"):
         figures.main(["collect", str(lone), "--out", str(into.parent / "failed")])
     assert [p.name for p in (into.parent / "failed").rglob("*")] in ([], ["runs"])  # no run, no temporary folder
+    with pytest.raises(DucklingError, match="is a collected run already"):
+        figures.main(["collect", str(into / "runs" / lone.name), "--out", str(broken)])
+    (into.parent / "a-file").write_text("")  # a folder that cannot be made: one line, no traceback
+    p = subprocess.run([sys.executable, figures.__file__, "collect", str(lone), "--out", str(into.parent / "a-file")],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert p.returncode == 1 and p.stderr.startswith("figures.py: error: ") and p.stderr.count("\n") == 1, p.stderr
     before = (into / "runs" / lone.name / "curves.csv").read_text()
     figures.main(["collect", str(sweep_dir / "adamw"), "--out", str(into)])
     assert (into / "runs" / lone.name / "curves.csv").read_text() == before and not list((into / "runs").glob(".*"))

@@ -30,8 +30,8 @@ from pathlib import Path
 from duckling.errors import DucklingError
 from duckling.sweeps.compare import differences, markdown
 from duckling.sweeps.compare_tables import differences_table
-from duckling.sweeps.study import (collect, findings, load_runs, plot_by_frequency, plot_norms_vs_null,
-                                   plot_update_rule, study_table, study_tables)
+from duckling.sweeps.study import collect, findings, load_runs, study_table, study_tables
+from duckling.sweeps.study_plots import plot_by_frequency, plot_norms_vs_null, plot_update_rule
 from duckling.sweeps.tuning import decay_left
 
 # docs/results.md's two tables: {compare column: header}, a subset of study.md's columns
@@ -109,3 +109,5 @@ if __name__ == "__main__":
         main()
     except DucklingError as e:
         sys.exit(f"figures.py: error: {e}")
+    except OSError as e:  # a folder that cannot be written (read-only, full disk): nothing half-written is kept
+        sys.exit(f"figures.py: error: {e.filename or ''}: {e.strerror or e}")
