@@ -7,6 +7,8 @@ Heavy modules are imported inside the handlers, so ``duckling --help`` does not 
 """
 from __future__ import annotations
 
+import argparse
+import difflib
 import json
 import os
 import re
@@ -313,8 +315,23 @@ def _glue_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
+def _parse(argv: list[str]):
+    """The parsed arguments; an unknown flag is refused by its command's parser (its usage, not the top
+    level's), with the command's closest flags."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+        flags = [f for a in sub._actions for f in a.option_strings]
+        close = sorted({m for x in extra if x.startswith("-")
+                        for m in difflib.get_close_matches(x.split("=")[0], flags, n=2, cutoff=0.75)})
+        sub.error(f"unrecognized arguments: {' '.join(extra)}"
+                  + (f" (did you mean {' or '.join(close)}?)" if close else f" (`duckling {args.command} --help` lists them)"))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
+    args = _parse(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
     _paths_from_env()
     try:
         result = HANDLERS[args.command](args)

@@ -268,7 +268,10 @@ CASES = [
     ("eval-steps-negative", [*TRAIN, "--eval-steps", "-1"], ["train.eval_steps", "-1"], False),
     ("compile-maybe", [*TRAIN, "--compile", "maybe"], ["train.compile", "maybe"], False),
     ("seed-negative", [*TRAIN, "--seed", "-1"], ["train.seed", "-1"], False),
-    ("unknown-flag", [*TRAIN, "--max-stepz", "5"], ["--max-stepz"], True),  # (--max-step abbreviates --max-steps)
+    ("unknown-flag", [*TRAIN, "--max-stepz", "5"], ["duckling train: error", "--max-stepz", "did you mean --max-steps"],
+     True),  # (--max-step abbreviates --max-steps); refused by train's parser, with its closest flag
+    ("train-data-flag", [*TRAIN, "--data", "sample"], ["--data sample", "did you mean --dataset"], True),
+    ("unknown-flag-no-match", [*TRAIN, "--colour", "red"], ["--colour", "`duckling train --help`"], True),
     ("train-no-run", ["train", "--dataset", "{ds}"], ["--run"], True),
     # --- train: inputs
     ("train-no-mapping", ["train", "--run", "{tmp}/r", "--dataset", "{ds}", *TINY], ["token_mapping.json", "--mapping"], False),
