@@ -147,6 +147,8 @@ def test_sgd_and_coupled_adam_fuse(optimizer, tok, tmp_path):
         s = train(c, ROWS, tokenizer=tok, progress=False)  # in memory: the same arithmetic, no files
         assert_close_run(f.model, s.model, c, f"{optimizer}: ")
         np.testing.assert_allclose(losses(f), losses(s), rtol=1e-4)
+        for r in (f, s):  # logging_steps 3 of 4 steps: the last step's loss is logged too
+            assert [h["step"] for h in r.log_history if "loss" in h] == [3, 4]
 
 
 class CtrlC(TrainerCallback):

@@ -38,8 +38,8 @@ from duckling.hf import quiet_hf, silence_unactionable_warnings
 from duckling.training.run_folder import (check_run_dir, last_checkpoint, run_lock,
                                           update_run_info, write_run_files)
 from duckling.training.safety import StopOnSignal, after_failure, check_disk, failure_advice, sync_recording
-from duckling.training.trainer import (_trainer_classes, pick_compile, pick_device, pick_precision, training_arguments,
-                                       tied_head_not_missing, tune_cpu_allocator)
+from duckling.training.trainer import (_trainer_classes, log_last_step, pick_compile, pick_device, pick_precision,
+                                       training_arguments, tied_head_not_missing, tune_cpu_allocator)
 from duckling.training import train as train_module
 from duckling.training.resume import check_same_run
 from duckling.training.train import TrainResult, _device_name, _tokenizer, train
@@ -240,7 +240,8 @@ def _fit_group(configs, run_dirs, models, ckpts, rows, eval_rows, device, precis
                                   progress=progress)
         args.max_grad_norm = 1.0  # so that the Trainer calls _clip_grad_norm, which clips per run
         trainer = fused_trainer_class()(model=fused, args=args, train_dataset=rows, eval_dataset=eval_rows,
-                                        data_collator=collate, callbacks=[*own, timer, *callbacks], slots=slots)
+                                        data_collator=collate, callbacks=[*own, timer, log_last_step(), *callbacks],
+                                        slots=slots)
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)
         if progress:

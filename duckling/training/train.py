@@ -33,7 +33,7 @@ from duckling.data.vocab import CompactTokenizer
 from duckling.training.model import build_model
 from duckling.training.optim import optimizer_cls_and_kwargs
 from duckling.training.trainer import (_trainer_classes, check_trainable_dtype, fused_adamw_available,  # noqa: F401
-                                       load_finished_checkpoint, pick_compile, pick_device, pick_precision,
+                                       load_finished_checkpoint, log_last_step, pick_compile, pick_device, pick_precision,
                                        training_arguments, tune_cpu_allocator)
 from duckling.training.generate import generate  # noqa: F401  (the notebooks' API: train, load_run, generate)
 from duckling.hf import quiet_hf, silence_unactionable_warnings
@@ -222,7 +222,7 @@ def _trainer(job: _Job, model, out, own: list, callbacks):
     args = training_arguments(cfg, out, job.device, job.precision, save=job.run_dir is not None,
                               evaluate=job.eval_rows is not None, progress=job.progress, compile_mode=job.compile_mode)
     trainer = DucklingTrainer(model=model, args=args, train_dataset=job.rows, eval_dataset=job.eval_rows,
-                              data_collator=collate, callbacks=[*own, timer, *callbacks],
+                              data_collator=collate, callbacks=[*own, timer, log_last_step(), *callbacks],
                               optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(cfg.train, cfg.model.vocab_size))
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)  # logs are in log_history, never printed per step

@@ -292,6 +292,19 @@ def _trainer_classes():
     return DucklingTrainer, Progress, Timer
 
 
+def log_last_step():
+    """A callback that logs the loss at the last step whatever ``train.logging_steps`` is: a run shorter than
+    it (or not a multiple of it) still ends with its final training loss in ``log_history``."""
+    from transformers import TrainerCallback
+
+    class LogLastStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step >= state.max_steps:
+                control.should_log = True
+
+    return LogLastStep()
+
+
 def fused_adamw_available(device: str) -> bool:
     """torch's fused AdamW kernel (same update rule, one kernel for all parameters)."""
     try:
