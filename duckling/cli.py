@@ -7,7 +7,6 @@ Heavy modules are imported inside the handlers, so ``duckling --help`` does not 
 """
 from __future__ import annotations
 
-import argparse
 import difflib
 import json
 import os
@@ -321,12 +320,12 @@ def _parse(argv: list[str]):
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+        sub = parser.commands[args.command]
         flags = [f for a in sub._actions for f in a.option_strings]
         close = sorted({m for x in extra if x.startswith("-")
                         for m in difflib.get_close_matches(x.split("=")[0], flags, n=2, cutoff=0.75)})
-        sub.error(f"unrecognized arguments: {' '.join(extra)}"
-                  + (f" (did you mean {' or '.join(close)}?)" if close else f" (`duckling {args.command} --help` lists them)"))
+        hint = f"did you mean {' or '.join(close)}?" if close else f"`duckling {args.command} --help` lists them"
+        sub.error(f"unrecognized arguments: {' '.join(extra)} ({hint})")
     return args
 
 

@@ -135,4 +135,5 @@ def build_parser() -> argparse.ArgumentParser:
                    "the local folder that receives the table, figures and each run's report (the storage is only "
                    "read); default: the sweep folder itself")
     s.add_argument("--refresh-reports", action="store_true", help="recompute every run's report")
+    p.commands = sub.choices  # {command: its parser}: cli._parse refuses an unknown flag with the command's own
     return p

@@ -158,7 +158,7 @@ class Storage:
             if not root.is_dir():
                 return {}
             found = {}
-            for folder, _, names in os.walk(root):  # a folder removed while it lists (a rotated checkpoint) is skipped
+            for folder, _, names in os.walk(root):  # skips a folder removed while it lists (a rotated checkpoint)
                 for name in names:
                     p = Path(folder) / name
                     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from duckling.sweeps.compare_plots import band
-from duckling.sweeps.study import read_json, curves, summary_path
+from duckling.sweeps.study import curves, read_json, summary_path
 
 WD_COLORS = ("tab:gray", "tab:orange", "tab:purple", "tab:brown", "tab:olive")  # by rank within an optimizer
 OPT_COLORS = {"adamw": "tab:red", "coupled_adam": "tab:blue", "sgd": "tab:green"}

@@ -33,8 +33,8 @@ from duckling.data.vocab import CompactTokenizer
 from duckling.training.model import build_model
 from duckling.training.optim import optimizer_cls_and_kwargs
 from duckling.training.trainer import (_trainer_classes, check_trainable_dtype, fused_adamw_available,  # noqa: F401
-                                       load_finished_checkpoint, log_last_step, pick_compile, pick_device, pick_precision,
-                                       training_arguments, tune_cpu_allocator)
+                                       load_finished_checkpoint, log_last_step, pick_compile, pick_device,
+                                       pick_precision, training_arguments, tune_cpu_allocator)
 from duckling.training.generate import generate  # noqa: F401  (the notebooks' API: train, load_run, generate)
 from duckling.hf import quiet_hf, silence_unactionable_warnings
 from duckling.training.run_folder import (check_run_dir, load_run, run_lock,  # noqa: F401 (load_run)

@@ -110,4 +110,4 @@ if __name__ == "__main__":
     except DucklingError as e:
         sys.exit(f"figures.py: error: {e}")
     except OSError as e:  # a folder that cannot be written (read-only, full disk): nothing half-written is kept
-        sys.exit(f"figures.py: error: {e.filename or ''}: {e.strerror or e}")
+        sys.exit(f"figures.py: error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}")
